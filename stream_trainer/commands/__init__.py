@@ -1,0 +1,1 @@
+"""Sub-commands of the ``stream-trainer`` command line, one module each."""

@@ -1,0 +1,39 @@
+"""Kafka I/O for stream-trainer (kafka-python): record source, dead letters, replay, recording.
+
+- :mod:`consumers.kafka_source`: :class:`KafkaRecordSource` and its :class:`KafkaSourceConfig`;
+- :mod:`consumers.dead_letter`: :class:`DeadLetterSink`;
+- :mod:`consumers.producer`: producing recordings and file sources (``stream-trainer replay``);
+- :mod:`consumers.recorder`: capturing a topic (``stream-trainer record``);
+- :mod:`consumers.deserializer`, :mod:`consumers.security`, :mod:`consumers.retry`,
+  :mod:`consumers.topics`: the pieces they share.
+"""
+
+from __future__ import annotations
+
+from consumers.dead_letter import DeadLetterSink, dead_letter_topic
+from consumers.deserializer import RecordDecoder
+from consumers.kafka_source import (
+    KafkaRecordSource,
+    KafkaSourceConfig,
+    SourceBatch,
+    parse_partition_key,
+    partition_key,
+)
+from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
+from consumers.security import KafkaSecurity
+
+__all__ = [
+    "ConstantBackoff",
+    "DeadLetterSink",
+    "ExponentialBackoff",
+    "KafkaRecordSource",
+    "KafkaSecurity",
+    "KafkaSourceConfig",
+    "NoBackoff",
+    "RecordDecoder",
+    "Retry",
+    "SourceBatch",
+    "dead_letter_topic",
+    "parse_partition_key",
+    "partition_key",
+]

@@ -9,4 +9,5 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.redis",
+    "tests.fixtures.prometheus",
 ]

@@ -1,0 +1,208 @@
+"""End-to-end throughput from Kafka through ``KafkaRecordSource``, beside a plain consumer.
+
+For ``max_batch_records`` in 1, 8, 64, 512: samples/s of ``KafkaRecordSource.poll_batch`` (decode,
+checks, optional trainer step) reading a pre-filled topic, and the raw samples/s of a plain
+kafka-python consumer that only ``json.loads`` the same messages, measured in the same run. Each
+figure is the median of ``--repeats`` runs; the clock starts at the first non-empty batch (group
+join and the first fetch are not counted) and the samples of that first batch are not counted
+either.
+
+    python bench/bench_kafka.py                       # starts a broker (scripts/kafka_broker.py)
+    python bench/bench_kafka.py --bootstrap 127.0.0.1:9092 --records 50000
+
+``trainer_step`` is the hook for the lead's trainer: ``run_benchmark(..., trainer_step=fn)`` calls
+``fn(batch.records)`` for every batch inside the timed loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+
+from consumers.kafka_source import KafkaRecordSource, KafkaSourceConfig  # noqa: E402
+from consumers.topics import create_topic  # noqa: E402
+from stream_trainer.records import Record  # noqa: E402
+
+TrainerStep = Callable[[list[Record]], None]
+BATCH_CAPS = (1, 8, 64, 512)
+RESULTS = ROOT / "bench" / "results" / "kafka.md"
+
+
+def _load_broker_script() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "kafka_broker", ROOT / "scripts" / "kafka_broker.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kafka_broker"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def fill_topic(bootstrap: str, topic: str, n: int, partitions: int, features: int) -> None:
+    create_topic(bootstrap, topic, partitions)
+    rng = random.Random(0)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
+    for i in range(n):
+        value = {f"f{j}": rng.random() for j in range(features)}
+        value["cat"] = f"c{i % 7}"
+        value["y"] = i % 2
+        producer.send(topic, json.dumps(value).encode(), partition=i % partitions)
+    producer.flush()
+    producer.close()
+
+
+def raw_throughput(bootstrap: str, topic: str, n: int) -> float:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=200
+    )
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    seen, counted, started = 0, 0, 0.0
+    try:
+        while seen < n:
+            polled = consumer.poll(timeout_ms=500, max_records=500)
+            got = 0
+            for messages in polled.values():
+                for m in messages:
+                    json.loads(m.value)
+                    got += 1
+            if got and not started:
+                started = time.perf_counter()
+            elif got:
+                counted += got
+            seen += got
+        return counted / (time.perf_counter() - started)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def source_throughput(
+    bootstrap: str, topic: str, n: int, cap: int, trainer_step: TrainerStep | None
+) -> float:
+    config = KafkaSourceConfig(
+        bootstrap,
+        topic,
+        group_id=f"bench-{uuid.uuid4().hex[:8]}",
+        target="y",
+        max_batch_records=cap,
+        max_wait_ms=200,
+    )
+    seen, counted, started = 0, 0, 0.0
+    with KafkaRecordSource(config) as source:
+        while seen < n:
+            batch = source.poll_batch()
+            if trainer_step is not None and batch.records:
+                trainer_step(batch.records)
+            if batch.size and not started:
+                started = time.perf_counter()
+            elif batch.size:
+                counted += batch.size
+            seen += batch.size
+        return counted / (time.perf_counter() - started)
+
+
+def run_benchmark(
+    bootstrap: str,
+    *,
+    records: int = 20_000,
+    repeats: int = 3,
+    partitions: int = 3,
+    features: int = 10,
+    caps: tuple[int, ...] = BATCH_CAPS,
+    trainer_step: TrainerStep | None = None,
+) -> dict[str, float]:
+    """Return ``{"raw": median samples/s, "source@CAP": ...}``."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    fill_topic(bootstrap, topic, records, partitions, features)
+    runs: dict[str, list[float]] = {"raw": []}
+    for _ in range(repeats):
+        runs["raw"].append(raw_throughput(bootstrap, topic, records))
+        for cap in caps:
+            rate = source_throughput(bootstrap, topic, records, cap, trainer_step)
+            runs.setdefault(f"source@{cap}", []).append(rate)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def write_results(path: Path, medians: dict[str, float], args: argparse.Namespace) -> str:
+    raw = medians["raw"]
+    lines = [
+        "# Kafka source throughput",
+        "",
+        f"- command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}`",
+        f"- machine: `{' '.join(platform.uname())}`, nproc {os.cpu_count()}",
+        f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
+        f"- broker: Apache Kafka {args.kafka_version} (KRaft, single node, 127.0.0.1), "
+        f"{args.partitions} partitions",
+        f"- {args.records} records of {args.features} float features + 1 categorical + label, "
+        f"median of {args.repeats} runs; trainer step: none (decode + checks only)",
+        "",
+        "| reader | max_batch_records | samples/s | vs raw |",
+        "|---|---:|---:|---:|",
+        f"| plain KafkaConsumer + json.loads | 500 (poll) | {raw:,.0f} | 1.00 |",
+    ]
+    for name, rate in medians.items():
+        if name.startswith("source@"):
+            cap = name.split("@")[1]
+            lines.append(f"| KafkaRecordSource | {cap} | {rate:,.0f} | {rate / raw:.2f} |")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", help="use this broker (default: start one)")
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--features", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    broker_script = _load_broker_script()
+    args.kafka_version = broker_script.KAFKA_VERSION
+    broker = None
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        broker = broker_script.KafkaBroker(tempfile.mkdtemp(prefix="bench-kafka-"))
+        broker.start()
+        bootstrap = broker.bootstrap
+    try:
+        medians = run_benchmark(
+            bootstrap,
+            records=args.records,
+            repeats=args.repeats,
+            partitions=args.partitions,
+            features=args.features,
+        )
+    finally:
+        if broker is not None:
+            broker.stop(timeout_s=5)
+    print(write_results(args.out, medians, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,692 @@
+"""The Kafka record source: a consumer group member that hands out variable-size mini-batches.
+
+A mini-batch is *what has arrived*: :meth:`KafkaRecordSource.poll_batch` waits at most
+``max_wait_ms`` for the first records, then takes whatever else is already buffered, never more than
+``max_batch_records`` messages in all. Under light load batches are small (often 1), under a backlog
+they are full; the trainer downstream is built for exactly that.
+
+Offsets
+-------
+Every offset this module hands out or accepts is a **next** offset, the offset of the next message
+to read: after processing the message at offset ``o`` the next offset is ``o + 1`` (Kafka's commit
+convention). They are keyed ``"topic:partition"`` (see :func:`partition_key`); topic names cannot
+contain ``:``, so the key is unambiguous. Auto-commit is off: the service commits, in this order,
+
+1. save the trainer checkpoint holding ``next_offsets``,
+2. :meth:`DeadLetterSink.flush <consumers.dead_letter.DeadLetterSink.flush>`,
+3. :meth:`KafkaRecordSource.commit` with the same ``next_offsets``,
+
+so that a crash between two steps replays records (at-least-once) but never skips one.
+
+Rebalances
+----------
+On assignment each partition is positioned at ``offset_provider(topic, partition)`` (the trainer's
+checkpointed next offset), or, when that returns ``None``, at the group's committed offset, or else
+at ``auto_offset_reset``. On revocation (and on :meth:`close`) ``on_revoke(partitions)`` is called
+so the service can checkpoint before another member takes over. Both callbacks run on
+kafka-python's IO thread, which also drives heartbeats: they must return promptly (well under
+``session_timeout_ms``). An exception raised by either is re-raised by the next :meth:`poll_batch`.
+
+.. note::
+   ``max_poll_interval_ms`` bounds the time between two :meth:`poll_batch` calls, i.e. one
+   trainer step on up to ``max_batch_records`` records plus a checkpoint. Past it the consumer
+   leaves the group and its partitions are reassigned; the next commit then fails
+   (``SourceError``, not retriable) and the records are read again by the new owner. Size it as at
+   least ``2 x (worst step time at max_batch_records + checkpoint time)``; the default, 300 s, is
+   ample for CPU training at 512 records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kafka.consumer import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, RetriableError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers.deserializer import RecordDecoder
+from consumers.retry import ExponentialBackoff, Retry
+from consumers.security import KafkaSecurity
+from consumers.topics import create_topic
+from stream_trainer.errors import ConfigError, SourceError
+from stream_trainer.records import DEFAULT_MAX_RECORD_BYTES, Record, RejectedRecord
+
+__all__ = [
+    "KafkaRecordSource",
+    "KafkaSourceConfig",
+    "OffsetProvider",
+    "RevokeHook",
+    "SourceBatch",
+    "parse_partition_key",
+    "partition_key",
+]
+
+log = logging.getLogger(__name__)
+
+OffsetProvider = Callable[[str, int], "int | None"]
+"""``(topic, partition) -> next offset to read``, or ``None`` to use the committed offset."""
+RevokeHook = Callable[[list[TopicPartition]], None]
+"""Called with the partitions about to be taken away (rebalance or close)."""
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_OFFSET_RESETS = ("earliest", "latest")
+
+
+def partition_key(topic: str, partition: int) -> str:
+    """``"topic:partition"``, the key of every offsets dict in this package."""
+    return f"{topic}:{partition}"
+
+
+def parse_partition_key(key: str) -> tuple[str, int]:
+    """Inverse of :func:`partition_key`; a :class:`ValueError` for anything else."""
+    topic, sep, partition = key.rpartition(":")
+    if not sep or not topic or not partition.isdigit():
+        raise ValueError(f"partition key must look like 'topic:partition', got {key!r}")
+    return topic, int(partition)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSourceConfig:
+    """Settings of one :class:`KafkaRecordSource`, validated on construction.
+
+    Parameters
+    ----------
+    bootstrap_servers
+        ``"host:port"`` or several, comma-separated or as a tuple.
+    topics
+        One topic name or several.
+    group_id
+        Consumer group; members of one group share the partitions.
+    target
+        Label field: kept by the feature subset and skipped by the value checks.
+    features
+        Feature subset to keep (plus ``target``); ``None`` keeps every field.
+    max_batch_records
+        Upper bound on the messages (records + rejected) in one batch.
+    max_wait_ms
+        Longest :meth:`KafkaRecordSource.poll_batch` waits when nothing is buffered.
+    max_record_bytes
+        Larger values are rejected (``too_large``) without being decoded.
+    max_poll_interval_ms
+        Longest allowed time between two polls (see the module note on how to size it).
+    session_timeout_ms, heartbeat_interval_ms
+        Group liveness: the coordinator drops a member whose heartbeats stop for
+        ``session_timeout_ms``; heartbeats are sent every ``heartbeat_interval_ms`` from a
+        background thread.
+    request_timeout_ms
+        Per-request timeout of the client.
+    auto_offset_reset
+        Where to start a partition that has neither a provided nor a committed offset.
+    create_topic, create_topic_partitions
+        Create a missing topic (else a missing topic is a :class:`SourceError`).
+    connect_timeout_ms, connect_retries
+        One connection attempt's bound, and how many more attempts follow a failed one.
+    commit_timeout_ms, close_timeout_ms
+        Bounds on a synchronous commit and on :meth:`KafkaRecordSource.close`.
+    security
+        Passed through to kafka-python; secrets stay out of ``repr`` and logs.
+    """
+
+    bootstrap_servers: str | tuple[str, ...]
+    topics: str | tuple[str, ...]
+    group_id: str = "stream-trainer"
+    target: str | None = None
+    features: tuple[str, ...] | None = None
+    max_batch_records: int = 512
+    max_wait_ms: int = 100
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 45_000
+    heartbeat_interval_ms: int = 3_000
+    request_timeout_ms: int = 30_000
+    auto_offset_reset: str = "earliest"
+    client_id: str = "stream-trainer"
+    create_topic: bool = False
+    create_topic_partitions: int = 1
+    connect_timeout_ms: int = 5_000
+    connect_retries: int = 3
+    commit_timeout_ms: int = 10_000
+    close_timeout_ms: int = 5_000
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.topics, str):
+            set_(self, "topics", (self.topics,))
+        else:
+            set_(self, "topics", tuple(self.topics))
+        if isinstance(self.bootstrap_servers, str):
+            servers = tuple(s.strip() for s in self.bootstrap_servers.split(",") if s.strip())
+        else:
+            servers = tuple(self.bootstrap_servers)
+        if not servers:
+            raise ConfigError(f"bootstrap_servers must name a host:port, got {servers!r}")
+        set_(self, "bootstrap_servers", servers)
+        if self.features is not None:
+            set_(self, "features", tuple(dict.fromkeys(self.features)))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.topics:
+            raise ConfigError("topics must name at least one topic, got ()")
+        for topic in self.topics:
+            if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+                msg = f"topic names use [A-Za-z0-9._-], 1 to 249 characters, got {topic!r}"
+                raise ConfigError(msg)
+        if not self.group_id:
+            raise ConfigError(f"group_id must be a non-empty string, got {self.group_id!r}")
+        if self.features is not None and not self.features:
+            raise ConfigError("features must name at least one field, or be None for all")
+        positive = (
+            "max_batch_records",
+            "max_record_bytes",
+            "max_poll_interval_ms",
+            "session_timeout_ms",
+            "heartbeat_interval_ms",
+            "request_timeout_ms",
+            "create_topic_partitions",
+            "connect_timeout_ms",
+            "commit_timeout_ms",
+            "close_timeout_ms",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_wait_ms, int) or self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be an integer >= 0, got {self.max_wait_ms!r}")
+        if not isinstance(self.connect_retries, int) or self.connect_retries < 0:
+            msg = f"connect_retries must be an integer >= 0, got {self.connect_retries!r}"
+            raise ConfigError(msg)
+        if self.auto_offset_reset not in _OFFSET_RESETS:
+            msg = (
+                f"auto_offset_reset must be 'earliest' or 'latest', got {self.auto_offset_reset!r}"
+            )
+            raise ConfigError(msg)
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            msg = (
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms}); a third of it is usual"
+            )
+            raise ConfigError(msg)
+        if self.max_wait_ms >= self.request_timeout_ms:
+            msg = (
+                f"max_wait_ms ({self.max_wait_ms}) must be below "
+                f"request_timeout_ms ({self.request_timeout_ms})"
+            )
+            raise ConfigError(msg)
+        if self.max_poll_interval_ms <= self.max_wait_ms:
+            msg = (
+                f"max_poll_interval_ms ({self.max_poll_interval_ms}) must exceed max_wait_ms "
+                f"({self.max_wait_ms}) plus the time of a training step"
+            )
+            raise ConfigError(msg)
+        if not isinstance(self.security, KafkaSecurity):
+            msg = f"security must be a KafkaSecurity, got {type(self.security).__name__}"
+            raise ConfigError(msg)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> KafkaSourceConfig:
+        """Build from a config-file section. Unknown keys are a :class:`ConfigError`.
+
+        ``topic`` is accepted for ``topics``; security settings may be given flat
+        (``security_protocol=...``) or as a ``security`` sub-mapping.
+        """
+        data = dict(mapping)
+        if "topic" in data:
+            if "topics" in data:
+                raise ConfigError("give either 'topic' or 'topics', not both")
+            data["topics"] = data.pop("topic")
+        security_names = {f.name for f in fields(KafkaSecurity)}
+        flat = {k: data.pop(k) for k in list(data) if k in security_names}
+        nested = data.pop("security", None)
+        if nested is not None and flat:
+            raise ConfigError(f"security settings given twice: {sorted(flat)} and 'security'")
+        if isinstance(nested, Mapping):
+            data["security"] = KafkaSecurity.from_mapping(nested)
+        elif nested is not None:
+            data["security"] = nested
+        elif flat:
+            data["security"] = KafkaSecurity.from_mapping(flat)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"unknown Kafka source setting(s) {unknown}; known: {sorted(known | {'topic'})}"
+            raise ConfigError(msg)
+        if "features" in data and data["features"] is not None:
+            data["features"] = tuple(data["features"])
+        return cls(**data)
+
+    def consumer_configs(self) -> dict[str, Any]:
+        """Keyword arguments for ``KafkaConsumer`` (secrets included: never log this)."""
+        return {
+            "bootstrap_servers": list(self.bootstrap_servers),
+            "client_id": self.client_id,
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": self.auto_offset_reset,
+            "max_poll_records": self.max_batch_records,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "request_timeout_ms": self.request_timeout_ms,
+            # Broker-side long poll of one fetch; poll_batch's own deadline is max_wait_ms.
+            "fetch_max_wait_ms": max(1, min(self.max_wait_ms, 500)),
+            "bootstrap_timeout_ms": self.connect_timeout_ms,
+            "allow_auto_create_topics": False,
+            **self.security.client_configs(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "security"}
+        out["security"] = self.security.describe()
+        return out
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """One mini-batch.
+
+    ``next_offsets`` maps ``"topic:partition"`` to the offset *after* the last message of that
+    partition in this batch (rejected messages included): committing it marks the whole batch done.
+    """
+
+    records: list[Record] = field(default_factory=list)
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    next_offsets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Messages consumed: accepted plus rejected."""
+        return len(self.records) + len(self.rejected)
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaRecordSource) -> None:
+        self._source = source
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self._source._on_assigned(list(assigned))
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self._source._on_revoked(list(revoked), lost=False)
+
+    def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
+        self._source._on_revoked(list(lost), lost=True)
+
+
+class _ClosingKafkaConsumer(KafkaConsumer):
+    """``KafkaConsumer`` that stops its IO thread when its constructor fails.
+
+    kafka-python starts the IO thread before it bootstraps; when bootstrapping times out the
+    half-built consumer keeps that thread alive, and a service retrying its connection would leak
+    one thread per attempt.
+    """
+
+    def __init__(self, *topics: str, **configs: Any) -> None:
+        try:
+            super().__init__(*topics, **configs)
+        except BaseException:
+            client = getattr(self, "_client", None)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+            raise
+
+
+def _default_retry(config: KafkaSourceConfig) -> Retry:
+    return Retry(
+        ExponentialBackoff(base=0.5, cap=5.0),
+        retries=config.connect_retries,
+        retry_on=(RetriableError, OSError),
+    )
+
+
+class KafkaRecordSource:
+    """Kafka -> mini-batches of decoded records, as a member of a consumer group.
+
+    Parameters
+    ----------
+    config
+        The validated settings.
+    offset_provider
+        ``(topic, partition) -> next offset | None`` consulted on every assignment.
+    on_revoke
+        Called with the partitions about to be revoked (rebalance, or :meth:`close`).
+    on_lost
+        Called with partitions lost without a clean revocation (session expired); their offsets
+        can no longer be committed. Default: log a warning.
+    retry
+        Connection retry policy (default: ``connect_retries`` retries, exponential backoff 0.5 s to
+        5 s); tests inject one with a fake sleeper.
+    consumer_factory
+        Builds the ``KafkaConsumer`` from keyword arguments (production default: a
+        ``KafkaConsumer`` that releases its IO thread when it cannot bootstrap).
+
+    Raises
+    ------
+    SourceError
+        Retriable when the broker could not be reached; not retriable when a topic is missing.
+    """
+
+    def __init__(
+        self,
+        config: KafkaSourceConfig,
+        *,
+        offset_provider: OffsetProvider | None = None,
+        on_revoke: RevokeHook | None = None,
+        on_lost: RevokeHook | None = None,
+        retry: Retry | None = None,
+        consumer_factory: Callable[..., KafkaConsumer] = _ClosingKafkaConsumer,
+    ) -> None:
+        self.config = config
+        self._offset_provider = offset_provider
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self._retry = retry if retry is not None else _default_retry(config)
+        self._consumer_factory = consumer_factory
+        self._decoder = RecordDecoder(config.target, config.features, config.max_record_bytes)
+        self._pending_error: BaseException | None = None
+        self._committed_here: dict[str, int] = {}
+        self._closed = False
+        self._consumer = self._connect()
+        try:
+            self._ensure_topics()
+            self._consumer.subscribe(topics=list(config.topics), listener=_RebalanceListener(self))
+        except BaseException:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._consumer.close(autocommit=False, timeout_ms=config.close_timeout_ms)
+            raise
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _connect(self) -> KafkaConsumer:
+        servers = ",".join(self.config.bootstrap_servers)
+        attempts = self._retry.retries + 1
+        started = time.monotonic()
+
+        def on_failure(exc: BaseException, failures: int, delay: float) -> None:
+            log.warning(
+                "Kafka at %s not reachable (attempt %d/%d): %s; retrying in %.1f s",
+                servers,
+                failures,
+                attempts,
+                exc,
+                delay,
+            )
+
+        try:
+            return self._retry.call_with_retry(
+                lambda: self._consumer_factory(**self.config.consumer_configs()), on_failure
+            )
+        except self._retry.retry_on as exc:
+            msg = (
+                f"Kafka broker at {servers} not reachable after {attempts} attempt(s) in "
+                f"{time.monotonic() - started:.1f} s: {exc}"
+            )
+            raise SourceError(msg, retriable=True) from exc
+        except KafkaError as exc:
+            msg = f"cannot create a Kafka consumer for {servers}: {exc}"
+            raise SourceError(msg, retriable=exc.retriable) from exc
+
+    def _ensure_topics(self) -> None:
+        try:
+            existing = self._consumer.topics()
+        except KafkaError as exc:
+            raise SourceError(f"cannot list Kafka topics: {exc}", retriable=True) from exc
+        missing = [t for t in self.config.topics if t not in existing]
+        if not missing:
+            return
+        if not self.config.create_topic:
+            shown = sorted(existing)[:20]
+            msg = (
+                f"Kafka topic(s) {missing} do not exist on "
+                f"{','.join(self.config.bootstrap_servers)} "
+                f"(existing: {shown}); create them or set create_topic=True"
+            )
+            raise SourceError(msg, retriable=False)
+        for topic in missing:
+            create_topic(
+                list(self.config.bootstrap_servers),
+                topic,
+                self.config.create_topic_partitions,
+                security=self.config.security,
+            )
+            log.info(
+                "created Kafka topic %s with %d partition(s)",
+                topic,
+                self.config.create_topic_partitions,
+            )
+
+    # -- rebalance callbacks (kafka-python IO thread) ------------------------------------------
+
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        try:
+            for tp in sorted(assigned):
+                offset = None
+                if self._offset_provider is not None:
+                    offset = self._offset_provider(tp.topic, tp.partition)
+                if offset is None:
+                    log.info("assigned %s: starting at the committed offset", partition_key(*tp))
+                    continue
+                if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                    msg = f"offset_provider returned {offset!r} for {partition_key(*tp)}"
+                    raise SourceError(msg)
+                self._consumer.seek(tp, offset)
+                log.info(
+                    "assigned %s: seeking to checkpointed offset %d", partition_key(*tp), offset
+                )
+        except BaseException as exc:
+            self._pending_error = exc
+            raise
+
+    def _on_revoked(self, partitions: list[TopicPartition], *, lost: bool) -> None:
+        if not partitions:  # the eager protocol revokes "nothing" before a first assignment
+            return
+        for tp in partitions:
+            self._committed_here.pop(partition_key(*tp), None)
+        hook = self._on_lost if lost else self._on_revoke
+        if hook is None:
+            if lost:
+                log.warning("partitions lost without revocation: %s", sorted(partitions))
+            return
+        try:
+            hook(sorted(partitions))
+        except BaseException as exc:
+            self._pending_error = exc
+            raise
+
+    def _raise_pending(self) -> None:
+        exc, self._pending_error = self._pending_error, None
+        if exc is None:
+            return
+        if isinstance(exc, SourceError):
+            raise exc
+        msg = f"rebalance callback failed: {type(exc).__name__}: {exc}"
+        raise SourceError(msg, retriable=False) from exc
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SourceError("the Kafka source is closed")
+
+    def poll_batch(self) -> SourceBatch:
+        """Wait up to ``max_wait_ms`` for records; return what arrived (at most
+        ``max_batch_records`` messages), split into accepted and rejected records."""
+        self._check_open()
+        self._raise_pending()
+        cap = self.config.max_batch_records
+        batch = SourceBatch()
+        timeout_ms = self.config.max_wait_ms
+        decode = self._decoder.decode
+        while batch.size < cap:
+            try:
+                polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=cap - batch.size)
+            except KafkaError as exc:
+                self._raise_pending()
+                raise SourceError(f"Kafka poll failed: {exc}", retriable=exc.retriable) from exc
+            if not polled:
+                break
+            for tp, messages in polled.items():
+                for m in messages:
+                    item = decode(
+                        m.value,
+                        key=m.key,
+                        topic=m.topic,
+                        partition=m.partition,
+                        offset=m.offset,
+                        timestamp_ms=m.timestamp,
+                        headers=m.headers or (),
+                    )
+                    if isinstance(item, Record):
+                        batch.records.append(item)
+                    else:
+                        batch.rejected.append(item)
+                if messages:
+                    batch.next_offsets[partition_key(*tp)] = messages[-1].offset + 1
+            # Only the first poll waits; then take what is already buffered.
+            timeout_ms = 0
+        self._raise_pending()
+        return batch
+
+    # -- offsets --------------------------------------------------------------------------------
+
+    def commit(self, next_offsets: Mapping[str, int]) -> None:
+        """Synchronously commit exactly these next offsets for the group.
+
+        An offset behind one this source committed for the same partition since it was assigned is
+        refused (``SourceError``, not retriable): committed offsets only move forward.
+        """
+        self._check_open()
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for key, offset in next_offsets.items():
+            topic, partition = parse_partition_key(key)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"next offset for {key} must be an integer >= 0, got {offset!r}")
+            previous = self._committed_here.get(key)
+            if previous is not None and offset < previous:
+                msg = f"refusing to commit {key} at {offset}: behind {previous}, committed before"
+                raise SourceError(msg, retriable=False)
+            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, "", -1)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, timeout_ms=self.config.commit_timeout_ms)
+        except KafkaError as exc:
+            msg = f"Kafka commit of {dict(next_offsets)} failed: {exc}"
+            raise SourceError(msg, retriable=exc.retriable) from exc
+        self._committed_here.update(next_offsets)
+
+    def _all_partitions(self) -> list[TopicPartition]:
+        out: list[TopicPartition] = []
+        for topic in self.config.topics:
+            partitions = self._consumer.partitions_for_topic(topic) or set()
+            out.extend(TopicPartition(topic, p) for p in sorted(partitions))
+        return out
+
+    def committed_offsets(self) -> dict[str, int]:
+        """The group's committed next offsets, for every partition of the topics that has one."""
+        self._check_open()
+        out = {}
+        try:
+            for tp in self._all_partitions():
+                offset = self._consumer.committed(tp, timeout_ms=self.config.request_timeout_ms)
+                if offset is not None:
+                    out[partition_key(*tp)] = int(offset)
+        except KafkaError as exc:
+            raise SourceError(f"cannot read committed offsets: {exc}", retriable=True) from exc
+        return out
+
+    def end_offsets(self) -> dict[str, int]:
+        """The next offset to be written, per partition of the topics (assigned or not)."""
+        self._check_open()
+        try:
+            ends = self._consumer.end_offsets(
+                self._all_partitions(), timeout_ms=self.config.request_timeout_ms
+            )
+        except KafkaError as exc:
+            raise SourceError(f"cannot read end offsets: {exc}", retriable=True) from exc
+        return {partition_key(*tp): int(off) for tp, off in sorted(ends.items())}
+
+    def _positions(self) -> dict[str, int]:
+        timeout = self.config.request_timeout_ms
+        return {
+            partition_key(*tp): int(self._consumer.position(tp, timeout_ms=timeout))
+            for tp in self.assignment()
+        }
+
+    def lag(self) -> dict[str, int]:
+        """``end offset - position`` for each assigned partition: messages not yet read."""
+        self._check_open()
+        try:
+            positions = self._positions()
+            ends = self._consumer.end_offsets(
+                self.assignment(), timeout_ms=self.config.request_timeout_ms
+            )
+        except KafkaError as exc:
+            raise SourceError(f"cannot compute lag: {exc}", retriable=True) from exc
+        return {
+            partition_key(*tp): max(0, int(end) - positions[partition_key(*tp)])
+            for tp, end in sorted(ends.items())
+        }
+
+    def caught_up(self, end_offsets_at_start: Mapping[str, int]) -> bool:
+        """True once every partition is read up to ``end_offsets_at_start`` (``--stop-at-end``).
+
+        Meant for a group of one: a non-empty partition assigned to another member (or not yet
+        assigned) counts as not caught up.
+        """
+        self._check_open()
+        try:
+            positions = self._positions()
+        except KafkaError as exc:
+            raise SourceError(f"cannot read positions: {exc}", retriable=True) from exc
+        for key, end in end_offsets_at_start.items():
+            if end <= 0:
+                continue
+            if positions.get(key, -1) < end:
+                return False
+        return True
+
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this member owns now, sorted."""
+        self._check_open()
+        return sorted(self._consumer.assignment())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave the group and close the connections; bounded by ``close_timeout_ms``. Idempotent.
+
+        ``on_revoke`` is called for the owned partitions first (as on a rebalance).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._consumer.close(autocommit=False, timeout_ms=self.config.close_timeout_ms)
+        except Exception as exc:  # closing must not fail the caller's shutdown
+            log.warning("error while closing the Kafka consumer: %s", exc)
+
+    def __enter__(self) -> KafkaRecordSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"KafkaRecordSource(topics={list(self.config.topics)}, "
+            f"group_id={self.config.group_id!r}, {state})"
+        )

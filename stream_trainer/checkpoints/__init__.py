@@ -1,0 +1,38 @@
+"""Checkpoints: the :class:`Checkpoint` record, its codec (safetensors + JSON) and its stores.
+
+Save the checkpoint (with the next offsets) first, then commit those offsets, then report metrics.
+"""
+
+from stream_trainer.checkpoints.checkpoint import FORMAT_VERSION, Checkpoint
+from stream_trainer.checkpoints.codec import (
+    DEFAULT_CHUNK_SIZE,
+    HMAC_KEY_ENV,
+    CheckpointCodec,
+    EncodedCheckpoint,
+    Manifest,
+)
+from stream_trainer.checkpoints.local_store import LocalDirCheckpointStore
+from stream_trainer.checkpoints.memory_store import MemoryCheckpointStore
+from stream_trainer.checkpoints.redis_store import RedisCheckpointStore
+from stream_trainer.checkpoints.retry import ExponentialBackoff, RetryPolicy
+from stream_trainer.checkpoints.store import CheckpointInfo, CheckpointStore, VerifyResult
+from stream_trainer.checkpoints.urls import open_store
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_VERSION",
+    "HMAC_KEY_ENV",
+    "Checkpoint",
+    "CheckpointCodec",
+    "CheckpointInfo",
+    "CheckpointStore",
+    "EncodedCheckpoint",
+    "ExponentialBackoff",
+    "LocalDirCheckpointStore",
+    "Manifest",
+    "MemoryCheckpointStore",
+    "RedisCheckpointStore",
+    "RetryPolicy",
+    "VerifyResult",
+    "open_store",
+]

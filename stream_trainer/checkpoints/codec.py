@@ -1,0 +1,437 @@
+"""Checkpoint <-> bytes: a safetensors blob of the tensors, a JSON document of the rest, a manifest.
+
+Layout of one stored version
+----------------------------
+``payload = tensors_blob || state_document``
+
+* ``tensors_blob`` is a safetensors file (8-byte little-endian header length, JSON header, raw
+  little-endian tensor bytes). It is written here straight into one preallocated buffer, one
+  ``memcpy`` per tensor, and read back with :func:`safetensors.torch.load`, the library's own
+  validating parser. Nothing is ever unpickled.
+* ``state_document`` is UTF-8 JSON: the trainer state plus offsets, counters and identity.
+* Each section is cut into parts of at most ``chunk_size`` bytes (a Redis string holds at most
+  512 MiB); the parts of the tensors come first. Parts are views into the encoded buffers, not
+  copies.
+* The manifest (canonical JSON) lists the format version, the section and part sizes, the
+  SHA-256 of the whole payload and a copy of the small metadata (offsets, samples, step, writer,
+  epoch) so that versions can be listed without reading parts. When a key is configured
+  (environment variable :data:`HMAC_KEY_ENV`, never the store) the manifest carries an
+  HMAC-SHA256 over its canonical form, which covers the payload through the SHA-256.
+
+Reading checks, in this order, before anything is decoded: manifest HMAC (when a key is set),
+manifest schema and format version, number and size of parts, SHA-256 of the payload. Only then
+are the safetensors header and the JSON document parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from stream_trainer.checkpoints.checkpoint import FORMAT_VERSION, Checkpoint
+from stream_trainer.errors import CheckpointCorruptError, CheckpointError, ConfigError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "HMAC_KEY_ENV",
+    "MAX_CHUNK_SIZE",
+    "UPGRADES",
+    "CheckpointCodec",
+    "EncodedCheckpoint",
+    "Manifest",
+]
+
+DEFAULT_CHUNK_SIZE = 64 * 2**20
+#: Redis refuses bulk strings above 512 MiB (``proto-max-bulk-len``).
+MAX_CHUNK_SIZE = 512 * 2**20
+HMAC_KEY_ENV = "STREAM_TRAINER_CHECKPOINT_HMAC_KEY"
+_MAX_MANIFEST_BYTES = 16 * 2**20
+
+#: ``UPGRADES[n]`` turns a format-``n`` state document into a format-``n + 1`` one. Loading runs
+#: the chain up to :data:`FORMAT_VERSION`; a format with no path is refused with a clear error.
+#: Format 1 is the first, so the table is empty.
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+# torch dtype -> safetensors dtype name. Only these are written; the reader accepts what
+# safetensors accepts.
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_META_KEYS = (
+    "created_at",
+    "samples",
+    "step",
+    "offsets",
+    "writer_id",
+    "epoch",
+    "config_fingerprint",
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a stored version's manifest says, read without touching its parts."""
+
+    format_version: int
+    version: int
+    sha256: str
+    tensors_size: int
+    state_size: int
+    tensor_parts: int
+    part_sizes: tuple[int, ...]
+    created_at: float
+    samples: int
+    step: int
+    offsets: dict[str, int]
+    writer_id: str
+    epoch: int
+    config_fingerprint: str
+    signed: bool
+    signature_checked: bool
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of payload (all parts), manifest excluded."""
+        return self.tensors_size + self.state_size
+
+
+@dataclass(frozen=True)
+class EncodedCheckpoint:
+    """An encoded checkpoint: write ``parts`` in order, then ``manifest_bytes``."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    parts: list[memoryview]
+
+
+class CheckpointCodec:
+    """Encodes and decodes checkpoints; see the module docstring for the layout.
+
+    Parameters
+    ----------
+    chunk_size
+        Largest part in bytes, in ``[1, MAX_CHUNK_SIZE]``.
+    hmac_key
+        Key of the manifest HMAC, or ``None`` to neither sign nor require signatures. With a key,
+        unsigned and wrongly signed checkpoints are refused. Use :meth:`from_env` in production.
+    """
+
+    def __init__(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, hmac_key: bytes | None = None):
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            msg = f"chunk_size must be an int, got {chunk_size!r}"
+            raise ConfigError(msg)
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            msg = f"chunk_size must be in [1, {MAX_CHUNK_SIZE}] bytes, got {chunk_size!r}"
+            raise ConfigError(msg)
+        if hmac_key is not None and (not isinstance(hmac_key, bytes) or not hmac_key):
+            msg = "hmac_key must be non-empty bytes or None"
+            raise ConfigError(msg)
+        self.chunk_size = chunk_size
+        self._hmac_key = hmac_key
+
+    @classmethod
+    def from_env(
+        cls, *, chunk_size: int = DEFAULT_CHUNK_SIZE, environ: Mapping[str, str] | None = None
+    ) -> CheckpointCodec:
+        """The production codec: HMAC key from :data:`HMAC_KEY_ENV` (UTF-8) when it is set."""
+        env = os.environ if environ is None else environ
+        raw = env.get(HMAC_KEY_ENV)
+        if raw is not None and not raw:
+            msg = f"{HMAC_KEY_ENV} is set but empty; unset it or give a key"
+            raise ConfigError(msg)
+        return cls(chunk_size=chunk_size, hmac_key=raw.encode() if raw else None)
+
+    @property
+    def signs(self) -> bool:
+        """Whether this codec signs manifests and requires valid signatures."""
+        return self._hmac_key is not None
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(self, checkpoint: Checkpoint) -> EncodedCheckpoint:
+        """Encode ``checkpoint`` (its ``version`` included) into parts and a manifest."""
+        blob = _safetensors_blob(checkpoint.tensors)
+        document = {
+            "format_version": FORMAT_VERSION,
+            "version": checkpoint.version,
+            "state": checkpoint.state,
+            **{key: getattr(checkpoint, key) for key in _META_KEYS},
+        }
+        try:
+            doc = json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            msg = f"checkpoint state is not JSON (no NaN/inf, no objects): {exc}"
+            raise CheckpointError(msg) from exc
+        if json.loads(doc)["state"] != checkpoint.state:
+            msg = "checkpoint state does not survive JSON unchanged (tuples? non-str keys?)"
+            raise CheckpointError(msg)
+        digest = hashlib.sha256(blob)
+        digest.update(doc)
+        tensor_parts = _chunks(memoryview(blob), self.chunk_size)
+        parts = tensor_parts + _chunks(memoryview(doc), self.chunk_size)
+        body = {
+            "format_version": FORMAT_VERSION,
+            "version": checkpoint.version,
+            "sha256": digest.hexdigest(),
+            "sections": {"tensors": len(blob), "state": len(doc)},
+            "tensor_parts": len(tensor_parts),
+            "parts": [len(part) for part in parts],
+            "meta": {key: getattr(checkpoint, key) for key in _META_KEYS},
+        }
+        signature = None
+        if self._hmac_key is not None:
+            signature = hmac.new(self._hmac_key, _canonical(body), hashlib.sha256).hexdigest()
+        manifest_bytes = _canonical({"manifest": body, "hmac": signature})
+        manifest = self.read_manifest(manifest_bytes, version=checkpoint.version)
+        return EncodedCheckpoint(manifest=manifest, manifest_bytes=manifest_bytes, parts=parts)
+
+    # ------------------------------------------------------------------ decode
+
+    def read_manifest(self, data: bytes, *, version: int) -> Manifest:
+        """Check and parse a manifest: HMAC first, then format version, then schema.
+
+        Raises :class:`CheckpointCorruptError` when it fails a check, :class:`CheckpointError`
+        when it comes from a newer format or one with no upgrade path.
+        """
+        where = f"checkpoint version {version}"
+        if len(data) > _MAX_MANIFEST_BYTES:
+            msg = f"{where}: manifest of {len(data)} bytes is over {_MAX_MANIFEST_BYTES}"
+            raise CheckpointCorruptError(msg)
+        try:
+            envelope = json.loads(data)
+            body = envelope["manifest"]
+            signature = envelope["hmac"]
+        except (ValueError, TypeError, KeyError) as exc:
+            msg = f"{where}: manifest is not valid JSON of the expected shape ({exc})"
+            raise CheckpointCorruptError(msg) from exc
+        if not isinstance(body, dict) or not (signature is None or isinstance(signature, str)):
+            msg = f"{where}: manifest is not valid JSON of the expected shape"
+            raise CheckpointCorruptError(msg)
+        if self._hmac_key is not None:
+            if signature is None:
+                msg = f"{where}: unsigned checkpoint refused ({HMAC_KEY_ENV} is set)"
+                raise CheckpointCorruptError(msg)
+            expected = hmac.new(self._hmac_key, _canonical(body), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(expected, signature):
+                msg = f"{where}: HMAC does not match (wrong key or tampered manifest)"
+                raise CheckpointCorruptError(msg)
+        fmt = body.get("format_version")
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            msg = f"{where}: manifest has no valid format_version ({fmt!r})"
+            raise CheckpointCorruptError(msg)
+        _check_format(fmt, where)
+        try:
+            sections = body["sections"]
+            meta = body["meta"]
+            manifest = Manifest(
+                format_version=fmt,
+                version=_int(body["version"]),
+                sha256=_str(body["sha256"]),
+                tensors_size=_int(sections["tensors"]),
+                state_size=_int(sections["state"]),
+                tensor_parts=_int(body["tensor_parts"]),
+                part_sizes=tuple(_int(size) for size in body["parts"]),
+                created_at=_float(meta["created_at"]),
+                samples=_int(meta["samples"]),
+                step=_int(meta["step"]),
+                offsets={_str(k): _int(v) for k, v in meta["offsets"].items()},
+                writer_id=_str(meta["writer_id"]),
+                epoch=_int(meta["epoch"]),
+                config_fingerprint=_str(meta["config_fingerprint"]),
+                signed=signature is not None,
+                signature_checked=self._hmac_key is not None,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"{where}: manifest field missing or of the wrong type ({exc!r})"
+            raise CheckpointCorruptError(msg) from exc
+        if manifest.version != version:
+            msg = f"{where}: manifest belongs to version {manifest.version}"
+            raise CheckpointCorruptError(msg)
+        sizes = manifest.part_sizes
+        if (
+            len(manifest.sha256) != 64
+            or not 0 <= manifest.tensor_parts <= len(sizes)
+            or sum(sizes[: manifest.tensor_parts]) != manifest.tensors_size
+            or sum(sizes[manifest.tensor_parts :]) != manifest.state_size
+        ):
+            msg = f"{where}: manifest sizes or checksum field are inconsistent"
+            raise CheckpointCorruptError(msg)
+        return manifest
+
+    def check_parts(self, manifest: Manifest, parts: Sequence[bytes | None]) -> None:
+        """Check part count, sizes and the payload SHA-256; decodes nothing."""
+        where = f"checkpoint version {manifest.version}"
+        if len(parts) != len(manifest.part_sizes):
+            msg = f"{where}: {len(parts)} parts read, manifest lists {len(manifest.part_sizes)}"
+            raise CheckpointCorruptError(msg)
+        digest = hashlib.sha256()
+        for index, (part, size) in enumerate(zip(parts, manifest.part_sizes, strict=True)):
+            if part is None:
+                msg = f"{where}: part {index} is missing"
+                raise CheckpointCorruptError(msg)
+            if len(part) != size:
+                msg = f"{where}: part {index} has {len(part)} bytes, manifest says {size}"
+                raise CheckpointCorruptError(msg)
+            digest.update(part)
+        if not hmac.compare_digest(digest.hexdigest(), manifest.sha256):
+            msg = f"{where}: SHA-256 of the payload does not match the manifest"
+            raise CheckpointCorruptError(msg)
+
+    def decode(self, manifest: Manifest, parts: Sequence[bytes | None]) -> Checkpoint:
+        """Check the parts (:meth:`check_parts`), then decode them into a :class:`Checkpoint`."""
+        self.check_parts(manifest, parts)
+        where = f"checkpoint version {manifest.version}"
+        blob = _join(parts[: manifest.tensor_parts])
+        doc = _join(parts[manifest.tensor_parts :])
+        try:
+            tensors = safetensors.torch.load(blob)
+        except Exception as exc:  # the parser's own error types vary between versions
+            msg = f"{where}: tensor section is not a valid safetensors blob ({exc})"
+            raise CheckpointCorruptError(msg) from exc
+        try:
+            document = json.loads(doc)
+            if not isinstance(document, dict):
+                raise TypeError("state document is not a JSON object")
+        except (ValueError, TypeError) as exc:
+            msg = f"{where}: state section is not a JSON object ({exc})"
+            raise CheckpointCorruptError(msg) from exc
+        document = _upgrade(document, manifest.format_version, where)
+        meta = {key: document.get(key) for key in _META_KEYS}
+        expected = {key: getattr(manifest, key) for key in _META_KEYS}
+        if meta != expected or document.get("version") != manifest.version:
+            msg = f"{where}: state document disagrees with its manifest"
+            raise CheckpointCorruptError(msg)
+        try:
+            return Checkpoint(
+                tensors=dict(tensors),
+                state=document["state"],
+                version=manifest.version,
+                format_version=FORMAT_VERSION,
+                **meta,
+            )
+        except (KeyError, CheckpointError) as exc:
+            msg = f"{where}: state document is invalid ({exc})"
+            raise CheckpointCorruptError(msg) from exc
+
+
+def _safetensors_blob(tensors: Mapping[str, torch.Tensor]) -> bytearray:
+    """The bytes :func:`safetensors.torch.save` would produce, built with one copy per tensor.
+
+    Tensors are laid out by decreasing element size, then name, so every tensor is aligned.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - no such machine in production
+        raise CheckpointError("checkpoints are written on little-endian machines only")
+    ordered = []
+    for name, tensor in tensors.items():
+        dtype_name = _DTYPES.get(tensor.dtype)
+        if dtype_name is None:
+            msg = f"tensor {name!r} has dtype {tensor.dtype}; supported: {sorted(_DTYPES.values())}"
+            raise CheckpointError(msg)
+        if tensor.layout != torch.strided:
+            msg = f"tensor {name!r} is {tensor.layout}; only dense tensors are saved"
+            raise CheckpointError(msg)
+        ordered.append((-tensor.element_size(), name, tensor, dtype_name))
+    ordered.sort(key=lambda item: (item[0], item[1]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for _, name, tensor, dtype_name in ordered:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtype_name,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    start = 8 + len(header_bytes)
+    blob = bytearray(start + offset)
+    blob[:8] = len(header_bytes).to_bytes(8, "little")
+    blob[8:start] = header_bytes
+    view = memoryview(blob)
+    for _, name, tensor, _ in ordered:
+        begin, end = header[name]["data_offsets"]
+        if end > begin:
+            source = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            view[start + begin : start + end] = source.numpy()  # type: ignore[call-overload]
+    return blob
+
+
+def _chunks(view: memoryview, size: int) -> list[memoryview]:
+    return [view[begin : begin + size] for begin in range(0, len(view), size)]
+
+
+def _join(parts: Sequence[bytes | None]) -> bytes:
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return b"".join(part for part in parts if part is not None)
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def _check_format(fmt: int, where: str) -> None:
+    if fmt > FORMAT_VERSION:
+        msg = (
+            f"{where}: written in checkpoint format {fmt} by a newer stream-trainer; "
+            f"this one reads formats up to {FORMAT_VERSION}"
+        )
+        raise CheckpointError(msg)
+    missing = [n for n in range(fmt, FORMAT_VERSION) if n not in UPGRADES]
+    if missing:
+        msg = (
+            f"{where}: checkpoint format {fmt} cannot be upgraded to {FORMAT_VERSION} "
+            f"(no upgrade from format {missing[0]})"
+        )
+        raise CheckpointError(msg)
+
+
+def _upgrade(document: dict[str, Any], fmt: int, where: str) -> dict[str, Any]:
+    _check_format(fmt, where)
+    for n in range(fmt, FORMAT_VERSION):
+        document = UPGRADES[n](document)
+    return document
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value: object) -> int:
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        raise ValueError(f"expected an int >= 0, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a str, got {value!r}")
+    return value

@@ -1,0 +1,249 @@
+"""A checkpoint store in Redis (``redis://HOST:PORT/DB?prefix=NAME&keep=K``).
+
+Keys, all under ``PREFIX``::
+
+    PREFIX:v:N:part:I     part I of version N (written with a TTL until published)
+    PREFIX:v:N:manifest   manifest of version N (idem)
+    PREFIX:latest         the pointer: the newest published version
+    PREFIX:versions       sorted set of published versions
+    PREFIX:parts          hash: published version -> number of parts (for pruning)
+    PREFIX:epoch          writer epoch (INCR); PREFIX:epoch:writer names who took it
+    PREFIX:next_version   version counter (INCR)
+
+Parts are written in one pipeline, then a Lua script publishes version N atomically: it refuses
+if the writer's epoch is not ``PREFIX:epoch`` or if any part of N is missing, otherwise it
+removes the TTLs, points ``PREFIX:latest`` at N and unlinks the versions beyond ``keep``. Parts
+of a write that never got published expire by themselves (``pending_ttl_s``).
+
+The Lua script builds key names from the prefix, so the store needs a single Redis (or a
+cluster with every key of a prefix in one hash slot, e.g. ``prefix={trainer-1}``).
+
+Redis must persist (AOF or RDB) for checkpoints to survive a Redis restart: a Redis that comes
+back empty has lost the pointer and the epoch, and every writer holding an epoch is then fenced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint
+from stream_trainer.checkpoints.retry import RetryPolicy
+from stream_trainer.checkpoints.store import DEFAULT_KEEP, VersionedStore
+from stream_trainer.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    FencedWriterError,
+)
+
+__all__ = ["DEFAULT_PREFIX", "RedisCheckpointStore"]
+
+T = TypeVar("T")
+DEFAULT_PREFIX = "stream-trainer:checkpoints"
+
+# KEYS: latest, epoch, versions, parts-hash.  ARGV: prefix, version, epoch, parts, keep.
+_PUBLISH = """
+local prefix, version = ARGV[1], tonumber(ARGV[2])
+local epoch, nparts, keep = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= epoch then return {'FENCED', tostring(current)} end
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if latest == version then return {'OK', '0'} end
+if latest > version then return {'STALE', tostring(latest)} end
+local base = prefix .. ':v:' .. ARGV[2]
+if redis.call('EXISTS', base .. ':manifest') == 0 then return {'MISSING', 'manifest'} end
+for i = 0, nparts - 1 do
+  if redis.call('EXISTS', base .. ':part:' .. i) == 0 then return {'MISSING', 'part ' .. i} end
+end
+redis.call('PERSIST', base .. ':manifest')
+for i = 0, nparts - 1 do redis.call('PERSIST', base .. ':part:' .. i) end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], version, ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], nparts)
+local old = redis.call('ZRANGE', KEYS[3], 0, -(keep + 1))
+for _, gone in ipairs(old) do
+  local count = tonumber(redis.call('HGET', KEYS[4], gone) or '0')
+  local gbase = prefix .. ':v:' .. gone
+  redis.call('UNLINK', gbase .. ':manifest')
+  for i = 0, count - 1 do redis.call('UNLINK', gbase .. ':part:' .. i) end
+  redis.call('ZREM', KEYS[3], gone)
+  redis.call('HDEL', KEYS[4], gone)
+end
+return {'OK', tostring(#old)}
+"""
+
+
+class RedisCheckpointStore(VersionedStore):
+    """Checkpoints in Redis; see the module docstring for keys and the publish script.
+
+    Parameters
+    ----------
+    client
+        A ``redis.Redis`` with ``decode_responses=False``. Use :meth:`from_url` in production: it
+        turns off redis-py's own retries so that ``retry`` alone decides.
+    prefix
+        Key prefix; one trainer deployment per prefix.
+    keep
+        Published versions to keep.
+    codec
+        Encoder/decoder; default :meth:`CheckpointCodec.from_env`.
+    retry
+        Policy for connection errors and timeouts; when spent, :class:`StoreUnavailableError`
+        (retriable) is raised.
+    pending_ttl_s
+        TTL of a version's keys until it is published, so abandoned writes expire.
+    owns_client
+        Close ``client`` on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        keep: int = DEFAULT_KEEP,
+        codec: CheckpointCodec | None = None,
+        retry: RetryPolicy | None = None,
+        pending_ttl_s: int = 3600,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(keep=keep, codec=codec)
+        if not isinstance(prefix, str) or not prefix:
+            msg = f"prefix must be a non-empty str, got {prefix!r}"
+            raise ConfigError(msg)
+        if isinstance(pending_ttl_s, bool) or not isinstance(pending_ttl_s, int):
+            msg = f"pending_ttl_s must be an int, got {pending_ttl_s!r}"
+            raise ConfigError(msg)
+        if pending_ttl_s < 1:
+            msg = f"pending_ttl_s must be >= 1, got {pending_ttl_s!r}"
+            raise ConfigError(msg)
+        if client.get_encoder().decode_responses:
+            raise ConfigError("the Redis client must have decode_responses=False")
+        self.client = client
+        self.prefix = prefix
+        self.pending_ttl_s = pending_ttl_s
+        base = RetryPolicy() if retry is None else retry
+        self._retry = base.with_errors((redis.ConnectionError, redis.TimeoutError))
+        self._owns_client = owns_client
+        self._publish_script = client.register_script(_PUBLISH)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        **options: Any,
+    ) -> RedisCheckpointStore:
+        """A store owning a client for ``url`` (``redis://HOST:PORT/DB``); ``options`` as for
+        the constructor."""
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return cls(client, owns_client=True, **options)
+
+    def _key(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    def _call(self, operation: Callable[[], T], what: str) -> T:
+        try:
+            return self._retry.call(operation, what=f"redis {what}")
+        except redis.RedisError as exc:
+            msg = f"redis {what} failed: {exc}"
+            raise CheckpointError(msg) from exc
+
+    # ------------------------------------------------------------ epoch
+
+    def acquire_epoch(self, writer_id: str) -> int:
+        self._check_open()
+
+        def run() -> int:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.incr(self._key("epoch"))
+            pipe.set(self._key("epoch", "writer"), writer_id)
+            return int(pipe.execute()[0])
+
+        return self._call(run, "acquire epoch")
+
+    def current_epoch(self) -> int:
+        self._check_open()
+        value = self._call(lambda: self.client.get(self._key("epoch")), "read epoch")
+        return 0 if value is None else int(value)
+
+    # ------------------------------------------------------------ primitives
+
+    def _reserve_version(self) -> int:
+        return int(self._call(lambda: self.client.incr(self._key("next_version")), "reserve"))
+
+    def _write_version(self, version: int, encoded: EncodedCheckpoint) -> None:
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for index, part in enumerate(encoded.parts):
+                pipe.set(self._key("v", version, "part", index), part, ex=self.pending_ttl_s)
+            pipe.set(
+                self._key("v", version, "manifest"), encoded.manifest_bytes, ex=self.pending_ttl_s
+            )
+            pipe.execute()
+
+        self._call(run, f"write version {version}")
+
+    def _publish(self, version: int, epoch: int, parts: int) -> None:
+        keys = [self._key("latest"), self._key("epoch"), self._key("versions"), self._key("parts")]
+        args: list[str | int] = [self.prefix, version, epoch, parts, self.keep]
+        status, detail = self._call(
+            lambda: self._publish_script(keys=keys, args=args), f"publish version {version}"
+        )
+        if status == b"FENCED":
+            msg = (
+                f"epoch {epoch} is not the current epoch {detail.decode()}; "
+                f"version {version} not published"
+            )
+            raise FencedWriterError(msg)
+        if status == b"STALE":
+            msg = f"version {version} is older than the latest version {detail.decode()}"
+            raise CheckpointError(msg)
+        if status == b"MISSING":
+            msg = f"version {version} is incomplete ({detail.decode()} missing); not published"
+            raise CheckpointError(msg)
+
+    def _read_manifest(self, version: int) -> bytes | None:
+        key = self._key("v", version, "manifest")
+        value = self._call(lambda: self.client.get(key), f"read manifest {version}")
+        return value  # type: ignore[return-value]
+
+    def _read_parts(self, version: int, count: int) -> Sequence[bytes | None]:
+        def run() -> list[bytes | None]:
+            pipe = self.client.pipeline(transaction=False)
+            for index in range(count):
+                pipe.get(self._key("v", version, "part", index))
+            return pipe.execute()
+
+        return self._call(run, f"read version {version}")
+
+    def _pointer(self) -> int | None:
+        value = self._call(lambda: self.client.get(self._key("latest")), "read latest")
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError as exc:
+            msg = f"{self._key('latest')} holds {value!r}, not a version number"
+            raise CheckpointCorruptError(msg) from exc
+
+    def _published(self) -> list[int]:
+        members = self._call(lambda: self.client.zrange(self._key("versions"), 0, -1), "list")
+        return sorted(int(member) for member in members)  # type: ignore[arg-type]
+
+    def _close(self) -> None:
+        if self._owns_client:
+            self.client.close()

@@ -1,0 +1,316 @@
+"""The :class:`CheckpointStore` protocol and the save/load logic its implementations share.
+
+Every store keeps numbered versions, each made of parts and a manifest (see
+:mod:`stream_trainer.checkpoints.codec`), a *latest* pointer naming the newest published version,
+a version counter and a writer epoch.
+
+Saving follows one order, which is what makes a crash at any point harmless:
+
+1. check that the checkpoint's epoch is the store's current epoch (fast refusal);
+2. reserve version ``N`` (a counter; a crash leaves a gap, never a reuse);
+3. write every part of ``N`` and its manifest (not yet visible to loaders);
+4. switch the latest pointer to ``N`` in one atomic step that re-checks that every part of ``N``
+   exists and that the epoch is still current, else refuses (``FencedWriterError``);
+5. delete versions older than the newest ``keep``.
+
+Loaders only follow the pointer (and published versions below it), so they see ``N - 1`` or
+``N``, never a mix. :meth:`load_latest` falls back to older versions when the newest fails its
+checks, counting each failure in ``corrupt_loads``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
+
+from stream_trainer.checkpoints.checkpoint import Checkpoint
+from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint, Manifest
+from stream_trainer.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    ConfigError,
+    FencedWriterError,
+)
+
+__all__ = ["DEFAULT_KEEP", "CheckpointInfo", "CheckpointStore", "VerifyResult"]
+
+DEFAULT_KEEP = 3
+logger = logging.getLogger("stream_trainer.checkpoints")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One stored version as its manifest describes it (no part is read).
+
+    ``error`` is set, and the other fields zero, when the manifest itself cannot be read.
+    """
+
+    version: int
+    size_bytes: int = 0
+    created_at: float = 0.0
+    samples: int = 0
+    step: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)
+    writer_id: str = ""
+    epoch: int = 0
+    format_version: int = 0
+    parts: int = 0
+    signed: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of a full check of one version: manifest, HMAC, parts, SHA-256 and decoding."""
+
+    version: int
+    ok: bool
+    error: str | None = None
+    size_bytes: int = 0
+    signed: bool = False
+    signature_checked: bool = False
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Where checkpoints live. Implementations: memory, local directory, Redis."""
+
+    corrupt_loads: int
+
+    def save(self, checkpoint: Checkpoint) -> int:
+        """Publish ``checkpoint`` as a new version and return its number.
+
+        Raises :class:`FencedWriterError` when ``checkpoint.epoch`` is not the current epoch.
+        """
+        ...
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest version that passes every check, ``None`` when nothing was ever saved.
+
+        A version that fails is logged, counted in ``corrupt_loads`` and skipped; when every
+        version fails, :class:`CheckpointCorruptError` is raised.
+        """
+        ...
+
+    def load(self, version: int) -> Checkpoint:
+        """One version; :class:`CheckpointCorruptError` when it fails a check."""
+        ...
+
+    def latest_version(self) -> int | None:
+        """The version the latest pointer names, without checking it."""
+        ...
+
+    def list_versions(self) -> list[CheckpointInfo]:
+        """Published versions, oldest first, from their manifests only."""
+        ...
+
+    def verify(self, version: int) -> VerifyResult:
+        """Run every check on one version; never raises for a bad version."""
+        ...
+
+    def acquire_epoch(self, writer_id: str) -> int:
+        """Atomically increment the writer epoch and return it, fencing every older writer."""
+        ...
+
+    def current_epoch(self) -> int:
+        """The current writer epoch (0 before any :meth:`acquire_epoch`)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files; idempotent."""
+        ...
+
+
+class VersionMissingError(CheckpointError):
+    """The asked-for version has no manifest in the store (never saved, pruned, or lost)."""
+
+
+class VersionedStore(abc.ABC):
+    """Save/load logic over a few storage primitives; subclasses supply the primitives."""
+
+    def __init__(self, *, keep: int = DEFAULT_KEEP, codec: CheckpointCodec | None = None) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            msg = f"keep must be an int >= 1, got {keep!r}"
+            raise ConfigError(msg)
+        self.keep = keep
+        self.codec = CheckpointCodec.from_env() if codec is None else codec
+        self.corrupt_loads = 0
+        self._closed = False
+
+    # ------------------------------------------------------------ primitives
+
+    @abc.abstractmethod
+    def _reserve_version(self) -> int: ...
+
+    @abc.abstractmethod
+    def _write_version(self, version: int, encoded: EncodedCheckpoint) -> None:
+        """Write parts and manifest of ``version`` without publishing it."""
+
+    @abc.abstractmethod
+    def _publish(self, version: int, epoch: int, parts: int) -> None:
+        """Atomically: check parts and epoch, switch the pointer, then prune to ``keep``."""
+
+    @abc.abstractmethod
+    def _read_manifest(self, version: int) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def _read_parts(self, version: int, count: int) -> Sequence[bytes | None]: ...
+
+    @abc.abstractmethod
+    def _pointer(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def _published(self) -> list[int]:
+        """Published versions, ascending."""
+
+    @abc.abstractmethod
+    def acquire_epoch(self, writer_id: str) -> int: ...
+
+    @abc.abstractmethod
+    def current_epoch(self) -> int: ...
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once."""
+
+    # ------------------------------------------------------------ the protocol
+
+    def save(self, checkpoint: Checkpoint) -> int:
+        self._check_open()
+        self._check_epoch(checkpoint)
+        version, encoded = self._stage(checkpoint)
+        self._publish(version, checkpoint.epoch, len(encoded.parts))
+        logger.info(
+            "checkpoint version %d saved (%d bytes, %d parts, epoch %d)",
+            version,
+            encoded.manifest.size_bytes,
+            len(encoded.parts),
+            checkpoint.epoch,
+        )
+        return version
+
+    def load_latest(self) -> Checkpoint | None:
+        self._check_open()
+        pointer = self._pointer()
+        candidates = [] if pointer is None else [pointer]
+        candidates += [v for v in reversed(self._published()) if pointer is None or v < pointer]
+        failures = []
+        for version in candidates:
+            try:
+                return self.load(version)
+            except (CheckpointCorruptError, VersionMissingError) as exc:
+                self.corrupt_loads += 1
+                failures.append(str(exc))
+                logger.warning("skipping checkpoint version %d: %s", version, exc)
+        if failures:
+            msg = f"no stored checkpoint passes its checks: {'; '.join(failures)}"
+            raise CheckpointCorruptError(msg)
+        return None
+
+    def load(self, version: int) -> Checkpoint:
+        self._check_open()
+        manifest, parts = self._read(version)
+        return self.codec.decode(manifest, parts)
+
+    def latest_version(self) -> int | None:
+        self._check_open()
+        return self._pointer()
+
+    def list_versions(self) -> list[CheckpointInfo]:
+        self._check_open()
+        infos = []
+        for version in self._published():
+            try:
+                manifest = self._manifest(version)
+            except CheckpointError as exc:
+                infos.append(CheckpointInfo(version=version, error=str(exc)))
+                continue
+            infos.append(
+                CheckpointInfo(
+                    version=version,
+                    size_bytes=manifest.size_bytes,
+                    created_at=manifest.created_at,
+                    samples=manifest.samples,
+                    step=manifest.step,
+                    offsets=manifest.offsets,
+                    writer_id=manifest.writer_id,
+                    epoch=manifest.epoch,
+                    format_version=manifest.format_version,
+                    parts=len(manifest.part_sizes),
+                    signed=manifest.signed,
+                )
+            )
+        return infos
+
+    def verify(self, version: int) -> VerifyResult:
+        self._check_open()
+        manifest = None
+        try:
+            manifest, parts = self._read(version)
+            self.codec.decode(manifest, parts)
+        except CheckpointError as exc:
+            if exc.retriable:
+                raise
+            return VerifyResult(
+                version=version,
+                ok=False,
+                error=str(exc),
+                size_bytes=0 if manifest is None else manifest.size_bytes,
+                signed=False if manifest is None else manifest.signed,
+                signature_checked=self.codec.signs,
+            )
+        return VerifyResult(
+            version=version,
+            ok=True,
+            size_bytes=manifest.size_bytes,
+            signed=manifest.signed,
+            signature_checked=manifest.signature_checked,
+        )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> VersionedStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def _stage(self, checkpoint: Checkpoint) -> tuple[int, EncodedCheckpoint]:
+        """Steps 2 and 3 of a save: reserve a version and write it, unpublished."""
+        version = self._reserve_version()
+        encoded = self.codec.encode(replace(checkpoint, version=version))
+        self._write_version(version, encoded)
+        return version, encoded
+
+    def _check_epoch(self, checkpoint: Checkpoint) -> None:
+        current = self.current_epoch()
+        if checkpoint.epoch != current:
+            msg = (
+                f"writer {checkpoint.writer_id!r} has epoch {checkpoint.epoch} but the store's "
+                f"current epoch is {current}: a newer writer took over"
+            )
+            raise FencedWriterError(msg)
+
+    def _manifest(self, version: int) -> Manifest:
+        data = self._read_manifest(version)
+        if data is None:
+            msg = f"checkpoint version {version} does not exist (no manifest)"
+            raise VersionMissingError(msg)
+        return self.codec.read_manifest(data, version=version)
+
+    def _read(self, version: int) -> tuple[Manifest, Sequence[bytes | None]]:
+        """Manifest (checked) and parts (not yet checked: :meth:`CheckpointCodec.decode` does)."""
+        manifest = self._manifest(version)
+        return manifest, self._read_parts(version, len(manifest.part_sizes))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            msg = f"{type(self).__name__} is closed"
+            raise CheckpointError(msg)

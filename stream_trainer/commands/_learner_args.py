@@ -1,0 +1,105 @@
+"""Command-line flags shared by ``evaluate`` and ``run``: the learner and its configuration."""
+
+from __future__ import annotations
+
+import argparse
+
+from stream_trainer.errors import ConfigError
+from stream_trainer.training import IncrementalTrainer, TrainerConfig
+from stream_trainer.training.config import LR_SCALINGS, OPTIMIZERS, TASKS
+from stream_trainer.training.river_baselines import RIVER_MODELS, RiverLearner
+
+__all__ = ["add_learner_arguments", "build_learner", "model_name", "trainer_config"]
+
+_DEFAULTS = TrainerConfig()
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _norm_list(text: str) -> str | tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return parts[0] if len(parts) == 1 else parts
+
+
+def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("learner")
+    g.add_argument("--target", help="label field (default: the bundled dataset's own)")
+    g.add_argument("--task", choices=TASKS, default=_DEFAULTS.task)
+    g.add_argument("--features", help="comma-separated feature names to use (default: all fields)")
+    g.add_argument(
+        "--model",
+        default="mlp",
+        help=f"mlp, or a river baseline: {', '.join('river:' + m for m in RIVER_MODELS)}",
+    )
+    g.add_argument(
+        "--norm",
+        type=_norm_list,
+        default=_DEFAULTS.norm,
+        help="normalization layer for every hidden layer, or one per layer (comma-separated)",
+    )
+    g.add_argument(
+        "--hidden", type=_int_list, default=_DEFAULTS.hidden, help="hidden sizes, e.g. 64,64"
+    )
+    g.add_argument("--activation", default=_DEFAULTS.activation)
+    g.add_argument("--dropout", type=float, default=_DEFAULTS.dropout)
+    g.add_argument(
+        "--weight-standardization",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weight-standardize the linear layer before each norm (default: as the norm asks: group)",
+    )
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS.optimizer)
+    g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    g.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="0 disables")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=_DEFAULTS.lr_scaling)
+    g.add_argument("--lr-reference-batch", type=int, default=_DEFAULTS.lr_reference_batch)
+    g.add_argument("--max-categories", type=int, default=_DEFAULTS.max_categories)
+    g.add_argument(
+        "--window", type=int, default=_DEFAULTS.rolling_window, help="rolling-metric window"
+    )
+    g.add_argument("--seed", type=int, default=0)
+
+
+def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfig:
+    features = tuple(f.strip() for f in args.features.split(",")) if args.features else None
+    return TrainerConfig(
+        target=target,
+        task=args.task,
+        features=features,
+        hidden=args.hidden,
+        norm=args.norm,
+        activation=args.activation,
+        dropout=args.dropout,
+        weight_standardization=args.weight_standardization,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None,
+        lr_scaling=args.lr_scaling,
+        lr_reference_batch=args.lr_reference_batch,
+        seed=args.seed,
+        max_categories=args.max_categories,
+        rolling_window=args.window,
+    )
+
+
+def model_name(args: argparse.Namespace) -> str:
+    return str(args.model)
+
+
+def build_learner(args: argparse.Namespace, config: TrainerConfig) -> IncrementalTrainer:
+    """The MLP trainer, or a river baseline for ``--model river:NAME``."""
+    if args.model == "mlp":
+        return IncrementalTrainer(config)
+    if args.model.startswith("river:"):
+        return RiverLearner(args.model[len("river:") :], config)
+    valid = ", ".join(["mlp", *("river:" + m for m in RIVER_MODELS)])
+    raise ConfigError(f"unknown model {args.model!r}; valid: {valid}")

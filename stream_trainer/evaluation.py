@@ -1,0 +1,109 @@
+"""Prequential evaluation of a learner over a record stream, batch by batch.
+
+This is what ``stream-trainer evaluate`` runs, and what the benchmarks call: cut the stream into
+mini-batches (fixed or seeded variable sizes), give each batch to the learner's prequential
+``step`` (predict, score, learn), count rejected records by reason, and keep a thin history (for
+the plot) of the rolling metric and the batch sizes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from stream_trainer.records import Record, RejectedRecord
+from stream_trainer.sources import BatchSizes, iter_batches
+from stream_trainer.training import IncrementalTrainer
+
+__all__ = ["EvaluationResult", "StreamHistory", "evaluate_stream"]
+
+
+@dataclass
+class StreamHistory:
+    """Per step: records seen so far, batch size, and the rolling metric after the step."""
+
+    seen: list[int] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    rolling: list[float] = field(default_factory=list)
+    metric_name: str = "rolling_accuracy"
+
+    def add(self, seen: int, size: int, metrics: dict[str, float]) -> None:
+        self.seen.append(seen)
+        self.batch_size.append(size)
+        self.rolling.append(metrics.get(self.metric_name, metrics.get("rmse", 0.0)))
+
+
+@dataclass
+class EvaluationResult:
+    report: dict[str, Any]
+    history: StreamHistory
+
+
+def evaluate_stream(
+    items: Iterable[Record | RejectedRecord],
+    learner: IncrementalTrainer,
+    *,
+    batch_sizes: BatchSizes,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+    describe: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """Run ``learner`` prequentially over ``items`` and return the report and history.
+
+    ``limit`` bounds the number of source items read (rejected ones included). The report has the
+    fields of ``evaluate --report-json``: samples, accuracy, rolling_accuracy, log_loss, kappa (or
+    mae, rmse, r2), samples_per_second, rejected (count by reason), predicted_only, steps, plus
+    ``describe`` (norm, batch_size, model, source...).
+    """
+    stream = itertools.islice(items, limit) if limit is not None else iter(items)
+    source_rejected: Counter[str] = Counter()
+    history = StreamHistory()
+    seen = 0
+    bar = tqdm(total=limit, unit="rec", disable=not progress, file=sys.stderr, mininterval=0.5)
+    start = time.perf_counter()
+    try:
+        for batch in iter_batches(stream, batch_sizes.sizes(seed)):
+            records = []
+            for item in batch:
+                if isinstance(item, RejectedRecord):
+                    source_rejected[item.reason.value] += 1
+                else:
+                    records.append(item)
+            learner.step(records)
+            seen += len(batch)
+            metrics = learner.metrics()
+            history.add(seen, len(batch), metrics)
+            bar.update(len(batch))
+            if history.metric_name in metrics and len(history.seen) % 50 == 0:
+                bar.set_postfix(acc=f"{metrics['accuracy']:.4f}", refresh=False)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    if learner.task == "regression":
+        history.metric_name = "rmse"
+    rejected = Counter(learner.rejected) + source_rejected
+    report: dict[str, Any] = {
+        "samples": learner.samples_trained,
+        **learner.metrics(),
+        "samples_per_second": learner.samples_trained / elapsed if elapsed > 0 else 0.0,
+        "elapsed_seconds": elapsed,
+        "records_read": seen,
+        "predicted_only": learner.predicted_only,
+        "rejected": dict(sorted(rejected.items())),
+        "rejected_total": sum(rejected.values()),
+        "steps": learner.steps,
+        "task": learner.task,
+        "classes": list(learner.classes),
+        "batch_size": str(batch_sizes),
+        "seed": seed,
+    }
+    report.update(describe or {})
+    return EvaluationResult(report=report, history=history)

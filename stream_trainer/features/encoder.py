@@ -1,0 +1,169 @@
+"""Flat records -> standardized float tensors, growing as new features appear.
+
+Policy (the same for every source):
+
+- A feature's *kind* is fixed by the first non-missing value seen for it: numbers and booleans make
+  it numeric, strings make it categorical. A later value of the other kind rejects the record
+  (``wrong_type``); the record never reaches the model and the feature keeps its kind.
+- Numeric features are standardized online (:class:`RunningStandardizer`: exact running mean and
+  biased variance, clipped to +-10). The statistics are updated with the batch *before* it is
+  encoded: feature statistics carry no label, so this leaks nothing into the prequential score.
+- Categorical features are one-hot encoded; each feature gets at most ``max_categories`` columns,
+  later unseen values share one ``<name>=<other>`` column.
+- A feature seen for the first time mid-stream adds a column; the model's input layer grows with
+  zero weights for it, so what the model computes for earlier records does not change.
+- A missing feature (absent key or ``null``) is encoded as 0: the running mean for numeric features,
+  no category for categorical ones.
+- ``features`` restricts the encoder to a fixed list of names; other fields are ignored.
+
+The encoder's whole state is JSON (column order, kinds, categories, running moments), so that it can be
+checkpointed without pickling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from stream_trainer.features.standardizer import RunningStandardizer
+from stream_trainer.records import RejectReason
+
+__all__ = ["OTHER_CATEGORY", "FeatureEncoder"]
+
+OTHER_CATEGORY = "<other>"
+_NUM, _CAT = "num", "cat"
+
+
+class FeatureEncoder:
+    """Encode flat records into an ``(N, n_columns)`` float32 matrix (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        target: str | None,
+        features: Sequence[str] | None = None,
+        max_categories: int = 32,
+        clip: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.features = tuple(features) if features is not None else None
+        self.max_categories = int(max_categories)
+        self.kinds: dict[str, str] = {}
+        # Columns are numbered in order of first appearance, so growth only ever appends.
+        # numeric feature -> slot in the standardizer; numeric_columns[slot] -> column
+        self.numeric: dict[str, int] = {}
+        self.numeric_columns: list[int] = []
+        # categorical feature -> {category -> column}
+        self.categories: dict[str, dict[str, int]] = {}
+        self.n_columns = 0
+        self.scaler = RunningStandardizer(0, clip=clip)
+
+    def column_names(self) -> list[str]:
+        names = [""] * self.n_columns
+        for name, slot in self.numeric.items():
+            names[self.numeric_columns[slot]] = name
+        for name, cats in self.categories.items():
+            for cat, j in cats.items():
+                names[j] = f"{name}={cat}"
+        return names
+
+    def check(self, value: dict[str, Any]) -> tuple[RejectReason, str] | None:
+        """Check the kinds of a record's features against what the encoder has seen."""
+        for name, v in value.items():
+            if name == self.target or v is None:
+                continue
+            if self.features is not None and name not in self.features:
+                continue
+            kind = self.kinds.get(name)
+            if kind is None:
+                continue
+            is_str = isinstance(v, str)
+            if (kind == _NUM) == is_str:
+                want = "a number" if kind == _NUM else "a string"
+                return RejectReason.WRONG_TYPE, f"feature {name!r} must be {want}, got {v!r}"
+        return None
+
+    def _learn_schema(self, values: Sequence[dict[str, Any]]) -> bool:
+        """Register new features and categories; return True when columns were added."""
+        before = self.n_columns
+        for value in values:
+            for name, v in value.items():
+                if name == self.target or v is None:
+                    continue
+                if self.features is not None and name not in self.features:
+                    continue
+                kind = self.kinds.get(name)
+                if kind is None:
+                    kind = self.kinds[name] = _CAT if isinstance(v, str) else _NUM
+                    if kind == _NUM:
+                        self.numeric[name] = len(self.numeric)
+                        self.numeric_columns.append(self.n_columns)
+                        self.n_columns += 1
+                    else:
+                        self.categories[name] = {}
+                if kind == _CAT:
+                    cats = self.categories[name]
+                    if v not in cats:
+                        key = v if len(cats) < self.max_categories else OTHER_CATEGORY
+                        if key not in cats:
+                            cats[key] = self.n_columns
+                            self.n_columns += 1
+        self.scaler.grow(len(self.numeric))
+        return self.n_columns > before
+
+    def fit_transform(self, values: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Learn the schema and the running statistics from ``values``, then encode them.
+
+        ``values`` must already have passed :meth:`check`.
+        """
+        self._learn_schema(values)
+        n = len(values)
+        num = np.full((n, len(self.numeric)), np.nan, dtype=np.float64)
+        out = np.zeros((n, self.n_columns), dtype=np.float32)
+        numeric, categories = self.numeric, self.categories
+        for i, value in enumerate(values):
+            for name, v in value.items():
+                j = numeric.get(name)
+                if j is not None:
+                    if v is not None:
+                        num[i, j] = float(v)
+                    continue
+                cats = categories.get(name)
+                if cats is not None and v is not None:
+                    col = cats.get(v)
+                    out[i, cats[OTHER_CATEGORY] if col is None else col] = 1.0
+        self.scaler.update(num)
+        out[:, self.numeric_columns] = self.scaler.transform(num)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "features": list(self.features) if self.features is not None else None,
+            "max_categories": self.max_categories,
+            "kinds": self.kinds,
+            "numeric": self.numeric,
+            "numeric_columns": self.numeric_columns,
+            "categories": self.categories,
+            "n_columns": self.n_columns,
+            "scaler": self.scaler.state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FeatureEncoder:
+        obj = cls(
+            target=state["target"],
+            features=state["features"],
+            max_categories=state["max_categories"],
+        )
+        obj.kinds = dict(state["kinds"])
+        obj.numeric = {k: int(v) for k, v in state["numeric"].items()}
+        obj.categories = {
+            k: {c: int(j) for c, j in v.items()} for k, v in state["categories"].items()
+        }
+        obj.numeric_columns = [int(j) for j in state["numeric_columns"]]
+        obj.n_columns = int(state["n_columns"])
+        obj.scaler = RunningStandardizer.from_state(state["scaler"])
+        return obj

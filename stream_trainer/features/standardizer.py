@@ -1,0 +1,94 @@
+"""Running per-column mean and variance over variable-size batches, with missing values.
+
+For each column the state is ``(count, mean, m2)`` with ``m2 = sum((x - mean)^2)``. A batch with
+``n_b`` present values, mean ``mu_b`` and ``m2_b`` is folded in with Chan et al.'s parallel update
+(the same merge as ``river.stats.Var.__iadd__``)::
+
+    n     = n_a + n_b
+    delta = mu_b - mu_a
+    mean  = mu_a + delta * n_b / n
+    m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
+
+which gives the exact cumulative mean and variance whatever the batch sizes (one batch of n equals n
+batches of 1, up to rounding). Missing values (NaN in the input matrix) are not counted. The
+variance used to scale is the *biased* one, ``m2 / n``; a column with fewer than 2 values or zero
+variance is scaled by 1. Standardized values are clipped to ``[-clip, clip]`` so that one outlier
+cannot blow up a step; missing values become 0 (the running mean).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RunningStandardizer"]
+
+
+class RunningStandardizer:
+    """Exact running standardization of a growing set of numeric columns."""
+
+    def __init__(self, n_columns: int = 0, *, clip: float = 10.0, eps: float = 1e-12) -> None:
+        self.clip = float(clip)
+        self.eps = float(eps)
+        self.count = np.zeros(n_columns, dtype=np.float64)
+        self.mean = np.zeros(n_columns, dtype=np.float64)
+        self.m2 = np.zeros(n_columns, dtype=np.float64)
+
+    @property
+    def n_columns(self) -> int:
+        return int(self.count.shape[0])
+
+    def grow(self, n_columns: int) -> None:
+        """Add columns (with no observations) up to ``n_columns``."""
+        extra = n_columns - self.n_columns
+        if extra > 0:
+            pad = np.zeros(extra, dtype=np.float64)
+            self.count = np.concatenate([self.count, pad])
+            self.mean = np.concatenate([self.mean, pad])
+            self.m2 = np.concatenate([self.m2, pad])
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold a batch ``x`` of shape ``(N, n_columns)`` (NaN = missing) into the statistics."""
+        present = ~np.isnan(x)
+        n_b = present.sum(axis=0).astype(np.float64)
+        seen = n_b > 0
+        if not seen.any():
+            return
+        filled = np.where(present, x, 0.0)
+        mu_b = np.divide(filled.sum(axis=0), n_b, out=np.zeros_like(n_b), where=seen)
+        dev = np.where(present, x - mu_b, 0.0)
+        m2_b = (dev * dev).sum(axis=0)
+        n = self.count + n_b
+        delta = mu_b - self.mean
+        ratio = np.divide(n_b, n, out=np.zeros_like(n), where=n > 0)
+        self.mean = self.mean + delta * ratio
+        self.m2 = self.m2 + m2_b + delta * delta * self.count * ratio
+        self.count = n
+
+    def std(self) -> np.ndarray:
+        var = np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 1)
+        std = np.sqrt(var)
+        return np.where(std > self.eps, std, 1.0)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Standardize ``x`` (NaN = missing -> 0) with the current statistics."""
+        z = (x - self.mean) / self.std()
+        z = np.nan_to_num(z, nan=0.0)
+        return np.clip(z, -self.clip, self.clip, out=z)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "count": self.count.tolist(),
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+            "clip": self.clip,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunningStandardizer:
+        obj = cls(0, clip=state["clip"])
+        obj.count = np.asarray(state["count"], dtype=np.float64)
+        obj.mean = np.asarray(state["mean"], dtype=np.float64)
+        obj.m2 = np.asarray(state["m2"], dtype=np.float64)
+        return obj

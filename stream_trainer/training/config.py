@@ -1,0 +1,112 @@
+"""The trainer's configuration: one frozen, validated object, closed to unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream_trainer.errors import ConfigError
+
+__all__ = ["LR_SCALINGS", "OPTIMIZERS", "TASKS", "TrainerConfig"]
+
+TASKS = ("auto", "classification", "regression")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything that defines a trainer; the constructor signature *is* the configuration.
+
+    ``lr_scaling`` scales the learning rate with the number of labelled samples ``n`` in the step:
+    ``lr * n / lr_reference_batch`` (linear) or ``lr * sqrt(n / lr_reference_batch)`` (sqrt).
+    ``task="auto"`` decides on the first labelled value: strings, booleans and integral numbers
+    make a classification task, other numbers a regression task.
+    """
+
+    target: str | None = None
+    task: str = "auto"
+    features: tuple[str, ...] | None = None
+    hidden: tuple[int, ...] = (64, 64)
+    norm: str | tuple[str, ...] = "ema_batch"
+    norm_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    activation: str = "relu"
+    dropout: float = 0.0
+    weight_standardization: bool | None = None
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 5.0
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 1
+    seed: int = 0
+    max_categories: int = 32
+    rolling_window: int = 1000
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+            ),
+            (
+                self.lr_scaling in LR_SCALINGS,
+                f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}",
+            ),
+            (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                f"grad_clip must be > 0 or None, got {self.grad_clip!r}",
+            ),
+            (
+                self.lr_reference_batch >= 1,
+                f"lr_reference_batch must be >= 1, got {self.lr_reference_batch!r}",
+            ),
+            (self.max_categories >= 1, f"max_categories must be >= 1, got {self.max_categories!r}"),
+            (self.rolling_window >= 1, f"rolling_window must be >= 1, got {self.rolling_window!r}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if not isinstance(self.norm, str):
+            object.__setattr__(self, "norm", tuple(self.norm))
+        if self.features is not None:
+            object.__setattr__(self, "features", tuple(self.features))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hidden"] = list(self.hidden)
+        data["norm"] = self.norm if isinstance(self.norm, str) else list(self.norm)
+        data["features"] = list(self.features) if self.features is not None else None
+        data["norm_options"] = {k: dict(v) for k, v in self.norm_options.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown trainer settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        for key in ("hidden", "features"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if isinstance(values.get("norm"), list):
+            values["norm"] = tuple(values["norm"])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of the settings that shape the model's tensors."""
+        data = self.to_dict()
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()

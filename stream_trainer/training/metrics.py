@@ -1,0 +1,180 @@
+"""Prequential metrics, updated a whole batch at a time.
+
+Each batch is scored *before* the model learns from it (test-then-train), so every metric is an
+honest estimate of performance on unseen data. The definitions are river's, checked against
+``river.metrics`` in the tests on the same predictions:
+
+Classification (classes are indices into the trainer's growing label list):
+
+- ``accuracy``: cumulative share of correct top-1 predictions (``river.metrics.Accuracy``).
+- ``rolling_accuracy``: accuracy over the last ``window`` labelled samples
+  (``river.utils.Rolling(river.metrics.Accuracy(), window)``).
+- ``log_loss``: mean of ``-log(clip(p_true, 1e-15, 1))``; for two classes this is
+  ``river.metrics.LogLoss``, for more ``river.metrics.CrossEntropy``. A label never seen before scores
+  ``p_true = 0`` (clipped).
+- ``kappa``: Cohen's kappa from the running confusion matrix, ``(p_o - p_e) / (1 - p_e)``
+  (``river.metrics.CohenKappa``; 0 when ``p_e == 1``).
+
+Regression: ``mae``, ``rmse`` and ``r2 = 1 - SSE / SST`` with SST from the running variance of the
+targets (``river.metrics.MAE``, ``RMSE``, ``R2``).
+
+The state is plain numbers and lists, checkpointed as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ClassificationMetrics", "RegressionMetrics"]
+
+_EPS = 1e-15
+
+
+class ClassificationMetrics:
+    """Accuracy, rolling accuracy, log loss and Cohen's kappa over a growing set of classes."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.window = int(window)
+        self.n = 0
+        self.correct = 0
+        self.log_loss_sum = 0.0
+        self.confusion = np.zeros((0, 0), dtype=np.int64)
+        self._ring = np.zeros(self.window, dtype=np.int8)
+        self._ring_pos = 0
+        self._ring_fill = 0
+
+    def _grow(self, n_classes: int) -> None:
+        k = self.confusion.shape[0]
+        if n_classes > k:
+            grown = np.zeros((n_classes, n_classes), dtype=np.int64)
+            grown[:k, :k] = self.confusion
+            self.confusion = grown
+
+    def update(self, y_true: np.ndarray, proba: np.ndarray | None) -> None:
+        """Score a batch: ``y_true`` class indices ``(n,)``, ``proba`` ``(n, K)`` or None.
+
+        ``proba is None`` means the model could not predict yet (no class seen): every sample counts
+        as wrong with ``p_true = 0``. Classes ``>= K`` (new in this batch) count as wrong too.
+        """
+        n = int(y_true.shape[0])
+        if n == 0:
+            return
+        if proba is None or proba.shape[1] == 0:
+            k = 0
+            y_pred = np.full(n, -1, dtype=np.int64)
+            p_true = np.zeros(n)
+        else:
+            k = proba.shape[1]
+            y_pred = proba.argmax(axis=1)
+            known = y_true < k
+            p_true = np.where(known, proba[np.arange(n), np.minimum(y_true, k - 1)], 0.0)
+        hits = (y_pred == y_true).astype(np.int8)
+        self.n += n
+        self.correct += int(hits.sum())
+        self.log_loss_sum += float(-np.log(np.clip(p_true, _EPS, 1.0)).sum())
+        self._grow(max(int(y_true.max()) + 1, k))
+        valid = y_pred >= 0  # kappa counts only samples the model made a prediction for
+        np.add.at(self.confusion, (y_true[valid], y_pred[valid]), 1)
+        self._push(hits)
+
+    def _push(self, hits: np.ndarray) -> None:
+        for start in range(0, hits.shape[0], self.window):
+            chunk = hits[start : start + self.window]
+            m = chunk.shape[0]
+            end = self._ring_pos + m
+            if end <= self.window:
+                self._ring[self._ring_pos : end] = chunk
+            else:
+                first = self.window - self._ring_pos
+                self._ring[self._ring_pos :] = chunk[:first]
+                self._ring[: m - first] = chunk[first:]
+            self._ring_pos = end % self.window
+            self._ring_fill = min(self.window, self._ring_fill + m)
+
+    def kappa(self) -> float:
+        total = self.confusion.sum()
+        if total == 0:
+            return 0.0
+        p_o = np.trace(self.confusion) / total
+        p_e = float((self.confusion.sum(axis=0) * self.confusion.sum(axis=1)).sum()) / total**2
+        return 0.0 if p_e >= 1.0 else float((p_o - p_e) / (1.0 - p_e))
+
+    def report(self) -> dict[str, float]:
+        if self.n == 0:
+            return {"accuracy": 0.0, "rolling_accuracy": 0.0, "log_loss": 0.0, "kappa": 0.0}
+        rolling = float(self._ring[: self._ring_fill].mean()) if self._ring_fill else 0.0
+        return {
+            "accuracy": self.correct / self.n,
+            "rolling_accuracy": rolling,
+            "log_loss": self.log_loss_sum / self.n,
+            "kappa": self.kappa(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        # The ring buffer is stored in chronological order, oldest first.
+        if self._ring_fill < self.window:
+            order = self._ring[: self._ring_fill]
+        else:
+            order = np.roll(self._ring, -self._ring_pos)
+        return {
+            "window": self.window,
+            "n": self.n,
+            "correct": self.correct,
+            "log_loss_sum": self.log_loss_sum,
+            "confusion": self.confusion.tolist(),
+            "recent_hits": order.astype(int).tolist(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ClassificationMetrics:
+        obj = cls(state["window"])
+        obj.n, obj.correct = int(state["n"]), int(state["correct"])
+        obj.log_loss_sum = float(state["log_loss_sum"])
+        k = len(state["confusion"])
+        obj.confusion = np.asarray(state["confusion"], dtype=np.int64).reshape(k, k)
+        obj._push(np.asarray(state["recent_hits"], dtype=np.int8))
+        return obj
+
+
+class RegressionMetrics:
+    """MAE, RMSE and R2 over the stream."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.abs_sum = 0.0
+        self.sq_sum = 0.0
+        self.y_mean = 0.0
+        self.y_m2 = 0.0
+
+    def update(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        n_b = int(y_true.shape[0])
+        if n_b == 0:
+            return
+        err = y_true - y_pred
+        self.abs_sum += float(np.abs(err).sum())
+        self.sq_sum += float((err * err).sum())
+        mu_b = float(y_true.mean())
+        m2_b = float(((y_true - mu_b) ** 2).sum())
+        n = self.n + n_b
+        delta = mu_b - self.y_mean
+        self.y_mean += delta * n_b / n
+        self.y_m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+
+    def report(self) -> dict[str, float]:
+        if self.n == 0:
+            return {"mae": 0.0, "rmse": 0.0, "r2": 0.0}
+        r2 = 1.0 - self.sq_sum / self.y_m2 if self.y_m2 > 0 else 0.0
+        return {"mae": self.abs_sum / self.n, "rmse": math.sqrt(self.sq_sum / self.n), "r2": r2}
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RegressionMetrics:
+        obj = cls()
+        obj.__dict__.update(state)
+        return obj

@@ -1,0 +1,119 @@
+"""river's learners as baselines, run through exactly the same prequential protocol.
+
+``--model river:NAME`` swaps the MLP for one of river's learners while everything else stays: the
+same record checks, the same encoded features (standardized numbers and one-hot categories, given to
+river as a dict keyed by column name), the same scoring code. Only the two hooks differ: predictions
+come from ``predict_proba_one``/``predict_one`` and learning is ``learn_one`` per labelled record,
+in stream order. Baselines are for comparison and are not checkpointed.
+
+Multiclass logistic regression is one-vs-rest (``river.multiclass.OneVsRestClassifier``), which for
+two classes learns the same boundary as a binary ``LogisticRegression``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_trainer.errors import ConfigError
+from stream_trainer.training.config import TrainerConfig
+from stream_trainer.training.trainer import IncrementalTrainer, StepReport
+
+__all__ = ["RIVER_MODELS", "RiverLearner"]
+
+
+def _classifiers(seed: int) -> dict[str, Callable[[], Any]]:
+    from river import forest, linear_model, multiclass, naive_bayes, tree
+
+    return {
+        "LogisticRegression": lambda: multiclass.OneVsRestClassifier(
+            linear_model.LogisticRegression()
+        ),
+        "ARF": lambda: forest.ARFClassifier(seed=seed),
+        "HoeffdingAdaptiveTree": lambda: tree.HoeffdingAdaptiveTreeClassifier(seed=seed),
+        "HoeffdingTree": lambda: tree.HoeffdingTreeClassifier(),
+        "GaussianNB": lambda: naive_bayes.GaussianNB(),
+    }
+
+
+def _regressors(seed: int) -> dict[str, Callable[[], Any]]:
+    from river import forest, linear_model, tree
+
+    return {
+        "LinearRegression": lambda: linear_model.LinearRegression(),
+        "ARF": lambda: forest.ARFRegressor(seed=seed),
+        "HoeffdingAdaptiveTree": lambda: tree.HoeffdingAdaptiveTreeRegressor(seed=seed),
+    }
+
+
+RIVER_MODELS = (
+    "LogisticRegression",
+    "ARF",
+    "HoeffdingAdaptiveTree",
+    "HoeffdingTree",
+    "GaussianNB",
+    "LinearRegression",
+)
+
+
+class RiverLearner(IncrementalTrainer):
+    """A river learner behind the trainer's prequential protocol (see the module docstring)."""
+
+    def __init__(self, name: str, config: TrainerConfig) -> None:
+        super().__init__(config)
+        if name not in RIVER_MODELS:
+            raise ConfigError(f"unknown river model {name!r}; valid: {', '.join(RIVER_MODELS)}")
+        self.name = name
+        self.river_model: Any = None
+
+    def _ensure_model(self) -> Any:
+        if self.river_model is None:
+            table = (
+                _regressors(self.config.seed)
+                if self.task == "regression"
+                else _classifiers(self.config.seed)
+            )
+            if self.name not in table:
+                kind = "regression" if self.task == "regression" else "classification"
+                raise ConfigError(
+                    f"river model {self.name!r} does not do {kind}; valid: {', '.join(table)}"
+                )
+            self.river_model = table[self.name]()
+        return self.river_model
+
+    def _rows(self, x: np.ndarray) -> list[dict[int, float]]:
+        return [dict(enumerate(row.tolist())) for row in x]
+
+    def _predict(self, x: np.ndarray, report: StepReport) -> None:
+        if self.river_model is None:
+            return
+        rows = self._rows(x)
+        if self.task == "regression":
+            report.values = np.asarray(
+                [float(self.river_model.predict_one(r) or 0.0) for r in rows]
+            )
+            return
+        k = len(self.classes)
+        proba = np.zeros((len(rows), k))
+        for i, row in enumerate(rows):
+            for cls, p in self.river_model.predict_proba_one(row).items():
+                if 0 <= cls < k:
+                    proba[i, cls] = p
+            total = proba[i].sum()
+            proba[i] = proba[i] / total if total > 0 else 1.0 / max(k, 1)
+        report.proba = proba
+
+    def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
+        model = self._ensure_model()
+        for row, target in zip(self._rows(x_np), y.tolist(), strict=True):
+            model.learn_one(row, target)
+        return None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        raise ConfigError("river baselines are for evaluation only and are not checkpointed")
+
+    def state_json(self) -> dict[str, Any]:
+        raise ConfigError("river baselines are for evaluation only and are not checkpointed")

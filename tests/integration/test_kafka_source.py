@@ -1,0 +1,337 @@
+"""KafkaRecordSource and DeadLetterSink against a real broker (plus their broker-free units)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import RetriableError
+
+from consumers.dead_letter import DeadLetterSink, dead_letter_topic
+from consumers.deserializer import RecordDecoder
+from consumers.kafka_source import (
+    KafkaRecordSource,
+    KafkaSourceConfig,
+    SourceBatch,
+    parse_partition_key,
+    partition_key,
+)
+from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
+from consumers.security import KafkaSecurity
+from stream_trainer.errors import ConfigError, SourceError
+from stream_trainer.records import Record, RejectedRecord, RejectReason
+from tests.fixtures.kafka import load_broker, produce_messages
+
+# -- broker-free units --------------------------------------------------------------------------
+
+
+def test_config_rejects_unknown_keys_and_quotes_values() -> None:
+    with pytest.raises(ConfigError, match=r"unknown Kafka source setting\(s\) \['max_batch'\]"):
+        KafkaSourceConfig.from_mapping({"bootstrap_servers": "h:1", "topic": "t", "max_batch": 8})
+    with pytest.raises(ConfigError, match=r"heartbeat_interval_ms \(5000\).*\(4000\)"):
+        KafkaSourceConfig("h:1", "t", heartbeat_interval_ms=5000, session_timeout_ms=4000)
+    with pytest.raises(ConfigError, match="max_batch_records must be an integer >= 1, got 0"):
+        KafkaSourceConfig("h:1", "t", max_batch_records=0)
+    with pytest.raises(ConfigError, match="topic names use"):
+        KafkaSourceConfig("h:1", "bad topic")
+    with pytest.raises(ConfigError, match="needs sasl_mechanism"):
+        KafkaSecurity(security_protocol="SASL_SSL")
+
+
+def test_config_keeps_secrets_out_of_repr_and_describe() -> None:
+    config = KafkaSourceConfig.from_mapping(
+        {
+            "bootstrap_servers": "a:1, b:2",
+            "topic": "t",
+            "features": ["x", "y", "x"],
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": "svc",
+            "sasl_plain_password": "hunter2",
+        }
+    )
+    assert config.bootstrap_servers == ("a:1", "b:2")
+    assert config.topics == ("t",)
+    assert config.features == ("x", "y")
+    assert "hunter2" not in repr(config)
+    assert "hunter2" not in str(config.describe())
+    kwargs = config.consumer_configs()
+    assert kwargs["sasl_plain_password"] == "hunter2"
+    assert kwargs["enable_auto_commit"] is False
+    assert kwargs["max_poll_records"] == config.max_batch_records
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"x": NaN}', RejectReason.NON_FINITE),
+        (b'{"x": Infinity}', RejectReason.NON_FINITE),
+        (b'{"x": -Infinity}', RejectReason.NON_FINITE),
+        (b"\xff\xfe", RejectReason.NOT_UTF8),
+        (b"{not json", RejectReason.NOT_JSON),
+        (None, RejectReason.NOT_JSON),
+        (b"[1, 2]", RejectReason.NOT_OBJECT),
+        (b'{"x": [1]}', RejectReason.WRONG_TYPE),
+        (b'{"y": 1}', RejectReason.NO_FEATURES),
+        (b'{"x": "' + b"a" * 200 + b'"}', RejectReason.TOO_LARGE),
+    ],
+)
+def test_decoder_rejects(raw: bytes | None, reason: RejectReason) -> None:
+    item = RecordDecoder(target="y", max_record_bytes=100).decode(raw, offset=3)
+    assert isinstance(item, RejectedRecord)
+    assert item.reason == reason and item.raw == raw and item.offset == 3
+
+
+def test_decoder_feature_subset_ignores_other_fields() -> None:
+    item = RecordDecoder(target="y", features=["a"]).decode(b'{"a": 1, "b": [1], "y": true}')
+    assert isinstance(item, Record) and item.value == {"a": 1, "y": True}
+
+
+def test_partition_keys() -> None:
+    assert parse_partition_key(partition_key("a.b-c", 12)) == ("a.b-c", 12)
+    with pytest.raises(ValueError, match="topic:partition"):
+        parse_partition_key("nopartition")
+
+
+def test_retry_backs_off_and_gives_up() -> None:
+    sleeps: list[float] = []
+    calls: list[int] = []
+
+    def down() -> None:
+        calls.append(1)
+        raise ConnectionError("refused")
+
+    retry = Retry(ExponentialBackoff(1.0, 3.0, jitter=False), retries=3, sleep=sleeps.append)
+    with pytest.raises(ConnectionError):
+        retry.call_with_retry(down)
+    assert len(calls) == 4 and sleeps == [1.0, 2.0, 3.0]
+    assert Retry(ConstantBackoff(0.5), 0).retries == 0
+
+
+# -- against the broker ---------------------------------------------------------------------------
+
+
+def _config(bootstrap: str, topic: str, **kw: object) -> KafkaSourceConfig:
+    defaults: dict[str, object] = {
+        "group_id": f"g-{topic}",
+        "target": "y",
+        "max_wait_ms": 200,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 500,
+        "connect_timeout_ms": 5000,
+    }
+    defaults.update(kw)
+    return KafkaSourceConfig(bootstrap, topic, **defaults)  # type: ignore[arg-type]
+
+
+def _drain(source: KafkaRecordSource, expected: int, timeout_s: float = 20.0) -> list[SourceBatch]:
+    batches: list[SourceBatch] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(b.size for b in batches) < expected:
+        assert time.monotonic() < deadline, f"got {sum(b.size for b in batches)}/{expected}"
+        batch = source.poll_batch()
+        if batch.size:
+            batches.append(batch)
+    return batches
+
+
+def _valid(i: int) -> bytes:
+    return json.dumps({"x": i * 0.5, "c": f"k{i % 3}", "y": i % 2}).encode()
+
+
+MALFORMED = {
+    3: (b"\xc3\x28 not utf-8", RejectReason.NOT_UTF8),
+    5: (b'{"x": NaN, "y": 1}', RejectReason.NON_FINITE),
+    8: (b"{truncated", RejectReason.NOT_JSON),
+    11: (b'"a string"', RejectReason.NOT_OBJECT),
+    13: (b'{"x": {"nested": 1}, "y": 0}', RejectReason.WRONG_TYPE),
+    17: (b'{"x": Infinity, "y": 0}', RejectReason.NON_FINITE),
+}
+
+
+@pytest.mark.integration
+def test_valid_and_malformed_records_split_and_dead_lettered(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    n = 24
+    messages = [
+        (i % 3, f"key-{i}".encode(), MALFORMED[i][0] if i in MALFORMED else _valid(i))
+        for i in range(n)
+    ]
+    produce_messages(kafka_bootstrap, kafka_topic, messages)
+    source = KafkaRecordSource(_config(kafka_bootstrap, kafka_topic, max_batch_records=50))
+    sink = DeadLetterSink(kafka_bootstrap)
+    try:
+        batches = _drain(source, n)
+        records = [r for b in batches for r in b.records]
+        rejected = [r for b in batches for r in b.rejected]
+        by_key = {r.key: r for r in records}
+        assert set(by_key) == {f"key-{i}".encode() for i in range(n) if i not in MALFORMED}
+        for i in range(n):
+            if i not in MALFORMED:
+                rec = by_key[f"key-{i}".encode()]
+                assert rec.value == json.loads(_valid(i))
+                assert rec.raw == _valid(i)
+                assert (rec.topic, rec.partition, rec.offset) == (kafka_topic, i % 3, i // 3)
+                assert rec.timestamp_ms and rec.timestamp_ms > 1_600_000_000_000
+        got = {r.key: (r.raw, r.reason) for r in rejected}
+        assert got == {f"key-{i}".encode(): MALFORMED[i] for i in MALFORMED}
+        next_offsets: dict[str, int] = {}
+        for b in batches:
+            next_offsets.update(b.next_offsets)
+        assert next_offsets == {partition_key(kafka_topic, p): n // 3 for p in range(3)}
+
+        sink.send_many(rejected)
+        sink.flush()
+        source.commit(next_offsets)
+        assert dict(sink.counts) == {"not_utf8": 1, "non_finite": 2, "not_json": 1,
+                                     "not_object": 1, "wrong_type": 1}  # fmt: skip
+
+        # The partition keeps flowing after the malformed records.
+        produce_messages(kafka_bootstrap, kafka_topic, [(1, b"later", _valid(99))])
+        (later,) = _drain(source, 1)
+        assert [r.key for r in later.records] == [b"later"]
+        assert later.next_offsets == {partition_key(kafka_topic, 1): n // 3 + 1}
+    finally:
+        sink.close()
+        source.close()
+        source.close()
+
+    dlq = KafkaConsumer(
+        dead_letter_topic(kafka_topic),
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    letters = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(letters) < len(MALFORMED) and time.monotonic() < deadline:
+            for msgs in dlq.poll(timeout_ms=500).values():
+                letters.extend(msgs)
+    finally:
+        dlq.close()
+    assert len(letters) == len(MALFORMED)
+    for m in letters:
+        i = int(m.key.decode().removeprefix("key-"))
+        headers = dict(m.headers)
+        assert m.value == MALFORMED[i][0]
+        assert headers["x-reason"] == MALFORMED[i][1].value.encode()
+        assert headers["x-detail"]
+        assert headers["x-source-topic"] == kafka_topic.encode()
+        assert headers["x-source-partition"] == str(i % 3).encode()
+        assert headers["x-source-offset"] == str(i // 3).encode()
+        assert int(headers["x-source-timestamp"]) > 1_600_000_000_000
+
+
+@pytest.mark.integration
+def test_batches_vary_and_never_exceed_the_cap(kafka_bootstrap: str, kafka_topic: str) -> None:
+    produce_messages(kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(300)])
+    with KafkaRecordSource(_config(kafka_bootstrap, kafka_topic, max_batch_records=64)) as source:
+        sizes = [b.size for b in _drain(source, 300)]
+        produce_messages(kafka_bootstrap, kafka_topic, [(0, None, _valid(1))])
+        sizes += [b.size for b in _drain(source, 1)]
+    assert sum(sizes) == 301
+    assert max(sizes) <= 64
+    assert 64 in sizes and sizes[-1] == 1
+
+
+@pytest.mark.integration
+def test_assignment_seeks_to_provided_offsets_and_revoke_hook_runs(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    produce_messages(kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(30)])
+    provided = {0: 7, 1: None, 2: 10}
+    asked: list[tuple[str, int]] = []
+    revoked: list[list[TopicPartition]] = []
+
+    def offset_provider(topic: str, partition: int) -> int | None:
+        asked.append((topic, partition))
+        return provided[partition]
+
+    source = KafkaRecordSource(
+        _config(kafka_bootstrap, kafka_topic),
+        offset_provider=offset_provider,
+        on_revoke=revoked.append,
+    )
+    with source:
+        batches = _drain(source, 3 + 10 + 0)
+        assert source.assignment() == [TopicPartition(kafka_topic, p) for p in range(3)]
+        first = {}
+        for rec in (r for b in batches for r in b.records):
+            first.setdefault(rec.partition, rec.offset)
+        assert first == {0: 7, 1: 0}
+        # A fresh topic's metadata may still settle and cause one more rebalance: same answers.
+        assert set(asked) == {(kafka_topic, p) for p in range(3)}
+        assert source.lag() == {partition_key(kafka_topic, p): 0 for p in range(3)}
+    assert revoked[-1] == [TopicPartition(kafka_topic, p) for p in range(3)]  # on close
+
+
+@pytest.mark.integration
+def test_commit_resume_lag_and_caught_up(kafka_bootstrap: str, kafka_topic: str) -> None:
+    produce_messages(kafka_bootstrap, kafka_topic, [(0, None, _valid(i)) for i in range(30)])
+    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=10)
+    with KafkaRecordSource(config) as source:
+        ends = source.end_offsets()
+        assert ends == {partition_key(kafka_topic, p): (30 if p == 0 else 0) for p in range(3)}
+        batch = _drain(source, 1)[0]
+        assert batch.size == 10
+        assert sum(source.lag().values()) == 20
+        assert not source.caught_up(ends)
+        source.commit(batch.next_offsets)
+        assert source.committed_offsets() == {partition_key(kafka_topic, 0): 10}
+        with pytest.raises(SourceError, match="refusing to commit") as info:
+            source.commit({partition_key(kafka_topic, 0): 5})
+        assert info.value.retriable is False
+    with KafkaRecordSource(config) as again:
+        rest = _drain(again, 20)
+        offsets = [r.offset for b in rest for r in b.records]
+        assert offsets == list(range(10, 30))
+        assert again.caught_up(ends)
+        assert again.lag() == {partition_key(kafka_topic, p): 0 for p in range(3)}
+
+
+@pytest.mark.integration
+def test_missing_topic_is_a_clear_error_or_created(
+    kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+) -> None:
+    name = kafka_topic_factory(1) + "-absent"
+    with pytest.raises(SourceError, match=r"do not exist.*create_topic=True") as info:
+        KafkaRecordSource(_config(kafka_bootstrap, name))
+    assert info.value.retriable is False
+    config = _config(kafka_bootstrap, name, create_topic=True, create_topic_partitions=2)
+    with KafkaRecordSource(config) as source:
+        assert len(source.end_offsets()) == 2
+
+
+@pytest.mark.integration
+def test_unreachable_broker_fails_clearly_within_bounded_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = load_broker().free_port()
+    sleeps: list[float] = []
+    config = KafkaSourceConfig(f"127.0.0.1:{port}", "t", connect_timeout_ms=400)
+    threads = threading.active_count()
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="consumers.kafka_source"),
+        pytest.raises(SourceError, match=r"not reachable after 3 attempt\(s\)") as info,
+    ):
+        KafkaRecordSource(
+            config,
+            retry=Retry(
+                NoBackoff(),
+                retries=2,
+                retry_on=(RetriableError, OSError),
+                sleep=sleeps.append,
+            ),
+        )
+    assert info.value.retriable is True
+    assert time.monotonic() - started < 10
+    assert sleeps == [0.0, 0.0]
+    assert "not reachable (attempt 1/3)" in caplog.text
+    assert threading.active_count() == threads  # no IO thread left behind per failed attempt

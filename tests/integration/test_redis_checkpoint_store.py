@@ -50,7 +50,7 @@ def test_save_rides_out_a_redis_restart(
         if len(delays) == 3:
             server.start()
 
-    retry = RetryPolicy(retries=6, backoff=ExponentialBackoff(base_s=0.01, cap_s=1.0), sleep=sleep)
+    retry = RetryPolicy(retries=6, backoff=ExponentialBackoff(0.01, 1.0, jitter=False), sleep=sleep)
     with store_for(server.url, retry) as store:
         assert store.save(make(1)) == 1
         server.stop()  # SHUTDOWN SAVE: the data comes back with the server
@@ -67,7 +67,7 @@ def test_redis_down_past_the_retry_budget_is_retriable(
     server = redis_server_factory()
     delays: list[float] = []
     retry = RetryPolicy(
-        retries=3, backoff=ExponentialBackoff(base_s=0.5, cap_s=1.0), sleep=delays.append
+        retries=3, backoff=ExponentialBackoff(0.5, 1.0, jitter=False), sleep=delays.append
     )
     with store_for(server.url, retry) as store:
         store.save(make(1))

@@ -11,6 +11,7 @@ from stream_trainer.checkpoints.memory_store import MemoryCheckpointStore
 from stream_trainer.checkpoints.redis_store import RedisCheckpointStore
 from stream_trainer.checkpoints.store import VersionedStore
 from stream_trainer.errors import ConfigError
+from stream_trainer.redaction import mask_url
 
 __all__ = ["ACCEPTED_FORMS", "open_store"]
 
@@ -94,4 +95,5 @@ def open_store(url: str, **options: Any) -> VersionedStore:
 
 def _bad(url: object, why: str) -> ConfigError:
     forms = ", ".join(ACCEPTED_FORMS)
-    return ConfigError(f"bad checkpoint store URL {url!r} ({why}); accepted forms: {forms}")
+    shown = mask_url(url) if isinstance(url, str) else url
+    return ConfigError(f"bad checkpoint store URL {shown!r} ({why}); accepted forms: {forms}")

@@ -11,13 +11,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from stream_trainer.commands._learner_args import add_learner_arguments
 from stream_trainer.errors import ConfigError
 
-__all__ = ["register"]
+__all__ = ["register", "service_config"]
 
 # learner flag dest -> TrainerConfig field
 _TRAINER_FLAGS = {
@@ -45,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, help="TOML file with the settings")
     p.add_argument(
         "--source",
-        help="kafka://HOST:PORT/TOPIC, a file/recording, river:NAME or synth:NAME (default river:Phishing)",
+        help="kafka://HOST:PORT/TOPIC, a file or recording, river:NAME or synth:NAME "
+        "(default river:Phishing)",
     )
     p.add_argument("--group", help="Kafka consumer group (default stream-trainer)")
     p.add_argument(
@@ -142,12 +144,22 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     return given, trainer
 
 
-def run_service(args: argparse.Namespace) -> int:
-    from stream_trainer.service import TrainerService, load_service_config
-    from stream_trainer.service.logs import configure_logging
+def service_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    """The :class:`~stream_trainer.service.ServiceConfig` of parsed ``run`` arguments: the
+    ``--config`` file < ``environ`` (default ``os.environ``) < the flags given."""
+    from stream_trainer.service import load_service_config
 
     flags, trainer_flags = _split(args)
-    config = load_service_config(config_file=args.config, flags=flags, trainer_flags=trainer_flags)
+    return load_service_config(
+        config_file=args.config, flags=flags, trainer_flags=trainer_flags, environ=environ
+    )
+
+
+def run_service(args: argparse.Namespace) -> int:
+    from stream_trainer.service import TrainerService
+    from stream_trainer.service.logs import configure_logging
+
+    config = service_config(args)
     configure_logging(config.log_format, config.log_level)
     service = TrainerService(config)
     service.install_signal_handlers()

@@ -8,18 +8,27 @@ table ``[kafka]``. Sources of settings, later ones winning:
 1. the TOML file given with ``--config`` (unknown keys are rejected, with the valid ones listed);
 2. environment variables ``STREAM_TRAINER_<KEY>`` for top-level keys,
    ``STREAM_TRAINER_TRAINER__<KEY>`` and ``STREAM_TRAINER_KAFKA__<KEY>`` for the two tables
-   (values parsed as the field's type; booleans as true/false/1/0; lists comma-separated). Other
-   ``STREAM_TRAINER_*`` variables are rejected, except the few that are not settings
-   (:data:`NON_SETTING_ENV`);
+   (values parsed as the field's type; booleans as true/false/1/0; lists comma-separated; a
+   single ``norm`` stays a name; ``norm_options`` is JSON). Other ``STREAM_TRAINER_*`` variables
+   are rejected, except the few that are not settings (:data:`NON_SETTING_ENV`);
 3. flags given on the command line.
 
-Secrets (SASL and SSL passwords, passwords in URLs) never appear in :meth:`ServiceConfig.describe`,
-which is what gets logged.
+Every layer is closed to unknown keys (the error lists the valid ones) and typed: a TOML value or an
+environment value of the wrong type is a :class:`ConfigError` naming the key and the expected type.
+The ``[kafka]`` table takes the :class:`consumers.KafkaSourceConfig` and
+:class:`consumers.security.KafkaSecurity` settings except those the service sets itself
+(:data:`SERVICE_OWNED_KAFKA_KEYS`: bootstrap servers and topic come from ``source``, the group from
+``group``...).
+
+Secrets (SASL and SSL passwords, passwords in URLs) never appear in :meth:`ServiceConfig.describe`
+(which is what gets logged), in ``repr`` or in error messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import re
 import tomllib
@@ -29,9 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.redaction import MASK as _MASK
+from stream_trainer.redaction import mask_url
 from stream_trainer.training import TrainerConfig
 
-__all__ = ["ENV_PREFIX", "NON_SETTING_ENV", "ServiceConfig", "load_service_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "NON_SETTING_ENV",
+    "SERVICE_OWNED_KAFKA_KEYS",
+    "ServiceConfig",
+    "load_service_config",
+]
 
 ENV_PREFIX = "STREAM_TRAINER_"
 # Variables with the prefix that are not settings of `run`.
@@ -43,7 +60,36 @@ NON_SETTING_ENV = frozenset(
     }
 )
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# KafkaSourceConfig fields that `run` derives from its own settings: not accepted in [kafka].
+SERVICE_OWNED_KAFKA_KEYS = {
+    "bootstrap_servers": "source (kafka://HOST:PORT/TOPIC)",
+    "topics": "source (kafka://HOST:PORT/TOPIC)",
+    "topic": "source (kafka://HOST:PORT/TOPIC)",
+    "group_id": "group",
+    "target": "target",
+    "features": "[trainer] features",
+    "max_batch_records": "max_batch_records",
+    "max_wait_ms": "max_wait_ms",
+}
 _SECRET_KEYS = ("password", "secret", "token")
+
+
+def _is_secret(key: str) -> bool:
+    return any(s in key.lower() for s in _SECRET_KEYS)
+
+
+def _mask_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with the value of every secret-looking key masked, at any depth."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out[key] = _mask_mapping(value)
+        elif _is_secret(str(key)) and value is not None:
+            out[key] = _MASK
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +140,10 @@ class ServiceConfig:
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
             (self.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}"),
+            (
+                str(self.log_level).upper() in LOG_LEVELS,
+                f"log_level must be one of {LOG_LEVELS}",
+            ),
             (bool(self.group), "group must not be empty"),
             (bool(self.run_name), "run_name must not be empty"),
         ]
@@ -105,6 +155,19 @@ class ServiceConfig:
             raise ConfigError(
                 "replay_batches replays a recording: the source must be a file, not Kafka"
             )
+        if self.metrics_address.lower() not in ("", "off", "none"):
+            from stream_trainer.telemetry import parse_metrics_address
+
+            parse_metrics_address(self.metrics_address)
+        _check_kafka_keys(self.kafka, "[kafka]")
+        if self.is_kafka:
+            self.kafka_endpoint()
+
+    def __repr__(self) -> str:
+        """Like the dataclass ``repr``, with secrets masked (see :meth:`describe`)."""
+        shown = self.describe()
+        inner = ", ".join(f"{name}={shown[name]!r}" for name in _FIELDS if name != "trainer")
+        return f"ServiceConfig({inner}, trainer={self.trainer!r})"
 
     @property
     def is_kafka(self) -> bool:
@@ -121,40 +184,131 @@ class ServiceConfig:
         """The settings as JSON-able data, secrets masked (this is what gets logged)."""
         data = dataclasses.asdict(self)
         data["trainer"] = self.trainer.to_dict()
-        data["kafka"] = {
-            k: ("***" if any(s in k for s in _SECRET_KEYS) and v is not None else v)
-            for k, v in self.kafka.items()
-        }
-        data["checkpoint"] = re.sub(r"//([^:/@]*):([^@]*)@", r"//\1:***@", self.checkpoint)
+        data["kafka"] = _mask_mapping(self.kafka)
+        for name in ("checkpoint", "source"):
+            data[name] = mask_url(data[name])
         return data
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 _TRAINER_FIELDS = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+_TABLES = ("trainer", "kafka")
+_SETTINGS = [k for k in _FIELDS if k not in _TABLES]
+
+
+@functools.cache
+def _kafka_field_types() -> dict[str, str]:
+    """``[kafka]`` key -> annotation: the Kafka source and security settings `run` passes on."""
+    from consumers import KafkaSourceConfig
+    from consumers.security import KafkaSecurity
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(KafkaSourceConfig)}
+    types.pop("security")
+    types.update({f.name: str(f.type) for f in dataclasses.fields(KafkaSecurity)})
+    for key in SERVICE_OWNED_KAFKA_KEYS:
+        types.pop(key, None)
+    types["security"] = "Mapping[str, Any]"  # the security settings as a sub-table
+    return types
+
+
+def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
+    owned = sorted(k for k in kafka if k in SERVICE_OWNED_KAFKA_KEYS)
+    if owned:
+        hints = "; ".join(f"{k} comes from {SERVICE_OWNED_KAFKA_KEYS[k]}" for k in owned)
+        raise ConfigError(f"{where}: {', '.join(owned)} cannot be set there ({hints})")
+    types = _kafka_field_types()
+    unknown = sorted(set(kafka) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"unknown Kafka setting(s) in {where}: {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(types))}"
+        )
+    for key, value in kafka.items():
+        _check_type(f"{where} {key}", value, types[key], secret=_is_secret(key))
+    nested = kafka.get("security")
+    if isinstance(nested, Mapping):
+        security = {k: v for k, v in types.items() if k.startswith(("security_", "sasl_", "ssl_"))}
+        unknown = sorted(set(nested) - set(security))
+        if unknown:
+            raise ConfigError(
+                f"unknown Kafka security setting(s) in {where} security: {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(security))}"
+            )
+        for key, value in nested.items():
+            _check_type(f"{where} security.{key}", value, security[key], secret=_is_secret(key))
+
+
+def _alternatives(annotation: Any) -> list[str]:
+    return [a.strip() for a in str(annotation).split("|")]
+
+
+def _matches(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("tuple["):
+        item = kind[len("tuple[") :].split(",")[0]
+        return isinstance(value, list | tuple) and all(_matches(v, item) for v in value)
+    if kind.startswith("Mapping"):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _check_type(where: str, value: Any, annotation: Any, *, secret: bool = False) -> None:
+    if not any(_matches(value, kind) for kind in _alternatives(annotation)):
+        shown = _MASK if secret else repr(value)
+        raise ConfigError(f"{where} must be {annotation}, got {shown}")
+
+
+def _parse_one(kind: str, text: str) -> Any:
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "str":
+        return text
+    if kind.startswith("tuple["):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return tuple(int(p) for p in parts) if kind.startswith("tuple[int") else tuple(parts)
+    if kind.startswith("Mapping"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    raise ValueError(f"cannot parse {kind}")
 
 
 def _parse_env_value(name: str, text: str, annotation: Any) -> Any:
-    kind = str(annotation)
-    try:
-        if "bool" in kind:
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if "tuple" in kind:
-            parts = [p.strip() for p in text.split(",") if p.strip()]
-            return tuple(int(p) for p in parts) if "int" in kind else tuple(parts)
-        if kind.startswith("int") or kind == "int | None":
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={text!r} is not a valid {kind}") from None
-    if "None" in kind and text == "":
+    """``text`` as the first of the annotation's types that parses it (``""`` is None when
+    allowed). ``str | tuple[str, ...]`` (``norm``) is one name, or a tuple when comma-separated."""
+    kinds = _alternatives(annotation)
+    if "None" in kinds and text == "":
         return None
-    return text
+    if kinds[:2] == ["str", "tuple[str, ...]"]:
+        parts = tuple(p.strip() for p in text.split(",") if p.strip())
+        return parts[0] if len(parts) == 1 else parts
+    # Try the specific types before str, which accepts anything.
+    for kind in sorted((k for k in kinds if k != "None"), key=lambda k: k == "str"):
+        try:
+            return _parse_one(kind, text)
+        except ValueError:
+            continue
+    shown = _MASK if _is_secret(name) else repr(text)
+    raise ConfigError(f"environment variable {name}={shown} is not a valid {annotation}")
 
 
 def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -168,19 +322,32 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any
         if key.startswith("trainer__"):
             sub = key[len("trainer__") :]
             if sub not in _TRAINER_FIELDS:
+                valid = ", ".join(f"{ENV_PREFIX}TRAINER__{k.upper()}" for k in _TRAINER_FIELDS)
                 raise ConfigError(
-                    f"unknown environment variable {name}: no trainer setting {sub!r}"
+                    f"unknown environment variable {name}: no trainer setting {sub!r}; "
+                    f"trainer settings are {valid}"
                 )
             trainer[sub] = _parse_env_value(name, text, _TRAINER_FIELDS[sub].type)
         elif key.startswith("kafka__"):
-            kafka[key[len("kafka__") :]] = text
-        elif key in _FIELDS and key not in ("trainer", "kafka"):
+            sub = key[len("kafka__") :]
+            types = _kafka_field_types()
+            if sub in SERVICE_OWNED_KAFKA_KEYS or sub not in types or sub == "security":
+                _check_kafka_keys({sub: None}, f"environment variable {name}")
+                valid = ", ".join(
+                    f"{ENV_PREFIX}KAFKA__{k.upper()}" for k in sorted(types) if k != "security"
+                )
+                raise ConfigError(f"unknown environment variable {name}; Kafka settings: {valid}")
+            kafka[sub] = _parse_env_value(name, text, types[sub])
+        elif key in _SETTINGS:
             top[key] = _parse_env_value(name, text, _FIELDS[key].type)
         else:
-            valid = ", ".join(
-                ENV_PREFIX + k.upper() for k in _FIELDS if k not in ("trainer", "kafka")
+            valid = ", ".join(ENV_PREFIX + k.upper() for k in _SETTINGS)
+            also = ", ".join(sorted(NON_SETTING_ENV))
+            raise ConfigError(
+                f"unknown environment variable {name}; settings are {valid}, "
+                f"{ENV_PREFIX}TRAINER__<KEY> and {ENV_PREFIX}KAFKA__<KEY> "
+                f"(variables that are not settings: {also})"
             )
-            raise ConfigError(f"unknown environment variable {name}; settings are {valid}")
     return top, trainer, kafka
 
 
@@ -199,6 +366,17 @@ def _from_toml(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
         raise ConfigError(f"unknown keys in {str(path)!r}: {', '.join(unknown)}; valid: {valid}")
     if not isinstance(trainer, dict) or not isinstance(kafka, dict):
         raise ConfigError(f"[trainer] and [kafka] in {str(path)!r} must be tables")
+    unknown = sorted(set(trainer) - set(_TRAINER_FIELDS))
+    if unknown:
+        valid = ", ".join(sorted(_TRAINER_FIELDS))
+        raise ConfigError(
+            f"unknown keys in [trainer] of {str(path)!r}: {', '.join(unknown)}; valid: {valid}"
+        )
+    for key, value in data.items():
+        _check_type(f"{key} in {str(path)!r}", value, _FIELDS[key].type, secret=_is_secret(key))
+    for key, value in trainer.items():
+        _check_type(f"[trainer] {key} in {str(path)!r}", value, _TRAINER_FIELDS[key].type)
+    _check_kafka_keys(kafka, f"[kafka] of {str(path)!r}")
     return data, trainer, kafka
 
 
@@ -225,9 +403,9 @@ def load_service_config(
         top.update(t)
         trainer.update(tr)
         kafka.update(k)
-    unknown = sorted(set(top) - set(_FIELDS))
+    unknown = sorted(set(top) - set(_SETTINGS))
     if unknown:
-        raise ConfigError(f"unknown settings: {', '.join(unknown)}")
+        raise ConfigError(f"unknown settings: {', '.join(unknown)}; valid: {', '.join(_SETTINGS)}")
     target = top.get("target")
     if target is not None and trainer.get("target") is None:
         trainer["target"] = target

@@ -372,6 +372,15 @@ class ServiceMetrics:
         self._set_version("checkpoint", version)
         self._set_version("step", step)
 
+    def set_model_version(self, *, version: int, step: int) -> None:
+        """Set the model version without a new checkpoint: the one a restarted service restored.
+
+        The checkpoint age, duration and size stay as they are (they describe checkpoints written
+        by this process).
+        """
+        self._set_version("checkpoint", version)
+        self._set_version("step", step)
+
     def checkpoint_failed(self) -> None:
         """Count a checkpoint that could not be written."""
         self._ckpt_failures.inc()

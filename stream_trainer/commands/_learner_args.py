@@ -53,7 +53,8 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         "--weight-standardization",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="weight-standardize the linear layer before each norm (default: as the norm asks: group)",
+        help="weight-standardize the linear layer before each norm"
+        " (default: as the norm asks: group)",
     )
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS.optimizer)
     g.add_argument("--lr", type=float, default=_DEFAULTS.lr)

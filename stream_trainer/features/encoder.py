@@ -16,12 +16,13 @@ Policy (the same for every source):
   no category for categorical ones.
 - ``features`` restricts the encoder to a fixed list of names; other fields are ignored.
 
-The encoder's whole state is JSON (column order, kinds, categories, running moments), so that it can be
-checkpointed without pickling.
+The encoder's whole state is JSON (column order, kinds, categories, running moments), so that it
+can be checkpointed without pickling.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ class FeatureEncoder:
         # numeric feature -> slot in the standardizer; numeric_columns[slot] -> column
         self.numeric: dict[str, int] = {}
         self.numeric_columns: list[int] = []
+        self._numeric_names: list[str] = []  # numeric feature names in slot order
         # categorical feature -> {category -> column}
         self.categories: dict[str, dict[str, int]] = {}
         self.n_columns = 0
@@ -71,16 +73,12 @@ class FeatureEncoder:
 
     def check(self, value: dict[str, Any]) -> tuple[RejectReason, str] | None:
         """Check the kinds of a record's features against what the encoder has seen."""
+        kinds = self.kinds  # never holds the target nor, with ``features``, an unlisted name
         for name, v in value.items():
-            if name == self.target or v is None:
+            kind = kinds.get(name)
+            if kind is None or v is None:
                 continue
-            if self.features is not None and name not in self.features:
-                continue
-            kind = self.kinds.get(name)
-            if kind is None:
-                continue
-            is_str = isinstance(v, str)
-            if (kind == _NUM) == is_str:
+            if (kind == _NUM) == isinstance(v, str):
                 want = "a number" if kind == _NUM else "a string"
                 return RejectReason.WRONG_TYPE, f"feature {name!r} must be {want}, got {v!r}"
         return None
@@ -88,55 +86,78 @@ class FeatureEncoder:
     def _learn_schema(self, values: Sequence[dict[str, Any]]) -> bool:
         """Register new features and categories; return True when columns were added."""
         before = self.n_columns
+        kinds, target, features = self.kinds, self.target, self.features
         for value in values:
             for name, v in value.items():
-                if name == self.target or v is None:
+                kind = kinds.get(name)
+                if kind == _NUM or v is None:
                     continue
-                if self.features is not None and name not in self.features:
-                    continue
-                kind = self.kinds.get(name)
                 if kind is None:
-                    kind = self.kinds[name] = _CAT if isinstance(v, str) else _NUM
+                    if name == target or (features is not None and name not in features):
+                        continue
+                    kind = kinds[name] = _CAT if isinstance(v, str) else _NUM
                     if kind == _NUM:
                         self.numeric[name] = len(self.numeric)
+                        self._numeric_names.append(name)
                         self.numeric_columns.append(self.n_columns)
                         self.n_columns += 1
-                    else:
-                        self.categories[name] = {}
-                if kind == _CAT:
-                    cats = self.categories[name]
-                    if v not in cats:
-                        key = v if len(cats) < self.max_categories else OTHER_CATEGORY
-                        if key not in cats:
-                            cats[key] = self.n_columns
-                            self.n_columns += 1
-        self.scaler.grow(len(self.numeric))
+                        continue
+                    self.categories[name] = {}
+                cats = self.categories[name]
+                if v not in cats:
+                    key = v if len(cats) < self.max_categories else OTHER_CATEGORY
+                    if key not in cats:
+                        cats[key] = self.n_columns
+                        self.n_columns += 1
+        if len(self.numeric) != self.scaler.n_columns:
+            self.scaler.grow(len(self.numeric))
         return self.n_columns > before
+
+    def _encode(self, values: Sequence[dict[str, Any]], *, learn: bool) -> np.ndarray:
+        n = len(values)
+        out = np.zeros((n, self.n_columns), dtype=np.float32)
+        names = self._numeric_names
+        if names:
+            nan = math.nan
+            num = np.array(
+                [
+                    [nan if (v := value.get(name)) is None else v for name in names]
+                    for value in values
+                ],
+                dtype=np.float64,
+            ).reshape(n, len(names))
+            if learn:
+                self.scaler.update(num)
+            out[:, self.numeric_columns] = self.scaler.transform(num)
+        if self.categories:
+            for i, value in enumerate(values):
+                for name, cats in self.categories.items():
+                    v = value.get(name)
+                    if v is None:
+                        continue
+                    col = cats.get(v)
+                    if col is None:
+                        col = cats.get(OTHER_CATEGORY)
+                    if col is not None:
+                        out[i, col] = 1.0
+        return out
 
     def fit_transform(self, values: Sequence[dict[str, Any]]) -> np.ndarray:
         """Learn the schema and the running statistics from ``values``, then encode them.
 
-        ``values`` must already have passed :meth:`check`.
+        ``values`` must already have passed :meth:`check`. Returns ``(len(values), n_columns)``
+        float32, every entry finite (standardized numbers lie in ``[-clip, clip]``).
         """
         self._learn_schema(values)
-        n = len(values)
-        num = np.full((n, len(self.numeric)), np.nan, dtype=np.float64)
-        out = np.zeros((n, self.n_columns), dtype=np.float32)
-        numeric, categories = self.numeric, self.categories
-        for i, value in enumerate(values):
-            for name, v in value.items():
-                j = numeric.get(name)
-                if j is not None:
-                    if v is not None:
-                        num[i, j] = float(v)
-                    continue
-                cats = categories.get(name)
-                if cats is not None and v is not None:
-                    col = cats.get(v)
-                    out[i, cats[OTHER_CATEGORY] if col is None else col] = 1.0
-        self.scaler.update(num)
-        out[:, self.numeric_columns] = self.scaler.transform(num)
-        return out
+        return self._encode(values, learn=True)
+
+    def transform(self, values: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Encode with the current schema and statistics, changing nothing (for serving only).
+
+        Features not seen yet are ignored; an unseen category goes to the feature's
+        ``<other>`` column if it has one, else encodes as no category.
+        """
+        return self._encode(values, learn=False)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -164,6 +185,7 @@ class FeatureEncoder:
             k: {c: int(j) for c, j in v.items()} for k, v in state["categories"].items()
         }
         obj.numeric_columns = [int(j) for j in state["numeric_columns"]]
+        obj._numeric_names = sorted(obj.numeric, key=obj.numeric.__getitem__)
         obj.n_columns = int(state["n_columns"])
         obj.scaler = RunningStandardizer.from_state(state["scaler"])
         return obj

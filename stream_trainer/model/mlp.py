@@ -11,7 +11,8 @@ mid-stream (:meth:`StreamMLP.grow`), keeping learned weights and optimizer state
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,10 @@ from torch import nn
 from stream_trainer.errors import ConfigError
 from stream_trainer.model.growth import grow_linear_
 from stream_trainer.norms import (
+    GroupNorm,
+    LayerNorm,
+    NoNorm,
+    RMSNorm,
     StreamNorm,
     WeightStandardizedLinear,
     build_norm,
@@ -29,6 +34,19 @@ from stream_trainer.norms import (
 __all__ = ["ACTIVATIONS", "StreamMLP"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+# Module types whose forward is the same in training and eval mode. Anything else (dropout, norm
+# layers with running statistics, a norm registered by a plug-in) is treated as mode-dependent.
+_MODE_INDEPENDENT: tuple[type[nn.Module], ...] = (
+    nn.Sequential,
+    nn.Linear,
+    nn.Identity,
+    *ACTIVATIONS.values(),
+    LayerNorm,
+    RMSNorm,
+    GroupNorm,
+    NoNorm,
+)
 
 
 def _norm_names(norm: str | Sequence[str], n_layers: int) -> list[str]:
@@ -53,7 +71,7 @@ class StreamMLP(nn.Module):
         *,
         hidden: Sequence[int] = (64, 64),
         norm: str | Sequence[str] = "ema_batch",
-        norm_options: dict[str, object] | None = None,
+        norm_options: Mapping[str, Mapping[str, Any]] | None = None,
         activation: str = "relu",
         dropout: float = 0.0,
         weight_standardization: bool | None = None,
@@ -83,6 +101,33 @@ class StreamMLP(nn.Module):
             width = size
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
+        self._mode_dependent: list[nn.Module] = [
+            m
+            for m in self.modules()
+            if m is not self
+            and not (type(m) in _MODE_INDEPENDENT or (isinstance(m, nn.Dropout) and m.p == 0.0))
+        ]
+        self.uses_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
+    @property
+    def mode_independent(self) -> bool:
+        """True when training and eval mode compute the same function (no dropout, no running
+        statistics): one forward pass can then serve both the prediction and the loss."""
+        return not self._mode_dependent
+
+    def set_training(self, mode: bool) -> None:
+        """A cheap ``train(mode)`` for the per-step switch between serving and learning.
+
+        Only this module and the modules whose forward depends on the mode (precomputed at
+        construction) are switched; the flags of the others (linear layers, activations, per-sample
+        norms) are left as they are, since nothing reads them. ``train()``/``eval()`` still set
+        every flag.
+        """
+        if self.training == mode:
+            return
+        self.training = mode
+        for module in self._mode_dependent:
+            module.training = mode
 
     @property
     def first_linear(self) -> nn.Linear:

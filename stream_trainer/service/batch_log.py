@@ -30,17 +30,16 @@ Segment = tuple[str, int, int]
 
 def segments_of(records: Sequence[Record]) -> list[Segment]:
     """Runs of consecutive offsets of one partition, in record order."""
-    segments: list[list[object]] = []
+    segments: list[Segment] = []
     for r in records:
         if r.offset is None:
             continue
         key = f"{r.topic}:{r.partition}"
-        last = segments[-1] if segments else None
-        if last is not None and last[0] == key and r.offset >= int(last[2]):  # type: ignore[arg-type]
-            last[2] = r.offset + 1
+        if segments and segments[-1][0] == key and r.offset >= segments[-1][2]:
+            segments[-1] = (key, segments[-1][1], r.offset + 1)
         else:
-            segments.append([key, r.offset, r.offset + 1])
-    return [(str(k), int(a), int(b)) for k, a, b in segments]  # type: ignore[call-overload]
+            segments.append((key, r.offset, r.offset + 1))
+    return segments
 
 
 class BatchLog:

@@ -120,6 +120,8 @@ class TrainerService:
         self.dead_letters: Any = None
         self.predictions: Any = None
         self.batch_log: BatchLog | None = None
+        self._watchdog: threading.Timer | None = None
+        self._dead_unreported: Counter[str] = Counter()  # dead letters before metrics existed
         self.trainer = self._restore_or_create()
 
     # ------------------------------------------------------------------ start
@@ -160,6 +162,8 @@ class TrainerService:
         self.pending_offsets = dict(checkpoint.offsets)
         self.saved_offsets = dict(checkpoint.offsets)
         self.checkpoint_version = checkpoint.version
+        # Counted over the model's whole life, like samples: the checkpoint holds them.
+        self.dead_lettered = Counter(checkpoint.state.get("service", {}).get("dead_lettered", {}))
         log.info(
             "restored checkpoint v%d: %d samples, step %d, offsets %s",
             checkpoint.version,
@@ -249,6 +253,15 @@ class TrainerService:
             )
             if self.trainer.samples_trained:
                 self.metrics.set_prequential(self.trainer.metrics())
+            if self.restored is not None and self.checkpoint_version is not None:
+                # A restarted service serves the restored model: say which one before it saves.
+                self.metrics.set_model_version(
+                    version=self.checkpoint_version, step=self.restored.step
+                )
+            # Records set aside before the task was known (no metrics yet) are counted now.
+            for reason, n in self._dead_unreported.items():
+                self.metrics.dead_lettered(reason, n)
+            self._dead_unreported.clear()
         return self.metrics
 
     def health(self) -> HealthState:
@@ -273,6 +286,9 @@ class TrainerService:
             self.epoch,
             json.dumps(c.describe()),
         )
+        # The source first: when it refuses to start (no checkpoint, committed offsets), the batch
+        # log of the lost model must still be there, untouched.
+        self._open_source()
         keep = None
         if self.restored is not None:
             keep = int(self.restored.state.get("service", {}).get("batch_log_lines", 0))
@@ -280,7 +296,6 @@ class TrainerService:
             keep = 0
         if c.batch_log:
             self.batch_log = BatchLog(c.batch_log, keep_lines=keep)
-        self._open_source()
         self._start_telemetry()
         self._ensure_metrics()
         end_at_start = self.source.end_offsets() if (c.is_kafka and c.stop_at_end) else {}
@@ -315,6 +330,9 @@ class TrainerService:
             if bar is not None:
                 bar.close()
             self._close()
+            # The shutdown finished in time: the watchdog must not kill the process later on.
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         elapsed = time.perf_counter() - started
         report = self._report(elapsed, self.trainer.samples_trained - samples_at_start)
         report["final_checkpoint_ok"] = ok
@@ -344,6 +362,7 @@ class TrainerService:
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
         if metrics is None:
+            self._dead_unreported.update(r.reason.value for r in rejected)
             return
         if report is not None:
             metrics.observe_step(
@@ -356,13 +375,10 @@ class TrainerService:
             )
             if trainer.samples_trained:
                 metrics.set_prequential(trainer.metrics())
-            if trainer.steps % self.config.health_every_steps == 1:
+            # Steps 1, 1 + N, 1 + 2N, ... (``steps % N == 1`` never held for N = 1).
+            if (trainer.steps - 1) % self.config.health_every_steps == 0:
                 self._report_norm_health(metrics, report)
-        for reason, n in Counter(
-            r.reason.value for r in (report.rejected if report else [])
-        ).items():
-            metrics.dead_lettered(reason, n)
-        for reason, n in Counter(r.reason.value for r in batch.rejected).items():
+        for reason, n in Counter(r.reason.value for r in rejected).items():
             metrics.dead_lettered(reason, n)
 
     def _report_norm_health(self, metrics: ServiceMetrics, report: StepReport) -> None:
@@ -459,6 +475,9 @@ class TrainerService:
                     raise
                 self.checkpoint_failures += 1
                 self._last_checkpoint_ok = False
+                # The next attempt comes at the next trigger (records or seconds), not after every
+                # batch: each attempt spends the store's retries, which would stall training.
+                self._records_since_checkpoint = 0
                 self._last_checkpoint_time = self.clock()
                 if self.metrics is not None:
                     self.metrics.checkpoint_failed()
@@ -503,6 +522,7 @@ class TrainerService:
         self.stop_event.set()
         timer = threading.Timer(self.config.shutdown_timeout_seconds, self._shutdown_overdue)
         timer.daemon = True
+        self._watchdog = timer
         timer.start()
 
     def _shutdown_overdue(self) -> None:

@@ -44,18 +44,28 @@ def _iter_recording(path: Path) -> Iterator[Record | RejectedRecord]:
     for entry in read_recording(path):
         raw = entry.value if entry.value is not None else b""
         decoded = decode_json_record(raw)
-        where = {
-            "key": entry.key,
-            "topic": entry.topic,
-            "partition": entry.partition,
-            "offset": entry.offset,
-            "timestamp_ms": entry.timestamp_ms,
-        }
         if isinstance(decoded, dict):
-            yield Record(value=decoded, raw=raw, **where)
+            yield Record(
+                value=decoded,
+                raw=raw,
+                key=entry.key,
+                topic=entry.topic,
+                partition=entry.partition,
+                offset=entry.offset,
+                timestamp_ms=entry.timestamp_ms,
+            )
         else:
             reason, detail = decoded
-            yield RejectedRecord(reason=reason, detail=detail, raw=raw, **where)
+            yield RejectedRecord(
+                reason=reason,
+                detail=detail,
+                raw=raw,
+                key=entry.key,
+                topic=entry.topic,
+                partition=entry.partition,
+                offset=entry.offset,
+                timestamp_ms=entry.timestamp_ms,
+            )
 
 
 def default_target(spec: str) -> str | None:

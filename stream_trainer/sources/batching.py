@@ -2,8 +2,8 @@
 
 ``BatchSizes.parse("32")`` gives batches of 32. ``BatchSizes.parse("1:64")`` draws every batch size
 independently from a *log-uniform* distribution on the integers ``1..64`` (``round(exp(U(log 1,
-log 64.5)))``, clipped), which reproduces what a Kafka consumer sees: mostly small batches, now and then
-a large one (median about 8 for 1:64). The draws depend only on the seed.
+log 64.5)))``, clipped), which reproduces what a Kafka consumer sees: mostly small batches, now and
+then a large one (median about 8 for 1:64). The draws depend only on the seed.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class BatchSizes:
 
 
 def iter_batches(items: Iterable[T], sizes: Iterator[int]) -> Iterator[list[T]]:
-    """Cut ``items`` into consecutive lists whose lengths follow ``sizes`` (the last may be short)."""
+    """Cut ``items`` into consecutive lists whose lengths follow ``sizes`` (the last may be
+    short)."""
     iterator = iter(items)
     for size in sizes:
         batch = []

@@ -1,10 +1,10 @@
 """Datasets bundled with installed packages, named ``river:NAME`` or ``synth:NAME?key=value&...``.
 
 ``river:`` names the fixed datasets river ships (Phishing, Bananas, ImageSegments, ...). ``synth:``
-names river's seeded generators; ``n`` (default 10,000) bounds the stream, ``seed`` (default 1) seeds
-it. Drift streams: ``synth:agrawal_drift`` switches Agrawal's classification function 0 -> 2 at
-``position`` over ``width`` samples; ``synth:sea_drift`` switches SEA variant 0 -> 3 the same way.
-Nothing is downloaded.
+names river's seeded generators; ``n`` (default 10,000) bounds the stream, ``seed`` (default 1)
+seeds it. Drift streams: ``synth:agrawal_drift`` switches Agrawal's classification function
+0 -> 2 at ``position`` over ``width`` samples; ``synth:sea_drift`` switches SEA variant 0 -> 3 the
+same way. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def _as_records(pairs: Any, target: str) -> Iterator[Record]:
 
 
 def iter_bundled(spec: str, *, target: str | None = None) -> Iterator[Record]:
-    """Yield the records of ``river:NAME`` or ``synth:NAME?params``; the label goes in ``target``."""
+    """Yield the records of ``river:NAME`` or ``synth:NAME?params``; the label goes in
+    ``target``."""
     scheme, _, rest = spec.partition(":")
     name, _, query = rest.partition("?")
     params = dict(parse_qsl(query, keep_blank_values=True))

@@ -2,14 +2,15 @@
 
 Every reader yields :class:`~stream_trainer.records.Record` for rows it could read and
 :class:`~stream_trainer.records.RejectedRecord` for rows it could not (a JSON line that is not an
-object, say). Type checks on values happen later, in one place (the trainer), so that a record from a
-file and a record from Kafka are judged by the same rules.
+object, say). Type checks on values happen later, in one place (the trainer), so that a record
+from a file and a record from Kafka are judged by the same rules.
 
 CSV typing: the first ``SCHEMA_SCAN_ROWS`` rows decide which columns are numeric (a column is
 numeric when at least 90 % of its non-empty cells parse as numbers). In a numeric column a cell that
 does not parse is kept as its string, which the feature encoder then rejects as ``wrong_type``; an
 empty cell is a missing value (``None``); ``nan``/``inf`` parse as floats and are rejected as
-``non_finite``. Integral numbers become ``int`` so that class labels such as ``1`` and ``1.0`` agree.
+``non_finite``. Integral numbers become ``int`` so that class labels such as ``1`` and ``1.0``
+agree.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ Classification (classes are indices into the trainer's growing label list):
 - ``accuracy``: cumulative share of correct top-1 predictions (``river.metrics.Accuracy``).
 - ``rolling_accuracy``: accuracy over the last ``window`` labelled samples
   (``river.utils.Rolling(river.metrics.Accuracy(), window)``).
-- ``log_loss``: mean of ``-log(clip(p_true, 1e-15, 1))``; for two classes this is
-  ``river.metrics.LogLoss``, for more ``river.metrics.CrossEntropy``. A label never seen before scores
-  ``p_true = 0`` (clipped).
+- ``log_loss``: mean of ``-log(clip(p_true, 1e-15, 1 - 1e-15))`` (``river.metrics.CrossEntropy``,
+  which for two classes is ``river.metrics.LogLoss``). As in river, a sample whose true class is not
+  among the predicted ones (a class never seen before, or no prediction at all: the very first
+  batch) adds 0 to the sum but counts in the mean.
 - ``kappa``: Cohen's kappa from the running confusion matrix, ``(p_o - p_e) / (1 - p_e)``
   (``river.metrics.CohenKappa``; 0 when ``p_e == 1``).
 
@@ -57,7 +58,8 @@ class ClassificationMetrics:
         """Score a batch: ``y_true`` class indices ``(n,)``, ``proba`` ``(n, K)`` or None.
 
         ``proba is None`` means the model could not predict yet (no class seen): every sample counts
-        as wrong with ``p_true = 0``. Classes ``>= K`` (new in this batch) count as wrong too.
+        as wrong. Classes ``>= K`` (new in this batch) count as wrong too. Neither adds to the log
+        loss sum (river's convention, module docstring).
         """
         n = int(y_true.shape[0])
         if n == 0:
@@ -65,16 +67,18 @@ class ClassificationMetrics:
         if proba is None or proba.shape[1] == 0:
             k = 0
             y_pred = np.full(n, -1, dtype=np.int64)
-            p_true = np.zeros(n)
+            loss_sum = 0.0
         else:
             k = proba.shape[1]
             y_pred = proba.argmax(axis=1)
             known = y_true < k
-            p_true = np.where(known, proba[np.arange(n), np.minimum(y_true, k - 1)], 0.0)
+            p_true = proba[np.arange(n), np.minimum(y_true, k - 1)]
+            losses = -np.log(np.clip(p_true, _EPS, 1.0 - _EPS))
+            loss_sum = float(np.where(known, losses, 0.0).sum())
         hits = (y_pred == y_true).astype(np.int8)
         self.n += n
         self.correct += int(hits.sum())
-        self.log_loss_sum += float(-np.log(np.clip(p_true, _EPS, 1.0)).sum())
+        self.log_loss_sum += loss_sum
         self._grow(max(int(y_true.max()) + 1, k))
         valid = y_pred >= 0  # kappa counts only samples the model made a prediction for
         np.add.at(self.confusion, (y_true[valid], y_pred[valid]), 1)

@@ -6,8 +6,8 @@ A step takes whatever records arrived (1 or 500) and, in this order:
    (:class:`~stream_trainer.features.FeatureEncoder`) and the label
    (:mod:`stream_trainer.training.labels`); a failing record is *rejected* with a reason and never
    reaches the model;
-2. **encodes** the accepted records (the feature statistics learn from the batch first; they carry no
-   label, so the prequential estimate stays honest);
+2. **encodes** the accepted records (the feature statistics learn from the batch first; they carry
+   no label, so the prequential estimate stays honest);
 3. **predicts** all of them with the model in *serving* mode (``eval()``, no gradient): this is the
    prediction that is scored and, in the service, published;
 4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`);
@@ -16,7 +16,18 @@ A step takes whatever records arrived (1 or 500) and, in this order:
    optional gradient-norm clipping and learning-rate scaling with the batch size.
 
 Records without a label are predicted only. Everything is deterministic under ``seed``: the model
-init and dropout draw from torch's global generator, seeded at construction and saved in the state.
+init, new output rows and dropout draw from the trainer's *own* torch generator state (seeded with
+``seed``, swapped into torch's global generator only around the draws, and saved in
+:meth:`IncrementalTrainer.state_tensors` as ``rng.torch``), so two trainers in one process never
+disturb each other and a restored trainer continues exactly where the saved one was.
+
+Cost at batch size 1 (the service's common case) is dominated by fixed per-call overhead, so the
+step avoids it where it can: the optimizer is the fused (single-kernel) variant when torch has one
+for the device, gradient clipping uses the ``_foreach`` kernels, switching between serving and
+learning touches only the modules whose forward depends on the mode
+(:meth:`~stream_trainer.model.StreamMLP.set_training`), and a model whose training and eval forward
+are the same function (no dropout, no running statistics: ``layer``, ``rms``, ``group``, ``none``)
+runs *one* forward pass whose output is both the served prediction and the input of the loss.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +84,32 @@ class StepReport:
 
 
 def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9), Adam or AdamW; the fused implementation where torch has one (it is
+    element-wise, hence deterministic, and at batch size 1 several times cheaper than the
+    per-tensor loop), else the ``foreach`` one. The update rule is the same either way."""
+    params = list(params)
+    kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    cls: type[torch.optim.Optimizer]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        cls, kwargs["momentum"] = torch.optim.SGD, 0.9
+    elif name == "adam":
+        cls = torch.optim.Adam
+    else:
+        cls = torch.optim.AdamW
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+        return cls(params, foreach=True, **kwargs)
+
+
+def _clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` (same formula: scale every gradient by
+    ``min(1, max_norm / (||g||_2 + 1e-6))``, ``||g||`` over all of them) in three foreach kernels,
+    without the per-call bookkeeping of the public function."""
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
 class IncrementalTrainer:
@@ -112,12 +145,34 @@ class IncrementalTrainer:
         self.steps = 0
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
-        torch.manual_seed(config.seed)
+        self._rng_state: torch.Tensor = torch.Generator().manual_seed(config.seed).get_state()
+        # Set by _predict when its forward pass (with its graph) can serve as the training forward.
+        self._shared_out: torch.Tensor | None = None
+        self._learn_rows: np.ndarray | None = None
+
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run the body with the trainer's generator state in torch's global CPU generator (what
+        ``nn.init`` and ``nn.Dropout`` draw from), then save it and restore the global one."""
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            yield
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(saved)
 
     # ------------------------------------------------------------------ model
     def _build_model(self, in_features: int, out_features: int) -> None:
         c = self.config
-        self.model = StreamMLP(
+        with self._own_rng():
+            self.model = self._make_mlp(in_features, out_features)
+        self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
+        self._params = list(self.model.parameters())
+
+    def _make_mlp(self, in_features: int, out_features: int) -> StreamMLP:
+        c = self.config
+        return StreamMLP(
             in_features,
             out_features,
             hidden=c.hidden,
@@ -127,7 +182,6 @@ class IncrementalTrainer:
             dropout=c.dropout,
             weight_standardization=c.weight_standardization,
         )
-        self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
 
     def _out_width(self) -> int:
         return 1 if self.task == "regression" else max(1, len(self.classes))
@@ -188,45 +242,68 @@ class IncrementalTrainer:
         report.trained = len(labelled)
         report.predicted_only = len(accepted) - len(labelled)
         self.predicted_only += report.predicted_only
+        idx: np.ndarray | None = None  # None: every accepted record is labelled
+        if len(labelled) < len(accepted):
+            idx = np.asarray(labelled, dtype=np.int64)
+        self._learn_rows = idx if labelled else np.zeros(0, dtype=np.int64)
 
         t0 = time.perf_counter()
         self._predict(x, report)
         report.classes = list(self.classes)
         report.predict_seconds = time.perf_counter() - t0
         if not labelled:
+            self._shared_out = None
             return report
 
-        idx = np.asarray(labelled)
         target: np.ndarray
         if self.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
-            served = report.values[idx] if report.values is not None else np.zeros_like(y)
-            self.reg_metrics.update(y, served)
+            served = report.values if report.values is not None else np.zeros(len(accepted))
+            self.reg_metrics.update(y, served if idx is None else served[idx])
             self.y_scaler.update(y[:, None])
             target = y
         else:
-            for label in (labels[i] for i in labelled):
-                if label not in self.class_index:
-                    self.class_index[label] = len(self.classes)
-                    self.classes.append(label)
-            target = np.fromiter((self.class_index[labels[i]] for i in labelled), dtype=np.int64)
-            self.cls_metrics.update(target, None if report.proba is None else report.proba[idx])
+            class_index = self.class_index
+            for i in labelled:
+                if labels[i] not in class_index:
+                    class_index[labels[i]] = len(self.classes)
+                    self.classes.append(labels[i])
+            target = np.fromiter((class_index[labels[i]] for i in labelled), dtype=np.int64)
+            proba = report.proba
+            self.cls_metrics.update(
+                target, None if proba is None else (proba if idx is None else proba[idx])
+            )
 
         t1 = time.perf_counter()
-        report.loss = self._learn(x[idx] if len(idx) < len(x) else x, target)
+        report.loss = self._learn(x if idx is None else x[idx], target)
         report.learn_seconds = time.perf_counter() - t1
         self.samples_trained += len(labelled)
         return report
 
     # The two hooks a learner implements: serve predictions, then learn from the labelled rows.
     def _predict(self, x: np.ndarray, report: StepReport) -> None:
-        """Set ``report.proba`` (classification) or ``report.values`` (regression) for ``x``."""
-        if self.model is None:
+        """Set ``report.proba`` (classification) or ``report.values`` (regression) for ``x``.
+
+        For a mode-independent model about to learn from this batch, the forward pass keeps its
+        graph and :meth:`_learn` reuses it (``_shared_out``): same numbers, one pass fewer.
+        """
+        self._shared_out = None
+        model = self.model
+        if model is None:
             return
-        self.model.grow(in_features=x.shape[1], optimizer=self.optimizer)
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model(torch.from_numpy(x))
+        if x.shape[1] != model.in_features:
+            model.grow(in_features=x.shape[1], optimizer=self.optimizer)
+        inputs = torch.from_numpy(x)
+        rows = self._learn_rows
+        if model.mode_independent and (rows is None or rows.shape[0] > 0):
+            model.set_training(True)
+            out = model(inputs)
+            self._shared_out = out if rows is None else out[torch.from_numpy(rows)]
+            out = out.detach()
+        else:
+            model.set_training(False)
+            with torch.no_grad():
+                out = model(inputs)
         if self.task == "regression":
             mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
             report.values = out[:, 0].double().numpy() * std + mean
@@ -234,33 +311,50 @@ class IncrementalTrainer:
             report.proba = torch.softmax(out.double(), dim=1).numpy()
 
     def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
-        """One optimizer step on the labelled rows (``y``: class indices, or raw targets)."""
+        """One optimizer step on the labelled rows (``y``: class indices, or raw targets).
+
+        The loss is the batch mean (cross-entropy, or MSE on the target standardized with the
+        running moments of every target seen so far, this batch included). Gradients are clipped
+        to ``grad_clip`` in global L2 norm; with ``lr_scaling`` the step uses
+        ``lr * n / lr_reference_batch`` (linear) or ``lr * sqrt(n / lr_reference_batch)`` (sqrt)
+        for a batch of ``n`` labelled records. Exactly one optimizer step per call.
+        """
+        shared, self._shared_out = self._shared_out, None
         if self.model is None:
             self._build_model(x_np.shape[1], self._out_width())
-        assert self.model is not None and self.optimizer is not None
-        self.model.grow(
-            in_features=x_np.shape[1], out_features=self._out_width(), optimizer=self.optimizer
-        )
+        model, optimizer = self.model, self.optimizer
+        assert model is not None and optimizer is not None
+        width = self._out_width()
+        if width != model.out_features or x_np.shape[1] != model.in_features:
+            with self._own_rng():
+                model.grow(in_features=x_np.shape[1], out_features=width, optimizer=optimizer)
+            shared = None  # the output layer changed: the served logits lack the new classes
         c = self.config
-        x = torch.from_numpy(x_np)
-        self.model.train()
-        out = self.model(x)
+        if shared is not None:
+            out = shared
+        else:
+            model.set_training(True)
+            if model.uses_rng:
+                with self._own_rng():
+                    out = model(torch.from_numpy(x_np))
+            else:
+                out = model(torch.from_numpy(x_np))
         if self.task == "regression":
             z = torch.from_numpy(self.y_scaler.transform(y[:, None]).astype(np.float32))
             loss = nn.functional.mse_loss(out, z)
         else:
             loss = nn.functional.cross_entropy(out, torch.from_numpy(y))
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            _clip_grad_norm_([p.grad for p in self._params if p.grad is not None], c.grad_clip)
         if c.lr_scaling != "none":
-            ratio = x.shape[0] / c.lr_reference_batch
-            factor = ratio if c.lr_scaling == "linear" else math.sqrt(ratio)
-            for group in self.optimizer.param_groups:
-                group["lr"] = c.lr * factor
-        self.optimizer.step()
-        value = float(loss.detach())
+            ratio = y.shape[0] / c.lr_reference_batch
+            lr = c.lr * (ratio if c.lr_scaling == "linear" else math.sqrt(ratio))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        optimizer.step()
+        value = loss.item()
         self.last_loss = value
         return value
 
@@ -269,41 +363,55 @@ class IncrementalTrainer:
         self.step(records)
 
     def predict_proba_many(self, records: Sequence[Record]) -> list[dict[str, float] | None]:
-        """Class probabilities per record, without learning anything (feature stats untouched)."""
+        """Class probabilities per record (``None`` for a record that fails the checks, or before
+        the model exists), without learning anything: feature statistics, norm statistics and
+        metrics are untouched."""
         if self.task == "regression":
             raise ConfigError("predict_proba_many is for classification; use predict_many")
-        x = self._encode_readonly(records)
-        if x is None or self.model is None:
-            return [None] * len(records)
-        self.model.eval()
-        with torch.no_grad():
-            proba = torch.softmax(self.model(x).double(), dim=1).numpy()
-        return [dict(zip(self.classes, map(float, row), strict=False)) for row in proba]
+        out, ok = self._serve_forward(records)
+        result: list[dict[str, float] | None] = [None] * len(records)
+        if out is not None:
+            proba = torch.softmax(out.double(), dim=1).numpy()
+            for pos, row in zip(ok, proba, strict=True):
+                result[pos] = dict(zip(self.classes, map(float, row), strict=False))
+        return result
 
     def predict_many(self, records: Sequence[Record]) -> list[Any]:
-        """Served predictions (class label or float) without learning anything."""
-        x = self._encode_readonly(records)
-        if x is None or self.model is None:
-            return [None] * len(records)
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model(x)
+        """Served predictions (class label or float; ``None`` for a record that fails the checks,
+        or before the model exists), without learning anything (see :meth:`predict_proba_many`)."""
+        out, ok = self._serve_forward(records)
+        result: list[Any] = [None] * len(records)
+        if out is None:
+            return result
         if self.task == "regression":
             mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
-            return [float(v) * std + mean for v in out[:, 0]]
-        return [self.classes[i] if i < len(self.classes) else None for i in out.argmax(1).tolist()]
+            values: list[Any] = [float(v) * std + mean for v in out[:, 0].double()]
+        else:
+            values = [
+                self.classes[i] if i < len(self.classes) else None for i in out.argmax(1).tolist()
+            ]
+        for pos, value in zip(ok, values, strict=True):
+            result[pos] = value
+        return result
 
-    def _encode_readonly(self, records: Sequence[Record]) -> torch.Tensor | None:
-        for record in records:
-            problem = self._check(record)
-            if problem is not None:
-                raise ConfigError(f"cannot predict a bad record ({problem[0].value}: {problem[1]})")
-        if self.model is None:
-            return None
-        state = self.encoder.state()
-        x = self.encoder.fit_transform([r.value for r in records])
-        self.encoder = FeatureEncoder.from_state(state)  # predicting must not move the statistics
-        return torch.from_numpy(x[:, : self.model.in_features])
+    def _serve_inputs(self, records: Sequence[Record]) -> tuple[torch.Tensor | None, list[int]]:
+        """Encode the records that pass the checks with the current statistics (read-only:
+        :meth:`FeatureEncoder.transform`); return the inputs and their positions in ``records``."""
+        ok = [i for i, r in enumerate(records) if self._check(r) is None]
+        if self.model is None or not ok:
+            return None, ok
+        x = self.encoder.transform([records[i].value for i in ok])
+        return torch.from_numpy(x[:, : self.model.in_features]), ok
+
+    def _serve_forward(self, records: Sequence[Record]) -> tuple[torch.Tensor | None, list[int]]:
+        x, ok = self._serve_inputs(records)
+        if x is None or self.model is None:
+            return None, ok
+        if x.shape[1] < self.model.in_features:  # features the encoder has not seen: zeros
+            x = nn.functional.pad(x, (0, self.model.in_features - x.shape[1]))
+        self.model.set_training(False)
+        with torch.no_grad():
+            return self.model(x), ok
 
     # ------------------------------------------------------------------ reporting
     def metrics(self) -> dict[str, float]:
@@ -335,8 +443,9 @@ class IncrementalTrainer:
         """
         if self.model is None or not records:
             return {}
-        x = self._encode_readonly(records)
-        assert x is not None
+        x, _ = self._serve_inputs(records)
+        if x is None:
+            return {}
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
         rng = torch.get_rng_state()
         inputs: dict[str, torch.Tensor] = {}
@@ -365,7 +474,7 @@ class IncrementalTrainer:
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Model and optimizer tensors and the RNG state, flat names, for safetensors."""
-        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        tensors: dict[str, torch.Tensor] = {"rng.torch": self._rng_state.clone()}
         if self.model is None or self.optimizer is None:
             return tensors
         for name, value in self.model.state_dict().items():
@@ -449,5 +558,5 @@ class IncrementalTrainer:
                     g["betas"] = tuple(g["betas"])
             trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         if "rng.torch" in tensors:
-            torch.set_rng_state(tensors["rng.torch"])
+            trainer._rng_state = tensors["rng.torch"].clone()
         return trainer

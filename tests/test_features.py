@@ -1,0 +1,96 @@
+"""FeatureEncoder and RunningStandardizer: the documented policy, and exact running statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_trainer.features import OTHER_CATEGORY, FeatureEncoder, RunningStandardizer
+from stream_trainer.records import RejectReason
+
+
+def test_numeric_features_are_standardized_with_running_moments() -> None:
+    enc = FeatureEncoder(target="y")
+    xs = [1.0, 2.0, 6.0, -3.0]
+    out = [enc.fit_transform([{"a": x, "y": 0}])[0, 0] for x in xs]
+    # Each record is scaled with the statistics *including* itself (labels are not involved).
+    for i, x in enumerate(xs):
+        seen = np.array(xs[: i + 1])
+        std = seen.std() if i > 0 and seen.std() > 0 else 1.0
+        assert out[i] == pytest.approx((x - seen.mean()) / std, abs=1e-6)
+    assert enc.column_names() == ["a"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=60),
+    st.lists(st.integers(1, 9), min_size=1, max_size=20),
+)
+def test_standardizer_batches_merge_to_the_exact_moments(
+    values: list[float], cuts: list[int]
+) -> None:
+    scaler = RunningStandardizer(1)
+    x = np.array(values)[:, None]
+    pos = 0
+    for cut in [*cuts, len(values)]:
+        scaler.update(x[pos : pos + cut])
+        pos += cut
+    assert scaler.count[0] == len(values)
+    assert scaler.mean[0] == pytest.approx(x.mean(), rel=1e-9, abs=1e-6)
+    assert scaler.m2[0] / len(values) == pytest.approx(x.var(), rel=1e-6, abs=1e-3)
+
+
+def test_categories_one_hot_with_an_overflow_bucket() -> None:
+    enc = FeatureEncoder(target="y", max_categories=2)
+    out = enc.fit_transform([{"c": "a"}, {"c": "b"}, {"c": "c"}, {"c": "d"}, {"c": "a"}])
+    assert enc.column_names() == ["c=a", "c=b", f"c={OTHER_CATEGORY}"]
+    np.testing.assert_array_equal(out, [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])
+
+
+def test_new_and_missing_features_mid_stream() -> None:
+    enc = FeatureEncoder(target="y")
+    first = enc.fit_transform([{"a": 1.0, "y": 1}, {"a": 3.0, "y": 0}])
+    assert first.shape == (2, 1)
+    later = enc.fit_transform([{"a": 2.0, "b": 5.0, "c": "x"}, {"b": 7.0, "a": None}])
+    assert enc.column_names() == ["a", "b", "c=x"]  # growth only appends
+    assert later.shape == (2, 3)
+    assert later[1, 0] == 0.0  # missing numeric -> running mean -> 0
+    assert later[1, 2] == 0.0  # missing category -> no category
+    assert np.isfinite(later).all()
+
+
+def test_kind_is_fixed_by_the_first_value() -> None:
+    enc = FeatureEncoder(target="y")
+    enc.fit_transform([{"a": 1.0, "c": "x"}])
+    assert enc.check({"a": "junk"})[0] is RejectReason.WRONG_TYPE  # type: ignore[index]
+    assert enc.check({"c": 3})[0] is RejectReason.WRONG_TYPE  # type: ignore[index]
+    assert enc.check({"a": None, "c": "new", "y": "label"}) is None
+
+
+def test_features_restrict_the_columns() -> None:
+    enc = FeatureEncoder(target="y", features=["b"])
+    out = enc.fit_transform([{"a": 1.0, "b": 2.0, "y": 1}, {"a": 5.0, "b": 4.0}])
+    assert enc.column_names() == ["b"] and out.shape == (2, 1)
+
+
+def test_outliers_are_clipped() -> None:
+    enc = FeatureEncoder(target=None, clip=3.0)
+    enc.fit_transform([{"a": 0.0}, {"a": 1.0}] * 50)
+    assert enc.fit_transform([{"a": 1e9}])[0, 0] == 3.0
+
+
+def test_transform_is_read_only_and_state_round_trips_through_json() -> None:
+    enc = FeatureEncoder(target="y", max_categories=3)
+    enc.fit_transform([{"a": 1.0, "c": "x", "b": True}, {"a": 4.0, "c": "y", "b": False}])
+    state = json.loads(json.dumps(enc.state()))
+    served = enc.transform([{"a": 2.0, "c": "unseen", "z": 1.0}])
+    assert served.shape == (1, enc.n_columns) and served[0, 1:].sum() == 0.0
+    assert enc.state() == state
+    copy = FeatureEncoder.from_state(state)
+    batch = [{"a": 9.0, "c": "w", "new": 1.0}, {"a": -1.0, "c": "x"}]
+    np.testing.assert_array_equal(copy.fit_transform(batch), enc.fit_transform(batch))
+    assert copy.state() == enc.state()

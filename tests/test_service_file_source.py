@@ -221,11 +221,6 @@ def test_bad_csv_rows_are_dead_lettered_with_reason_and_bytes(tmp_path: Path) ->
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stream_trainer/sources/files.py:iter_csv yields Records without raw=, so a row that "
-    "the trainer rejects is dead-lettered as the JSON of its parsed cells, not its original bytes",
-)
 def test_rows_the_trainer_rejects_keep_their_original_csv_bytes(tmp_path: Path) -> None:
     source = tmp_path / "rows.csv"
     source.write_text("x1,x2,label\n" + "1,0.5,1\n" * 20 + "nan,0.5,1\n")

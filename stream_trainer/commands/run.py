@@ -118,6 +118,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--torch-threads",
+        dest="torch_threads",
+        type=int,
+        help="torch intra-op threads (default 1: the MLP's tensors are small and a thread pool"
+        " costs more than it saves)",
+    )
     add_learner_arguments(p)
     # Only flags actually given may override the file and the environment.
     for action in p._actions:

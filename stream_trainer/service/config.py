@@ -128,6 +128,7 @@ class ServiceConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     progress: bool = True
+    torch_threads: int = 1
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
@@ -138,6 +139,7 @@ class ServiceConfig:
             (self.max_batch_records >= 1, "max_batch_records must be >= 1"),
             (self.max_wait_ms >= 0, "max_wait_ms must be >= 0"),
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
+            (self.torch_threads >= 1, "torch_threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
             (self.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}"),
             (

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.checkpoints import Checkpoint, CheckpointStore, open_store
@@ -279,6 +280,7 @@ class TrainerService:
     def run(self) -> dict[str, Any]:
         """Run until the source ends (file, or Kafka with ``stop_at_end``) or a stop is requested."""
         c = self.config
+        torch.set_num_threads(c.torch_threads)
         log.info(
             "starting run %r as writer %s (epoch %d): %s",
             c.run_name,

@@ -88,7 +88,7 @@ def _synth_builders() -> dict[str, Callable[[dict[str, str], int], Any]]:
 
 def _as_records(pairs: Any, target: str) -> Iterator[Record]:
     for i, (x, y) in enumerate(pairs):
-        value = dict(x)
+        value = {str(k): v for k, v in x.items()}  # JSON objects have string keys
         value[target] = y
         yield Record(value=value, offset=i)
 

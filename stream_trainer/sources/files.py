@@ -62,28 +62,58 @@ def _typed(cell: str, numeric: bool) -> Any:
     return cell
 
 
+class _LineTap:
+    """Iterate over lines, keeping the ones consumed since the last :meth:`take` (a CSV row can
+    span several lines when a quoted cell holds a newline)."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._taken: list[str] = []
+
+    def __iter__(self) -> _LineTap:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self._taken.append(line)
+        return line
+
+    def take(self) -> bytes:
+        text = "".join(self._taken).rstrip("\r\n")
+        self._taken.clear()
+        return text.encode()
+
+
 def iter_csv(path: Path) -> Iterator[Record | RejectedRecord]:
-    """Yield the rows of a CSV file with a header line, typed as the module docstring says."""
+    """Yield the rows of a CSV file with a header line, typed as the module docstring says.
+
+    Every record keeps its original line as ``raw``, so a rejected row is dead-lettered as it was.
+    """
     with open_text(path) as handle:
-        reader = csv.reader(handle)
+        tap = _LineTap(iter(handle))
+        reader = csv.reader(tap)
         try:
             header = next(reader)
         except StopIteration:
             return
-        head = list(itertools.islice(reader, SCHEMA_SCAN_ROWS))
+        tap.take()
+        rows = ((row, tap.take()) for row in reader)
+        head = list(itertools.islice(rows, SCHEMA_SCAN_ROWS))
         numeric = []
         for j in range(len(header)):
             cells = [
-                row[j].strip() for row in head if j < len(row) and row[j].strip() not in ("", "?")
+                row[j].strip()
+                for row, _ in head
+                if j < len(row) and row[j].strip() not in ("", "?")
             ]
             parsed = sum(_parse_number(c) is not None for c in cells)
             numeric.append(bool(cells) and parsed >= _NUMERIC_SHARE * len(cells))
-        for line_no, row in enumerate(itertools.chain(head, reader), start=2):
+        for line_no, (row, raw) in enumerate(itertools.chain(head, rows), start=2):
             if len(row) != len(header):
                 yield RejectedRecord(
                     reason=RejectReason.WRONG_TYPE,
                     detail=f"line {line_no}: {len(row)} cells, header has {len(header)}",
-                    raw=",".join(row).encode(),
+                    raw=raw,
                     offset=line_no,
                 )
                 continue
@@ -91,7 +121,7 @@ def iter_csv(path: Path) -> Iterator[Record | RejectedRecord]:
                 name: _typed(cell, num)
                 for name, cell, num in zip(header, row, numeric, strict=True)
             }
-            yield Record(value=value, offset=line_no)
+            yield Record(value=value, offset=line_no, raw=raw)
 
 
 def iter_arff(path: Path) -> Iterator[Record | RejectedRecord]:

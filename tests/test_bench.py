@@ -1,0 +1,156 @@
+"""Smoke test of the bench tooling on tiny inputs (results go to a temporary directory)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+bench_common = pytest.importorskip("bench._common")
+
+
+@pytest.fixture
+def tmp_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every bench module's outputs at ``tmp_path``."""
+    import bench.accuracy
+    import bench.gap
+    import bench.norm_time
+    import bench.report
+    import bench.throughput
+
+    monkeypatch.setattr(bench.accuracy, "RAW", tmp_path / "raw")  # read when tasks are made
+    monkeypatch.setattr(bench.accuracy, "OUT_JSON", tmp_path / "accuracy.json")
+    monkeypatch.setattr(bench.accuracy, "PLOT", tmp_path / "accuracy.png")
+    for mod, name in (
+        (bench.gap, "gap"),
+        (bench.norm_time, "norm_time"),
+        (bench.throughput, "throughput"),
+    ):
+        monkeypatch.setattr(mod, "OUT_JSON", tmp_path / f"{name}.json")
+        monkeypatch.setattr(mod, "PLOT", tmp_path / f"{name}.png")
+    monkeypatch.setattr(bench.report, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def _args(module: object, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)  # type: ignore[attr-defined]
+    return parser.parse_args(argv)
+
+
+def test_accuracy_runs_caches_and_renders(tmp_results: Path) -> None:
+    import bench.accuracy as acc
+
+    argv = [
+        "--streams",
+        "phishing",
+        "--norms",
+        "batch,layer",
+        "--sizes",
+        "1,1:64",
+        "--seeds",
+        "0",
+        "--limit",
+        "40",
+        "--workers",
+        "1",
+    ]
+    data = acc.run(_args(acc, argv), argv)
+    assert {(r["norm"], r["size"]) for r in data["summary"]} == {
+        ("batch", "1"),
+        ("batch", "1:64"),
+        ("layer", "1"),
+        ("layer", "1:64"),
+    }
+    assert all(0 <= r["accuracy"] <= 1 for r in data["rows"])
+    assert len(list((tmp_results / "raw" / "accuracy").glob("*.json"))) == 4
+    assert (tmp_results / "accuracy.png").stat().st_size > 0
+    text = acc.render(json.loads((tmp_results / "accuracy.json").read_text()))
+    assert "phishing" in text and "b=1:64" in text and "machine" in text
+
+
+def test_gap_and_report(tmp_results: Path) -> None:
+    import bench.gap as gap
+    import bench.report as report
+
+    argv = [
+        "--streams",
+        "bananas",
+        "--norms",
+        "batch,layer",
+        "--sizes",
+        "64",
+        "--seeds",
+        "0",
+        "--train",
+        "130",
+        "--serve",
+        "70",
+        "--workers",
+        "1",
+        "--no-plot",
+    ]
+    data = gap.run(_args(gap, argv), argv)
+    by_norm = {r["norm"]: r for r in data["summary"]}
+    assert by_norm["layer"]["output_gap_l1"] == pytest.approx(0.0, abs=1e-6)
+    assert by_norm["batch"]["output_gap_l1"] > 0
+    out = report.write_report(tmp_results / "BENCHMARKS.md")
+    text = out.read_text()
+    assert "## Train/serve gap" in text and "python -m bench accuracy" in text
+
+
+def test_throughput_without_baseline_envs(tmp_results: Path) -> None:
+    import bench.throughput as tp
+
+    argv = ["--records", "130", "--repeats", "1", "--no-deep-river", "--no-arf", "--no-plot"]
+    data = tp.run(_args(tp, argv), argv)
+    learners = {(r["learner"], r["size"]) for r in data["rows"]}
+    assert ("ours", 64) in learners and ("bare loop", 1) in learners
+    assert all(r["samples_per_second"] > 0 for r in data["rows"])
+    assert "bare loop" in tp.render(data)
+
+
+def test_norm_time_tiny(tmp_results: Path) -> None:
+    import bench.norm_time as nt
+
+    argv = ["--norms", "ema_batch", "--sizes", "1,8", "--steps", "3", "--repeats", "1", "--no-plot"]
+    data = nt.run(_args(nt, argv), argv)
+    assert all(0 < s["share"] <= 1 for s in data["shares"])
+    assert any(m["layer"] == "torch:BatchNorm1d" and m["us"] is None for m in data["micro"])
+    assert "BatchNorm1d" in nt.render(data)
+
+
+def test_cli_lists_benches() -> None:
+    from stream_trainer.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "report"])
+    assert args.name == "report"
+
+
+def test_sweep_tiny(tmp_results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.sweep as sweep
+
+    monkeypatch.setattr(sweep, "RAW", tmp_results / "raw")
+    monkeypatch.setattr(sweep, "OUT_JSON", tmp_results / "sweep.json")
+    argv = [
+        "--streams",
+        "phishing",
+        "--norms",
+        "layer",
+        "--lrs",
+        "0.01",
+        "--widths",
+        "8",
+        "--seeds",
+        "0",
+        "--limit",
+        "40",
+        "--workers",
+        "1",
+        "--no-plot",
+    ]
+    data = sweep.run(_args(sweep, argv), argv)
+    assert data["summary"][0]["width"] == 8 and data["summary"][0]["lr"] == 0.01
+    assert "| `layer` | 1:64 | 0.01 | 8 |" in sweep.render(data)

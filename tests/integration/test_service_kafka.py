@@ -279,3 +279,43 @@ def test_refuses_a_new_model_when_the_group_has_committed_offsets(
     assert report["samples"] == report["records_trained"] == later.valid_labelled
     assert report["next_offsets"] == end_offsets(kafka_bootstrap, topic)
     assert committed_offsets(kafka_bootstrap, group) == report["next_offsets"]
+
+
+def test_predictions_out_carry_key_prediction_and_model_version(
+    kafka_bootstrap: str,
+    kafka_topic_factory: Callable[..., str],
+    redis_prefix_url: Callable[..., str],
+) -> None:
+    topic = kafka_topic_factory(PARTITIONS)
+    produced = produce_mix(kafka_bootstrap, topic, 120)
+    predictions_topic = f"{topic}.predictions"
+    config = service_config(
+        kafka_bootstrap,
+        topic,
+        redis_prefix_url(),
+        f"{topic}-group",
+        predictions_topic=predictions_topic,
+    )
+    report = TrainerService(config).run()
+    assert report["samples"] == produced.valid_labelled
+
+    # One prediction per accepted record (labelled or not), keyed like its source record.
+    accepted = produced.valid_labelled + produced.predicted_only
+    messages = read_topic(kafka_bootstrap, predictions_topic, accepted)
+    assert len(messages) == accepted
+    bodies = [json.loads(m.value) for m in messages]
+    sources = {(b["source"]["partition"], b["source"]["offset"]) for b in bodies}
+    assert len(sources) == accepted  # no record predicted twice
+    keys = {m.key for m in messages}
+    assert all(k is not None and k.startswith(b"k") for k in keys)
+    steps = [b["model_version"]["step"] for b in bodies]
+    assert min(steps) >= 1 and max(steps) == report["steps"]
+    # Before the first learning step there is no model: no prediction, no probabilities.
+    first = [b for b in bodies if b["model_version"]["step"] == 1]
+    assert all(b["prediction"] is None for b in first)
+    later = [b for b in bodies if b["model_version"]["step"] > 1]
+    assert later and all(b["prediction"] in ("0", "1") for b in later)
+    assert all(abs(sum(b["proba"].values()) - 1.0) < 1e-9 for b in later)
+    # Versions name the checkpoint that was current when the prediction was made.
+    versions = [b["model_version"]["checkpoint"] for b in later]
+    assert any(v is not None for v in versions)

@@ -277,8 +277,14 @@ class CheckpointCodec:
             raise CheckpointCorruptError(msg)
         return manifest
 
-    def check_parts(self, manifest: Manifest, parts: Sequence[bytes | None]) -> None:
-        """Check part count, sizes and the payload SHA-256; decodes nothing."""
+    def check_parts(
+        self, manifest: Manifest, parts: Sequence[bytes | None], *, sha256: str | None = None
+    ) -> None:
+        """Check part count, sizes and the payload SHA-256; decodes nothing.
+
+        ``sha256`` is the hex digest of the concatenated parts when the store already computed it
+        while reading them (over exactly these bytes); otherwise it is computed here.
+        """
         where = f"checkpoint version {manifest.version}"
         if len(parts) != len(manifest.part_sizes):
             msg = f"{where}: {len(parts)} parts read, manifest lists {len(manifest.part_sizes)}"
@@ -291,14 +297,17 @@ class CheckpointCodec:
             if len(part) != size:
                 msg = f"{where}: part {index} has {len(part)} bytes, manifest says {size}"
                 raise CheckpointCorruptError(msg)
-            digest.update(part)
-        if not hmac.compare_digest(digest.hexdigest(), manifest.sha256):
+            if sha256 is None:
+                digest.update(part)
+        if not hmac.compare_digest(sha256 or digest.hexdigest(), manifest.sha256):
             msg = f"{where}: SHA-256 of the payload does not match the manifest"
             raise CheckpointCorruptError(msg)
 
-    def decode(self, manifest: Manifest, parts: Sequence[bytes | None]) -> Checkpoint:
+    def decode(
+        self, manifest: Manifest, parts: Sequence[bytes | None], *, sha256: str | None = None
+    ) -> Checkpoint:
         """Check the parts (:meth:`check_parts`), then decode them into a :class:`Checkpoint`."""
-        self.check_parts(manifest, parts)
+        self.check_parts(manifest, parts, sha256=sha256)
         where = f"checkpoint version {manifest.version}"
         blob = _join(parts[: manifest.tensor_parts])
         doc = _join(parts[manifest.tensor_parts :])

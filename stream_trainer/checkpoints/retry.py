@@ -43,7 +43,9 @@ class RetryPolicy:
 
     def with_errors(self, errors: tuple[type[BaseException], ...]) -> RetryPolicy:
         """The same policy retrying on ``errors`` instead."""
-        return RetryPolicy(retries=self.retries, backoff=self.backoff, errors=errors, sleep=self._sleep)
+        return RetryPolicy(
+            retries=self.retries, backoff=self.backoff, errors=errors, sleep=self._sleep
+        )
 
     def call(self, operation: Callable[[], T], *, what: str) -> T:
         def on_failure(exc: BaseException, failures: int, delay: float) -> None:

@@ -211,8 +211,8 @@ class VersionedStore(abc.ABC):
 
     def load(self, version: int) -> Checkpoint:
         self._check_open()
-        manifest, parts = self._read(version)
-        return self.codec.decode(manifest, parts)
+        manifest, parts, sha256 = self._read(version)
+        return self.codec.decode(manifest, parts, sha256=sha256)
 
     def latest_version(self) -> int | None:
         self._check_open()
@@ -248,8 +248,8 @@ class VersionedStore(abc.ABC):
         self._check_open()
         manifest = None
         try:
-            manifest, parts = self._read(version)
-            self.codec.decode(manifest, parts)
+            manifest, parts, sha256 = self._read(version)
+            self.codec.decode(manifest, parts, sha256=sha256)
         except CheckpointError as exc:
             if exc.retriable:
                 raise
@@ -305,10 +305,19 @@ class VersionedStore(abc.ABC):
             raise VersionMissingError(msg)
         return self.codec.read_manifest(data, version=version)
 
-    def _read(self, version: int) -> tuple[Manifest, Sequence[bytes | None]]:
-        """Manifest (checked) and parts (not yet checked: :meth:`CheckpointCodec.decode` does)."""
+    def _read(self, version: int) -> tuple[Manifest, Sequence[bytes | None], str | None]:
+        """Manifest (checked), parts (not yet checked: :meth:`CheckpointCodec.decode` does) and,
+        when the store hashed them while reading, the SHA-256 of their concatenation."""
         manifest = self._manifest(version)
-        return manifest, self._read_parts(version, len(manifest.part_sizes))
+        parts, sha256 = self._read_parts_hashed(version, manifest.part_sizes)
+        return manifest, parts, sha256
+
+    def _read_parts_hashed(
+        self, version: int, sizes: Sequence[int]
+    ) -> tuple[Sequence[bytes | None], str | None]:
+        """The parts, and optionally their SHA-256 computed while they arrived (a store whose
+        reads are slow overlaps the two); ``None`` lets the codec hash them."""
+        return self._read_parts(version, len(sizes)), None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,10 +1,10 @@
 """Records as they flow from a source to the trainer, and the checks every record passes.
 
-A record is a flat JSON object (``dict[str, scalar]``). Values may be ``int``/``float`` (numeric
-features), ``str`` (categorical features), ``bool`` (numeric 0/1) or ``None`` (missing). Anything else
-(lists, nested objects), non-finite numbers, a label of the wrong kind or an oversized payload is a
-*rejection*: the record is counted by reason, set aside (dead-lettered by the Kafka source) and never
-reaches the model.
+A record is a flat JSON object (``dict[str, scalar]``). Values may be ``int``/``float``
+(numeric features), ``str`` (categorical features), ``bool`` (numeric 0/1) or ``None`` (missing).
+Anything else (lists, nested objects), non-finite numbers, a label of the wrong kind or an
+oversized payload is a *rejection*: the record is counted by reason, set aside (dead-lettered) and
+never reaches the model.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ __all__ = [
     "Record",
     "RejectReason",
     "RejectedRecord",
-    "decode_json_record",
     "check_values",
+    "decode_json_record",
 ]
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
@@ -91,8 +91,8 @@ def decode_json_record(
 ) -> dict[str, Any] | tuple[RejectReason, str]:
     """Decode a Kafka value (or a JSON Lines line) into a flat object, or say why not.
 
-    Returns the object, or ``(reason, detail)``. Only shape is checked here; value types are checked by
-    :func:`check_values` and feature-kind consistency by the feature encoder.
+    Returns the object, or ``(reason, detail)``. Only shape is checked here; value types are
+    checked by :func:`check_values` and feature-kind consistency by the feature encoder.
     """
     if len(raw) > max_bytes:
         return RejectReason.TOO_LARGE, f"{len(raw)} bytes > limit {max_bytes}"

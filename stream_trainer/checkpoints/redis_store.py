@@ -28,7 +28,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -261,7 +261,7 @@ class RedisCheckpointStore(VersionedStore):
                             ranges.put((index, b""))
                         for start in range(0, size, self.read_chunk):
                             end = min(size, start + self.read_chunk) - 1
-                            chunk = self.client.getrange(key, start, end)
+                            chunk = cast(bytes, self.client.getrange(key, start, end))
                             if not chunk and start == 0 and not self.client.exists(key):
                                 ranges.put((index, None))
                                 break

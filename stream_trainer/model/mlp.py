@@ -1,6 +1,10 @@
 """The multilayer perceptron the trainer learns, with a normalization layer chosen per layer.
 
 Each hidden block is ``Linear -> Norm -> activation -> Dropout``; the head is a plain ``Linear``.
+With ``skip=True`` (wide & deep) a bias-free linear shortcut from the inputs is added to the head's
+output, ``f(x) = head(body(x)) + W_skip x``; ``W_skip`` starts at zero, so the network starts as the
+plain MLP and can learn a linear model as quickly as a logistic regression while the body is still
+untrained.
 ``norm`` is one registry name for every hidden layer or a sequence with one name per hidden layer.
 Before a layer that asks for it (``group`` by default, see
 :func:`~stream_trainer.norms.norm_wants_weight_standardization`) the linear layer uses weight
@@ -75,6 +79,7 @@ class StreamMLP(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         weight_standardization: bool | None = None,
+        skip: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -101,6 +106,10 @@ class StreamMLP(nn.Module):
             width = size
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
+        self.skip: nn.Linear | None = None
+        if skip:
+            self.skip = nn.Linear(in_features, out_features, bias=False)
+            nn.init.zeros_(self.skip.weight)
         self._mode_dependent: list[nn.Module] = [
             m
             for m in self.modules()
@@ -150,7 +159,10 @@ class StreamMLP(nn.Module):
         return [(f"norm{i}_{n.__class__.__name__}", n) for i, n in enumerate(norms)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        out = self.head(self.body(x))
+        if self.skip is not None:
+            out = out + self.skip(x)
+        return out
 
     def grow(
         self,
@@ -160,12 +172,25 @@ class StreamMLP(nn.Module):
         optimizer: torch.optim.Optimizer | None = None,
         generator: torch.Generator | None = None,
     ) -> bool:
-        """Grow the input and/or output width in place (see :mod:`stream_trainer.model.growth`)."""
+        """Grow the input and/or output width in place (see :mod:`stream_trainer.model.growth`).
+
+        The skip layer grows with both: new input columns and new class rows start at zero, so the
+        shortcut's contribution to the old logits is unchanged and a new class starts from the
+        head's neutral init alone.
+        """
         grew = False
         if in_features is not None:
             grew |= grow_linear_(self.first_linear, in_features=in_features, optimizer=optimizer)
         if out_features is not None:
             grew |= grow_linear_(
                 self.head, out_features=out_features, optimizer=optimizer, generator=generator
+            )
+        if self.skip is not None:
+            grow_linear_(
+                self.skip,
+                in_features=in_features,
+                out_features=out_features,
+                optimizer=optimizer,
+                new_row_scale=0.0,
             )
         return grew

@@ -1,4 +1,4 @@
-"""The long-lived service behind ``stream-trainer run`` (see :mod:`stream_trainer.service.runner`)."""
+"""The long-lived service behind ``stream-trainer run`` (:mod:`stream_trainer.service.runner`)."""
 
 from stream_trainer.service.config import ServiceConfig, load_service_config
 from stream_trainer.service.runner import TrainerService

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
 
 from stream_trainer.records import RejectedRecord
 
@@ -22,7 +23,7 @@ class DeadLetterFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.counts: Counter[str] = Counter()
-        self._handle = None
+        self._handle: TextIO | None = None
 
     def send_many(self, rejected: Iterable[RejectedRecord]) -> int:
         n = 0

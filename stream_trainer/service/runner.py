@@ -201,8 +201,9 @@ class TrainerService:
                     self.source.close()
                     raise ConfigError(
                         f"the checkpoint store holds no checkpoint, but consumer group {c.group!r} "
-                        f"has committed offsets {committed}: refusing to train a new model from the "
-                        "middle of the topic. Restore the checkpoints, or pass --fresh-start to start "
+                        f"has committed offsets {committed}: refusing to train a new model from "
+                        "the middle of the topic. Restore the checkpoints, or pass --fresh-start "
+                        "to start "
                         "a new model at those offsets"
                     )
             security: KafkaSecurity = source_config.security
@@ -278,7 +279,7 @@ class TrainerService:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
-        """Run until the source ends (file, or Kafka with ``stop_at_end``) or a stop is requested."""
+        """Run until the source ends (a file, or Kafka with ``stop_at_end``) or a stop request."""
         c = self.config
         torch.set_num_threads(c.torch_threads)
         log.info(

@@ -45,12 +45,15 @@ class TrainerConfig:
     activation: str = "relu"
     dropout: float = 0.0
     weight_standardization: bool | None = None
+    skip: bool = False
     optimizer: str = "adam"
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float | None = 5.0
     lr_scaling: str = "none"
     lr_reference_batch: int = 1
+    lr_scale_max: float | None = None
+    head_lr: float | None = None
     seed: int = 0
     max_categories: int = 32
     rolling_window: int = 1000

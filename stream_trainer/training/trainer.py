@@ -87,7 +87,6 @@ def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Opt
     """SGD (momentum 0.9), Adam or AdamW; the fused implementation where torch has one (it is
     element-wise, hence deterministic, and at batch size 1 several times cheaper than the
     per-tensor loop), else the ``foreach`` one. The update rule is the same either way."""
-    params = list(params)
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     cls: type[torch.optim.Optimizer]
     if name == "sgd":
@@ -167,8 +166,20 @@ class IncrementalTrainer:
         c = self.config
         with self._own_rng():
             self.model = self._make_mlp(in_features, out_features)
-        self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
+        self.optimizer = _optimizer(c.optimizer, self._param_groups(self.model), c)
         self._params = list(self.model.parameters())
+
+    def _param_groups(self, model: StreamMLP) -> list[dict[str, Any]]:
+        """The body at ``lr``; the head and the skip layer at ``head_lr`` (default ``lr``)."""
+        c = self.config
+        outer = [*model.head.parameters(), *(model.skip.parameters() if model.skip else ())]
+        ids = {id(p) for p in outer}
+        body = [p for p in model.parameters() if id(p) not in ids]
+        head_lr = c.lr if c.head_lr is None else c.head_lr
+        return [
+            {"params": body, "lr": c.lr, "base_lr": c.lr},
+            {"params": outer, "lr": head_lr, "base_lr": head_lr},
+        ]
 
     def _make_mlp(self, in_features: int, out_features: int) -> StreamMLP:
         c = self.config
@@ -181,6 +192,7 @@ class IncrementalTrainer:
             activation=c.activation,
             dropout=c.dropout,
             weight_standardization=c.weight_standardization,
+            skip=c.skip,
         )
 
     def _out_width(self) -> int:
@@ -350,9 +362,11 @@ class IncrementalTrainer:
             _clip_grad_norm_([p.grad for p in self._params if p.grad is not None], c.grad_clip)
         if c.lr_scaling != "none":
             ratio = y.shape[0] / c.lr_reference_batch
-            lr = c.lr * (ratio if c.lr_scaling == "linear" else math.sqrt(ratio))
+            scale = ratio if c.lr_scaling == "linear" else math.sqrt(ratio)
+            if c.lr_scale_max is not None:
+                scale = min(scale, c.lr_scale_max)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * scale
         optimizer.step()
         value = loss.item()
         self.last_loss = value
@@ -551,8 +565,17 @@ class IncrementalTrainer:
                 if name.startswith("optim."):
                     _, index, key = name.split(".", 2)
                     opt_state.setdefault(int(index), {})[key] = value
-            n_params = len(list(trainer.model.parameters()))
-            groups = [dict(g, params=list(range(n_params))) for g in state["optimizer_groups"]]
+            sizes = [len(g["params"]) for g in trainer.optimizer.param_groups]
+            if len(sizes) != len(state["optimizer_groups"]):
+                raise ConfigError(
+                    f"trainer state has {len(state['optimizer_groups'])} optimizer groups, "
+                    f"the model has {len(sizes)}"
+                )
+            starts = np.cumsum([0, *sizes])
+            groups = [
+                dict(g, params=list(range(starts[i], starts[i + 1])))
+                for i, g in enumerate(state["optimizer_groups"])
+            ]
             for g in groups:
                 if "betas" in g:
                     g["betas"] = tuple(g["betas"])

@@ -77,7 +77,7 @@ class Feed:
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus_server) -> Iterator[tuple[PrometheusProcess, dict[str, Feed]]]:  # noqa: F811
+def scraped(prometheus_server) -> Iterator[tuple[PrometheusProcess, dict[str, Feed]]]:
     """Two services (a classification and a regression run) behind two MetricsServers, scraped
     every second; two rounds of batches, each followed by a fresh scrape, so rate() has data."""
     feeds: dict[str, Feed] = {}

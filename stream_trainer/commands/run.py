@@ -115,6 +115,19 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--health-every-steps", dest="health_every_steps", type=int)
     p.add_argument("--shutdown-timeout-seconds", dest="shutdown_timeout_seconds", type=float)
+    p.add_argument(
+        "--dist-backend",
+        dest="dist_backend",
+        choices=("auto", "gloo", "nccl"),
+        help="under torchrun (WORLD_SIZE > 1): collective backend (default auto: gloo on CPU)",
+    )
+    p.add_argument(
+        "--dist-timeout-seconds",
+        dest="dist_timeout_seconds",
+        type=float,
+        help="under torchrun: a collective that waits longer fails and the replica exits"
+        " (default 120)",
+    )
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -168,11 +181,19 @@ def run_service(args: argparse.Namespace) -> int:
 
     config = service_config(args)
     configure_logging(config.log_format, config.log_level)
-    service = TrainerService(config)
+    from stream_trainer.distributed import world_from_env
+
+    world = world_from_env()
+    if world.distributed:  # torchrun: one replica of a data-parallel group
+        from stream_trainer.distributed.service import DistributedTrainerService
+
+        service: TrainerService = DistributedTrainerService.join(config, world)
+    else:
+        service = TrainerService(config)
     service.install_signal_handlers()
     report = service.run()
-    if config.report_json:
-        path = Path(config.report_json)
+    if service.config.report_json:  # a replica's own path under torchrun
+        path = Path(service.config.report_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
     if config.plot:

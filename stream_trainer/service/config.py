@@ -129,6 +129,9 @@ class ServiceConfig:
     log_level: str = "INFO"
     progress: bool = True
     torch_threads: int = 1
+    # -- data-parallel replicas (stream_trainer.distributed; used when WORLD_SIZE > 1) ----------
+    dist_backend: str = "auto"
+    dist_timeout_seconds: float = 120.0
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
@@ -141,6 +144,11 @@ class ServiceConfig:
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
+            (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
+            (
+                self.dist_backend in ("auto", "gloo", "nccl"),
+                "dist_backend must be one of ('auto', 'gloo', 'nccl')",
+            ),
             (self.log_format in LOG_FORMATS, f"log_format must be one of {LOG_FORMATS}"),
             (
                 str(self.log_level).upper() in LOG_LEVELS,

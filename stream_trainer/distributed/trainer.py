@@ -1,0 +1,252 @@
+"""Lock-step, data-parallel prequential steps over an :class:`IncrementalTrainer` per replica.
+
+:meth:`DistributedTrainer.step` is :meth:`IncrementalTrainer.step` (same order: check, encode,
+predict, score, learn) with the points where the replicas must agree made explicit. Every replica
+calls it once per turn, with whatever its consumer polled (possibly nothing):
+
+1. *task* (only while unknown): each replica proposes the task of its first labelled record; the
+   lowest rank with a proposal wins (= the first record of the concatenated batch);
+2. *screen* locally (rejected records stay local: they go to this replica's dead letters);
+3. *exchange* (one JSON all-gather, no pickling): record / accepted / labelled counts, the schema
+   entries this batch would add (new features, new categories, in arrival order), new class
+   labels, rejection counts, and whatever the caller shares (the service: next offsets). Every
+   replica applies the schema entries and, after the prediction, the class labels in rank order,
+   so every replica has the same columns and the same output layer, in the same order that one
+   process would give the concatenated batch (rank 0's records first). Counters (steps, samples,
+   predicted-only, rejected) are global, so rank 0's checkpoint describes the whole group;
+4. *encode*: the feature statistics (a :class:`SynchronizedStandardizer`) fold in the global batch;
+5. *predict* the local rows (serving mode, no collective) and *score*: the labelled rows' targets
+   and served predictions are all-gathered, so every replica's prequential metrics are those of
+   the concatenated batch;
+6. *learn* when any replica has a labelled row: a replica without one runs a one-row placeholder
+   batch whose loss, batch statistics and gradient weigh zero, so the collectives of the forward
+   (synchronized batch statistics), of the backward and of the gradient all-reduce line up.
+
+A batch that is empty on every replica is skipped by all (the step counter does not move). The
+trainer's own RNG state is broadcast from rank 0 after a step that drew from it (dropout), so
+later growth draws the same numbers everywhere.
+
+With ``LocalCollectives`` (world of one) a step is exactly :meth:`IncrementalTrainer.step`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stream_trainer.distributed.collectives import Collectives
+from stream_trainer.distributed.sync import (
+    GradientAllReduce,
+    SynchronizedMomentReducer,
+    SynchronizedStandardizer,
+)
+from stream_trainer.errors import ConfigError
+from stream_trainer.features import FeatureEncoder
+from stream_trainer.records import Record
+from stream_trainer.training import IncrementalTrainer, StepReport
+from stream_trainer.training.labels import infer_task
+
+__all__ = ["DistributedTrainer"]
+
+
+class DistributedTrainer:
+    """Wraps ``trainer`` (installing the hooks) for lock-step steps over ``comm``'s replicas."""
+
+    def __init__(self, trainer: IncrementalTrainer, comm: Collectives) -> None:
+        norm_options = trainer.config.norm_options.get("batch", {})
+        if norm_options.get("track_running_stats") is False:
+            raise ConfigError(
+                "norm 'batch' with track_running_stats=False uses batch statistics when serving: "
+                "it cannot be synchronized across replicas; keep the running statistics"
+            )
+        self.trainer = trainer
+        self.comm = comm
+        self.reducer = SynchronizedMomentReducer(comm)
+        self.gradient_sync = GradientAllReduce(comm)
+        self.shared: list[Any] = []
+        self.exchange_seconds = 0.0
+        trainer.moment_reducer = self.reducer
+        trainer.gradient_sync = self.gradient_sync
+        if trainer.model is not None:  # restored: the layers exist already
+            for _, layer in trainer.model.norm_layers():
+                layer.moment_reducer = self.reducer
+        trainer.encoder.scaler = SynchronizedStandardizer.wrap(comm, trainer.encoder.scaler)
+        trainer.y_scaler = SynchronizedStandardizer.wrap(comm, trainer.y_scaler)
+
+    # ------------------------------------------------------------------ schema
+    def _new_schema_entries(self, values: list[dict[str, Any]]) -> list[list[Any]]:
+        """``[name, value]`` pairs that register, in arrival order, the features and categories
+        ``values`` would add (a numeric feature's value is given as ``0``)."""
+        encoder = self.trainer.encoder
+        kinds, categories = encoder.kinds, encoder.categories
+        unseen = False
+        for value in values:
+            for name, v in value.items():
+                kind = kinds.get(name)
+                if v is not None and (
+                    kind is None or (kind == "cat" and v not in categories[name])
+                ):
+                    unseen = True
+                    break
+            if unseen:
+                break
+        if not unseen:
+            return []
+        probe = FeatureEncoder.from_state(encoder.state())
+        before = probe.n_columns
+        probe._learn_schema(values)
+        by_column: dict[int, list[Any]] = {}
+        for name, slot in probe.numeric.items():
+            if probe.numeric_columns[slot] >= before:
+                by_column[probe.numeric_columns[slot]] = [name, 0]
+        for name, cats in probe.categories.items():
+            for cat, column in cats.items():
+                if column >= before:
+                    by_column[column] = [name, cat]
+        return [by_column[c] for c in sorted(by_column)]
+
+    # ------------------------------------------------------------------ step
+    def step(self, records: Sequence[Record], share: Mapping[str, Any] | None = None) -> StepReport:
+        """One lock-step prequential step (module docstring); ``share`` (JSON) is all-gathered
+        with the step's exchange and left in :attr:`shared` (one entry per rank)."""
+        t = self.trainer
+        comm = self.comm
+        report = StepReport(size=len(records))
+        if t.task is None:
+            t.task = self._agree_on_task(records)
+        accepted, labels = t.screen(records, report.rejected)
+        report.accepted = accepted
+        values = [r.value for r in accepted]
+        labelled = [i for i, y in enumerate(labels) if y is not None]
+        new_classes: list[str] = []
+        if t.task != "regression":
+            for i in labelled:
+                if labels[i] not in t.class_index and labels[i] not in new_classes:
+                    new_classes.append(labels[i])
+        mine = {
+            "records": len(records),
+            "accepted": len(accepted),
+            "labelled": len(labelled),
+            "schema": self._new_schema_entries(values) if values else [],
+            "classes": new_classes,
+            "rejected": dict(_count_reasons(report)),
+            "share": dict(share) if share is not None else None,
+        }
+        t0 = time.perf_counter()
+        everyone = comm.all_gather_json(mine)
+        self.exchange_seconds += time.perf_counter() - t0
+        self.shared = [e["share"] for e in everyone]
+        for rank, entry in enumerate(everyone):
+            if rank != comm.rank:
+                t.rejected.update(entry["rejected"])
+        if sum(e["records"] for e in everyone) == 0:
+            return report
+        t.steps += 1
+        if sum(e["accepted"] for e in everyone) == 0:
+            return report
+
+        # 3. the schema of the concatenated batch, then 4. its feature statistics
+        pairs = [pair for e in everyone for pair in e["schema"]]
+        if pairs:
+            t.encoder._learn_schema([{name: v} for name, v in pairs])
+        if values:
+            x = t.encoder.fit_transform(values)
+        else:
+            x = np.zeros((0, t.encoder.n_columns), dtype=np.float32)
+            if t.encoder.numeric:
+                t.encoder.scaler.update(np.zeros((0, len(t.encoder.numeric)), dtype=np.float64))
+        if t.model is not None and x.shape[1] != t.model.in_features:
+            t.model.grow(in_features=x.shape[1], optimizer=t.optimizer)
+
+        n_labelled = [int(e["labelled"]) for e in everyone]
+        total_labelled = sum(n_labelled)
+        n_accepted = sum(int(e["accepted"]) for e in everyone)
+        report.trained = len(labelled)
+        report.predicted_only = len(accepted) - len(labelled)
+        t.predicted_only += n_accepted - total_labelled
+        idx: np.ndarray | None = None
+        if len(labelled) < len(accepted):
+            idx = np.asarray(labelled, dtype=np.int64)
+
+        # 5. predict (local), then score with everyone's labelled rows
+        t0 = time.perf_counter()
+        if accepted:
+            t._learn_rows = idx if labelled else np.zeros(0, dtype=np.int64)
+            t._predict(x, report)  # serving mode: no collective (see the module docstring)
+        report.classes = list(t.classes)
+        report.predict_seconds = time.perf_counter() - t0
+        if total_labelled == 0:
+            return report
+
+        target: np.ndarray
+        if t.task == "regression":
+            y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
+            served = report.values if report.values is not None else np.zeros(len(accepted))
+            served = served if idx is None else served[idx]
+            rows = comm.all_gather_rows(np.stack([y, served], axis=1), n_labelled)
+            t.reg_metrics.update(rows[:, 0], rows[:, 1])
+            t.y_scaler.update(y[:, None])
+            target = y
+        else:
+            for label in (c for e in everyone for c in e["classes"]):
+                if label not in t.class_index:
+                    t.class_index[label] = len(t.classes)
+                    t.classes.append(label)
+            target = np.fromiter((t.class_index[labels[i]] for i in labelled), dtype=np.int64)
+            proba = report.proba
+            width = t.model.out_features if t.model is not None else 0
+            served_p = np.zeros((len(labelled), width))
+            if proba is not None and labelled:
+                served_p = proba if idx is None else proba[idx]
+            rows = comm.all_gather_rows(
+                np.concatenate([target[:, None].astype(np.float64), served_p], axis=1), n_labelled
+            )
+            t.cls_metrics.update(rows[:, 0].astype(np.int64), rows[:, 1:] if width else None)
+
+        # 6. learn, in lock-step
+        t1 = time.perf_counter()
+        if labelled:
+            with self.reducer.synchronized():
+                report.loss = t._learn(x if idx is None else x[idx], target)
+        else:
+            self._placeholder_learn()
+        report.learn_seconds = time.perf_counter() - t1
+        t.samples_trained += total_labelled
+        if t.model is not None and t.model.uses_rng:
+            t._rng_state = comm.broadcast_(t._rng_state.clone(), src=0)
+        return report
+
+    def _agree_on_task(self, records: Sequence[Record]) -> str | None:
+        t = self.trainer
+        guess = None
+        for record in records:
+            if t._check(record) is None:
+                raw = record.value.get(t.target)
+                if raw is not None and raw != "":
+                    guess = infer_task(raw)
+                    break
+        return next((g for g in self.comm.all_gather_json(guess) if g is not None), None)
+
+    def _placeholder_learn(self) -> None:
+        """Run the learning step on one zero row that weighs nothing (no labelled row here)."""
+        t = self.trainer
+        x = np.zeros((1, t.encoder.n_columns), dtype=np.float32)
+        y = np.zeros(1, dtype=np.float64 if t.task == "regression" else np.int64)
+        t._shared_out = None
+        self.gradient_sync.placeholder = True
+        try:
+            with self.reducer.synchronized(placeholder=True):
+                t._learn(x, y)
+        finally:
+            self.gradient_sync.placeholder = False
+        t.last_loss = None
+
+
+def _count_reasons(report: StepReport) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in report.rejected:
+        out[r.reason.value] = out.get(r.reason.value, 0) + 1
+    return out

@@ -3,13 +3,15 @@
 Target: with the defaults (seed 0), accuracy >= river's LogisticRegression on the same stream and
 batching, and >= 0.89 on river's Phishing, >= 0.77 on the weather stream. Combinations that do not
 reach it yet are ``xfail(strict=True)`` with the measured numbers, so that the day they pass the
-mark must go.
+mark must go. The runs go to two single-threaded worker processes (about 1m45s on a 2-core CI box,
+weather at batch size 1 being most of it).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Iterator
-from functools import cache
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,37 +29,27 @@ STREAMS = {"river:Phishing": 0.89, str(WEATHER): 0.77}
 NORMS = ("ema_batch", "batch_renorm", "layer")
 SIZES = ("1", "1:64")
 
-# Measured on this repository's defaults, seed 0 (accuracy; LogisticRegression in brackets).
+# Measured on this repository's defaults, seed 0 (accuracy; LogisticRegression in brackets). At
+# ``1:64`` Phishing (1,250 rows, about 40 optimizer steps) stays under both targets; ARF reaches
+# 0.8808 there, so 0.89 is out of reach for the protocol (predict a whole batch before learning it).
 _P, _W = "river:Phishing", str(WEATHER)
 KNOWN_SHORT: dict[tuple[str, str, str], str] = {
-    (_P, "ema_batch", "1"): "0.8904 (0.8928)",
-    (_P, "ema_batch", "1:64"): "0.8704 (0.8720)",
-    (_P, "batch_renorm", "1"): "0.8904 (0.8928)",
-    (_P, "batch_renorm", "1:64"): "0.8640 (0.8720)",
-    (_P, "layer", "1"): "0.8864 (0.8928)",
-    (_P, "layer", "1:64"): "0.8656 (0.8720)",
-    (_W, "ema_batch", "1"): "0.7676 (0.7686)",
-    (_W, "ema_batch", "1:64"): "0.7521 (0.7634)",
-    (_W, "batch_renorm", "1"): "0.7649 (0.7686)",
-    (_W, "batch_renorm", "1:64"): "0.7579 (0.7634)",
-    (_W, "layer", "1:64"): "0.7658 (0.7634), under 0.77",
+    (_P, "ema_batch", "1:64"): "0.8688 (0.8720), under 0.89",
+    (_P, "batch_renorm", "1:64"): "0.8712 (0.8720), under 0.89",
+    (_P, "layer", "1:64"): "0.8640 (0.8720), under 0.89",
+    (_W, "batch_renorm", "1:64"): "0.7644 (0.7634), under 0.77",
+    (_W, "layer", "1:64"): "0.7614 (0.7634), under 0.77",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _target(source: str) -> str:
     return default_target(source) or "target"
 
 
-@cache
 def _accuracy(source: str, sizes: str, model: str, norm: str = "ema_batch") -> float:
+    """Prequential accuracy of the default MLP (``model="mlp"``) or a river baseline, seed 0, on
+    one torch thread (runs in a worker process, see :func:`accuracies`)."""
+    torch.set_num_threads(1)
     config = TrainerConfig(target=_target(source), norm=norm, seed=0)
     learner = IncrementalTrainer(config) if model == "mlp" else RiverLearner(model, config)
     result = evaluate_stream(
@@ -68,6 +60,27 @@ def _accuracy(source: str, sizes: str, model: str, norm: str = "ema_batch") -> f
         progress=False,
     )
     return float(result.report["accuracy"])
+
+
+Job = tuple[str, str, str, str]  # source, sizes, model, norm
+
+
+@pytest.fixture(scope="module")
+def accuracies(request: pytest.FixtureRequest) -> Iterator[dict[Job, Future[float]]]:
+    """Every run the selected tests need, started at once on two single-threaded worker processes
+    (longest first: weather at batch size 1), so the module takes about half its serial time."""
+    jobs: set[Job] = set()
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if item.module is not request.module or spec is None:
+            continue
+        if item.get_closest_marker("skip"):
+            continue
+        source, norm, sizes = spec.params["source"], spec.params["norm"], spec.params["sizes"]
+        jobs |= {(source, sizes, "mlp", norm), (source, sizes, "LogisticRegression", "ema_batch")}
+    order = sorted(jobs, key=lambda j: (j[0] != str(WEATHER), j[1] != "1", j[2] != "mlp"))
+    with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+        yield {job: pool.submit(_accuracy, *job) for job in order}
 
 
 def _cases() -> Iterator[object]:
@@ -84,9 +97,11 @@ def _cases() -> Iterator[object]:
 
 
 @pytest.mark.parametrize(("source", "norm", "sizes"), list(_cases()))
-def test_default_mlp_reaches_the_targets(source: str, norm: str, sizes: str) -> None:
-    ours = _accuracy(source, sizes, "mlp", norm)
-    baseline = _accuracy(source, sizes, "LogisticRegression")
+def test_default_mlp_reaches_the_targets(
+    source: str, norm: str, sizes: str, accuracies: dict[Job, Future[float]]
+) -> None:
+    ours = accuracies[(source, sizes, "mlp", norm)].result()
+    baseline = accuracies[(source, sizes, "LogisticRegression", "ema_batch")].result()
     print(f"{source} {norm} {sizes}: mlp {ours:.4f} logistic regression {baseline:.4f}")
     assert ours >= baseline, f"{ours:.4f} < LogisticRegression {baseline:.4f}"
     assert ours >= STREAMS[source], f"{ours:.4f} < target {STREAMS[source]}"

@@ -134,3 +134,37 @@ def test_grow_linear_with_sgd_momentum_buffers() -> None:
     grow_linear_(linear, in_features=3, out_features=4, optimizer=opt)
     assert opt.state[linear.weight]["momentum_buffer"].shape == (4, 3)
     assert torch.equal(opt.state[linear.weight]["momentum_buffer"][:2, :2], buf)
+
+
+def test_skip_is_a_linear_shortcut_that_starts_at_zero_and_grows_with_the_model() -> None:
+    torch.manual_seed(0)
+    model = StreamMLP(4, 2, hidden=(8,), norm="layer", skip=True)
+    plain = StreamMLP(4, 2, hidden=(8,), norm="layer")
+    assert plain.skip is None and model.skip is not None and model.skip.bias is None
+    assert torch.count_nonzero(model.skip.weight) == 0  # starts as the plain MLP
+    assert model.mode_independent
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        model.skip.weight.normal_()
+        expected = model.head(model.body(x)) + x @ model.skip.weight.T
+    torch.testing.assert_close(model(x), expected)
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1, 1])).backward()
+    opt.step()
+    skip_w = model.skip.weight
+    old_w = skip_w.detach().clone()
+    old_moment = opt.state[skip_w]["exp_avg"].clone()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    assert model.grow(in_features=6, out_features=3, optimizer=opt)
+    assert model.skip.weight is skip_w and skip_w.shape == (3, 6) and model.skip.in_features == 6
+    assert torch.equal(skip_w[:2, :4], old_w)
+    assert torch.count_nonzero(skip_w[2:]) == 0 and torch.count_nonzero(skip_w[:, 4:]) == 0
+    assert opt.state[skip_w]["exp_avg"].shape == (3, 6)
+    assert torch.equal(opt.state[skip_w]["exp_avg"][:2, :4], old_moment)
+    with torch.no_grad():
+        after = model(torch.cat([x, torch.randn(5, 2)], dim=1))
+    torch.testing.assert_close(after[:, :2], before, rtol=1e-6, atol=1e-6)
+    assert not model.grow(in_features=6, out_features=3, optimizer=opt)

@@ -193,10 +193,50 @@ def test_state_json_is_pure_json_and_versioned() -> None:
     _run(trainer, _records(20), [1, 19])
     state = trainer.state_json()
     assert json.loads(json.dumps(state, allow_nan=False)) == state
-    assert state["version"] == 1
+    assert state["version"] == 2
     state["version"] = 99
     with pytest.raises(ConfigError, match="version"):
         IncrementalTrainer.from_state(trainer.state_tensors(), state)
+
+
+def test_version_1_state_is_upgraded_with_the_settings_it_ran_with() -> None:
+    """A version-1 state has no ``skip``/``lr_scale_min``/``lr_decay_samples``: it ran without."""
+    old = {"skip": False, "lr_scale_min": 0.0, "lr_decay_samples": None}
+    trainer = IncrementalTrainer(TrainerConfig(target="y", seed=0, **old))  # type: ignore[arg-type]
+    _run(trainer, _records(30), [1, 29])
+    state = json.loads(json.dumps(trainer.state_json()))
+    state["version"] = 1
+    for key in old:
+        del state["config"][key]
+    restored = IncrementalTrainer.from_state(trainer.state_tensors(), state)
+    assert restored.config == trainer.config
+    assert restored.model is not None and restored.model.skip is None
+    _assert_same(trainer, restored)
+
+
+def test_learning_rate_decays_with_the_samples_learned_to_a_floor() -> None:
+    config = TrainerConfig(
+        target="y", lr=1e-2, lr_scaling="none", lr_decay_samples=10, lr_decay_floor=0.5, seed=0
+    )
+    trainer = IncrementalTrainer(config)
+    records = _records(60)
+    lrs = []
+    for size in (10, 20, 30):  # decay from the samples learned *before* each step
+        trainer.step(records[:size])
+        assert trainer.optimizer is not None
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2, 1e-2 / math.sqrt(2), 1e-2 * 0.5])
+
+
+def test_lr_scale_min_keeps_small_batches_at_the_base_rate() -> None:
+    config = TrainerConfig(target="y", lr=1e-3, seed=0)  # the defaults: sqrt, 8, at least 1
+    trainer = IncrementalTrainer(config)
+    records = _records(40)
+    trainer.step(records[:2])
+    assert trainer.optimizer is not None
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    trainer.step(records[2:34])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -276,6 +316,9 @@ def test_norm_snapshot_and_train_serve_gap_have_no_side_effects() -> None:
         ({"lr": 0.0}, "lr must be > 0"),
         ({"dropout": 1.0}, "dropout"),
         ({"lr_scaling": "cubic"}, "lr_scaling"),
+        ({"lr_scale_min": -1.0}, "lr_scale_min"),
+        ({"lr_decay_samples": 0}, "lr_decay_samples"),
+        ({"lr_decay_floor": 1.5}, "lr_decay_floor"),
     ],
 )
 def test_config_is_validated_at_construction(kwargs: dict[str, object], match: str) -> None:

@@ -26,8 +26,8 @@ What changes against the single-process service (:mod:`stream_trainer.service.ru
 
 Per-replica resources: the metrics server of rank ``r > 0`` listens on ``port + r``; its batch log
 is ``<batch_log>.rank<r>`` and its report ``<report_json>.rank<r>`` (every replica logs a line
-for every global step, possibly empty, so the line count in the checkpoint fits every log). A Kafka source is required (a file would be read by
-every replica).
+for every global step, possibly empty, so the line count in the checkpoint fits every log). A Kafka
+source is required (a file would be read by every replica).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ A step takes whatever records arrived (1 or 500) and, in this order:
 4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`);
 5. **learns** from the labelled ones: new classes grow the output layer first, then one optimizer
    step on the mean loss of the batch (cross-entropy, or MSE on the standardized target), with
-   optional gradient-norm clipping and learning-rate scaling with the batch size.
+   optional gradient-norm clipping, learning-rate scaling with the batch size and a learning rate
+   that decays with the samples learned (to a floor).
 
 Records without a label are predicted only. Everything is deterministic under ``seed``: the model
 init, new output rows and dropout draw from the trainer's *own* torch generator state (seeded with
@@ -35,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,14 +48,22 @@ from torch import nn
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
 from stream_trainer.model import StreamMLP
+from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason, check_values
 from stream_trainer.training.config import TrainerConfig
 from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 
-__all__ = ["IncrementalTrainer", "StepReport"]
+__all__ = ["GradientSync", "IncrementalTrainer", "StepReport"]
 
-STATE_VERSION = 1
+GradientSync = Callable[[list[nn.Parameter], int], int]
+"""Distributed hook ``(parameters, local_rows) -> global_rows``: called after ``backward`` and
+before clipping; it replaces every ``p.grad`` with the sample-count-weighted mean over the replicas
+and returns the global number of labelled rows (used by ``lr_scaling``)."""
+
+STATE_VERSION = 2
+# Version 1 states predate these settings; the values they ran with (the newer defaults differ).
+_V1_DEFAULTS: dict[str, Any] = {"skip": False, "lr_scale_min": 0.0, "lr_decay_samples": None}
 
 
 @dataclass
@@ -87,6 +96,7 @@ def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Opt
     """SGD (momentum 0.9), Adam or AdamW; the fused implementation where torch has one (it is
     element-wise, hence deterministic, and at batch size 1 several times cheaper than the
     per-tensor loop), else the ``foreach`` one. The update rule is the same either way."""
+    params = list(params)
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     cls: type[torch.optim.Optimizer]
     if name == "sgd":
@@ -148,6 +158,10 @@ class IncrementalTrainer:
         # Set by _predict when its forward pass (with its graph) can serve as the training forward.
         self._shared_out: torch.Tensor | None = None
         self._learn_rows: np.ndarray | None = None
+        # -- distributed hooks (set by stream_trainer.distributed; None: a single process) -------
+        self.gradient_sync: GradientSync | None = None
+        self.moment_reducer: MomentReducer | None = None  # given to every norm layer on build
+        # -- end of distributed hooks --------------------------------------------------------
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -166,20 +180,11 @@ class IncrementalTrainer:
         c = self.config
         with self._own_rng():
             self.model = self._make_mlp(in_features, out_features)
-        self.optimizer = _optimizer(c.optimizer, self._param_groups(self.model), c)
+        self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
         self._params = list(self.model.parameters())
-
-    def _param_groups(self, model: StreamMLP) -> list[dict[str, Any]]:
-        """The body at ``lr``; the head and the skip layer at ``head_lr`` (default ``lr``)."""
-        c = self.config
-        outer = [*model.head.parameters(), *(model.skip.parameters() if model.skip else ())]
-        ids = {id(p) for p in outer}
-        body = [p for p in model.parameters() if id(p) not in ids]
-        head_lr = c.lr if c.head_lr is None else c.head_lr
-        return [
-            {"params": body, "lr": c.lr, "base_lr": c.lr},
-            {"params": outer, "lr": head_lr, "base_lr": head_lr},
-        ]
+        if self.moment_reducer is not None:  # distributed hook: synchronized batch statistics
+            for _, layer in self.model.norm_layers():
+                layer.moment_reducer = self.moment_reducer
 
     def _make_mlp(self, in_features: int, out_features: int) -> StreamMLP:
         c = self.config
@@ -329,7 +334,9 @@ class IncrementalTrainer:
         running moments of every target seen so far, this batch included). Gradients are clipped
         to ``grad_clip`` in global L2 norm; with ``lr_scaling`` the step uses
         ``lr * n / lr_reference_batch`` (linear) or ``lr * sqrt(n / lr_reference_batch)`` (sqrt)
-        for a batch of ``n`` labelled records. Exactly one optimizer step per call.
+        for a batch of ``n`` labelled records, times ``max(lr_decay_floor, 1 / sqrt(1 + t /
+        lr_decay_samples))`` after ``t`` labelled samples (the decay needs no state of its own:
+        ``t`` is ``samples_trained``). Exactly one optimizer step per call.
         """
         shared, self._shared_out = self._shared_out, None
         if self.model is None:
@@ -358,15 +365,21 @@ class IncrementalTrainer:
             loss = nn.functional.cross_entropy(out, torch.from_numpy(y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        rows = y.shape[0]
+        if self.gradient_sync is not None:  # distributed hook: weighted all-reduce of the gradients
+            rows = self.gradient_sync(self._params, rows)
         if c.grad_clip is not None:
             _clip_grad_norm_([p.grad for p in self._params if p.grad is not None], c.grad_clip)
-        if c.lr_scaling != "none":
-            ratio = y.shape[0] / c.lr_reference_batch
-            scale = ratio if c.lr_scaling == "linear" else math.sqrt(ratio)
-            if c.lr_scale_max is not None:
-                scale = min(scale, c.lr_scale_max)
+        if c.lr_scaling != "none" or c.lr_decay_samples is not None:
+            lr = c.lr
+            if c.lr_scaling != "none":
+                ratio = rows / c.lr_reference_batch
+                lr *= max(c.lr_scale_min, ratio if c.lr_scaling == "linear" else math.sqrt(ratio))
+            if c.lr_decay_samples is not None:
+                decay = 1.0 / math.sqrt(1.0 + self.samples_trained / c.lr_decay_samples)
+                lr *= max(c.lr_decay_floor, decay)
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * scale
+                group["lr"] = lr
         optimizer.step()
         value = loss.item()
         self.last_loss = value
@@ -537,11 +550,15 @@ class IncrementalTrainer:
         cls, tensors: dict[str, torch.Tensor], state: dict[str, Any]
     ) -> IncrementalTrainer:
         """Rebuild a trainer exactly as it was when ``state_tensors``/``state_json`` were taken."""
-        if state.get("version") != STATE_VERSION:
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
             raise ConfigError(
-                f"trainer state version {state.get('version')!r} is not {STATE_VERSION}"
+                f"trainer state version {version!r} is not {STATE_VERSION} (or 1, upgraded)"
             )
-        trainer = cls(TrainerConfig.from_dict(state["config"]))
+        config = state["config"]
+        if version == 1:  # upgrade: settings added in version 2 keep their version-1 behaviour
+            config = {**_V1_DEFAULTS, **config}
+        trainer = cls(TrainerConfig.from_dict(config))
         trainer.task = state["task"]
         trainer.classes = list(state["classes"])
         trainer.class_index = {c: i for i, c in enumerate(trainer.classes)}
@@ -565,17 +582,8 @@ class IncrementalTrainer:
                 if name.startswith("optim."):
                     _, index, key = name.split(".", 2)
                     opt_state.setdefault(int(index), {})[key] = value
-            sizes = [len(g["params"]) for g in trainer.optimizer.param_groups]
-            if len(sizes) != len(state["optimizer_groups"]):
-                raise ConfigError(
-                    f"trainer state has {len(state['optimizer_groups'])} optimizer groups, "
-                    f"the model has {len(sizes)}"
-                )
-            starts = np.cumsum([0, *sizes])
-            groups = [
-                dict(g, params=list(range(starts[i], starts[i + 1])))
-                for i, g in enumerate(state["optimizer_groups"])
-            ]
+            n_params = len(list(trainer.model.parameters()))
+            groups = [dict(g, params=list(range(n_params))) for g in state["optimizer_groups"]]
             for g in groups:
                 if "betas" in g:
                     g["betas"] = tuple(g["betas"])

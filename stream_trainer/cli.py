@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"stream_trainer.commands.{name}")
-        except ModuleNotFoundError as exc:  # pragma: no cover - only while a command is being built
-            if exc.name != f"stream_trainer.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"stream_trainer.commands.{name}").register(sub)
     return parser
 
 

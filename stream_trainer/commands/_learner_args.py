@@ -56,6 +56,18 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight-standardize the linear layer before each norm"
         " (default: as the norm asks: group)",
     )
+    g.add_argument(
+        "--skip",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.skip,
+        help="a linear shortcut from the standardized inputs to the output (default on)",
+    )
+    g.add_argument(
+        "--lr-scale-min",
+        type=float,
+        default=_DEFAULTS.lr_scale_min,
+        help="lower bound of the batch-size lr factor (default 1: small batches keep --lr)",
+    )
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS.optimizer)
     g.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     g.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
@@ -80,6 +92,8 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         activation=args.activation,
         dropout=args.dropout,
         weight_standardization=args.weight_standardization,
+        skip=args.skip,
+        lr_scale_min=args.lr_scale_min,
         optimizer=args.optimizer,
         lr=args.lr,
         weight_decay=args.weight_decay,

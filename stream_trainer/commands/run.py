@@ -29,6 +29,8 @@ _TRAINER_FLAGS = {
     "activation": "activation",
     "dropout": "dropout",
     "weight_standardization": "weight_standardization",
+    "skip": "skip",
+    "lr_scale_min": "lr_scale_min",
     "optimizer": "optimizer",
     "lr": "lr",
     "weight_decay": "weight_decay",

@@ -195,20 +195,45 @@ def scraped(
             kafka_bootstrap, reg_topic, "river:TrumpApproval", rate=40, limit=REGRESSION_RECORDS
         )
 
+        unmet: list[str] = []
+
         def final(run: RunningService) -> bool:
             sel = f'run="{run.run}"'
             steps = run.service.trainer.steps
-            return (
-                _value(prometheus, f"stream_trainer_records_trained_total{{{sel}}}") == run.valid
-                and _value(prometheus, f"sum(stream_trainer_records_dead_lettered_total{{{sel}}})")
-                == sum(run.malformed.values())
-                and _value(prometheus, f'stream_trainer_model_version{{{sel}, kind="step"}}')
-                == steps
-                and _value(prometheus, f"count(stream_trainer_consumer_lag_records{{{sel}}})") == 3
-                and _value(prometheus, f"sum(stream_trainer_consumer_lag_records{{{sel}}})") == 0
-            )
+            checks = {
+                f"{run.run} trained": (
+                    _value(prometheus, f"stream_trainer_records_trained_total{{{sel}}}"),
+                    run.valid,
+                ),
+                f"{run.run} dead letters": (
+                    _value(prometheus, f"sum(stream_trainer_records_dead_lettered_total{{{sel}}})"),
+                    sum(run.malformed.values()),
+                ),
+                f"{run.run} model step": (
+                    _value(prometheus, f'stream_trainer_model_version{{{sel}, kind="step"}}'),
+                    steps,
+                ),
+                f"{run.run} lag series": (
+                    _value(prometheus, f"count(stream_trainer_consumer_lag_records{{{sel}}})"),
+                    3,
+                ),
+                f"{run.run} lag": (
+                    _value(prometheus, f"sum(stream_trainer_consumer_lag_records{{{sel}}})"),
+                    0,
+                ),
+            }
+            unmet[:] = [f"{k}: {got} != {want}" for k, (got, want) in checks.items() if got != want]
+            return not unmet
 
-        _wait(lambda: all(final(r) for r in runs.values()), "Prometheus to scrape the final counts")
+        # Generous: on a loaded 2-core machine the services can lag well behind the producer.
+        try:
+            _wait(
+                lambda: all(final(r) for r in runs.values()),
+                "Prometheus to scrape the final counts",
+                timeout=180.0,
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still unmet: {unmet}") from None
         final_time = time.time()
         yield prometheus, runs, final_time
     finally:

@@ -27,17 +27,31 @@ __all__ = ["EvaluationResult", "StreamHistory", "evaluate_stream"]
 
 @dataclass
 class StreamHistory:
-    """Per step: records seen so far, batch size, and the rolling metric after the step."""
+    """Per step: records seen so far, batch size, and the rolling metric after the step.
+
+    Bounded for long-lived services: once more than ``max_points`` steps are kept, every other
+    point is dropped and from then on only every ``stride``-th step is recorded (the stride doubles
+    each time), so memory stays O(max_points) however long the stream, and the plot still spans it.
+    """
 
     seen: list[int] = field(default_factory=list)
     batch_size: list[int] = field(default_factory=list)
     rolling: list[float] = field(default_factory=list)
     metric_name: str = "rolling_accuracy"
+    max_points: int = 20_000
+    stride: int = 1
+    _calls: int = 0
 
     def add(self, seen: int, size: int, metrics: dict[str, float]) -> None:
+        self._calls += 1
+        if (self._calls - 1) % self.stride:
+            return
         self.seen.append(seen)
         self.batch_size.append(size)
         self.rolling.append(metrics.get(self.metric_name, metrics.get("rmse", 0.0)))
+        if len(self.seen) > self.max_points:
+            del self.seen[1::2], self.batch_size[1::2], self.rolling[1::2]
+            self.stride *= 2
 
 
 @dataclass

@@ -104,3 +104,15 @@ def test_bad_names_list_the_valid_ones(
     code = main(["evaluate", "--source", "river:Phishing", "--no-progress", *flags])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_stream_history_stays_bounded_and_spans_the_stream() -> None:
+    from stream_trainer.evaluation import StreamHistory
+
+    history = StreamHistory(max_points=100)
+    for i in range(100_000):
+        history.add(i, 1 + i % 7, {"rolling_accuracy": i / 100_000})
+    assert len(history.seen) <= 100
+    assert len(history.seen) == len(history.batch_size) == len(history.rolling)
+    assert history.seen[0] == 0 and history.seen[-1] > 90_000
+    assert history.seen == sorted(history.seen)

@@ -168,7 +168,7 @@ def _cli_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_flags(name: str) -> set[str] | None:
-    """Option strings of ``stream-trainer <name>``, or None while that command is not written."""
+    """Option strings of ``stream-trainer <name>``, or None when there is no such command."""
     parser = _cli_parser()
     for action in parser._actions:  # argparse keeps sub-parsers here; no public accessor exists
         if isinstance(action, argparse._SubParsersAction):
@@ -184,11 +184,7 @@ def test_compose_commands_use_only_flags_the_cli_lists(services, service, subcom
     command = services[service]["command"]
     assert command[:2] == ["stream-trainer", subcommand]
     flags = _subcommand_flags(subcommand)
-    if flags is None:
-        pytest.skip(
-            f"`stream-trainer {subcommand}` is not written yet "
-            f"(stream_trainer/commands/{subcommand}.py absent); this check runs once it exists"
-        )
+    assert flags is not None, f"compose runs `stream-trainer {subcommand}`, which does not exist"
     used = {arg for arg in command[2:] if arg.startswith("--")}
     unknown = used - flags
     assert not unknown, f"{service} passes {sorted(unknown)}, not in `{subcommand} --help`"

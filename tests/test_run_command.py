@@ -125,7 +125,9 @@ def test_json_log_format_is_one_object_per_line(restore_logging):
         raise ValueError("boom\nwith a second line")
     except ValueError:
         log.exception("failed")
-    warnings.warn("a warning goes through logging too", UserWarning, stacklevel=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # shown even if an earlier test raised it already
+        warnings.warn("a warning goes through logging too", UserWarning, stacklevel=1)
     log.debug("below the level")
     lines = stream.getvalue().splitlines()
     records = [json.loads(line) for line in lines]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -205,29 +204,7 @@ class DistributedTrainerService(TrainerService):
             self._records_since_checkpoint += seen
             self.records_read += seen
             self._dirty = self._dirty or seen > 0
-        metrics = self._ensure_metrics()
-        if report.size:
-            self.history.add(self.records_read, report.size, trainer.metrics())
-            if self.predictions is not None and report.accepted:
-                self._publish_predictions(report)
-        if metrics is None:
-            self._dead_unreported.update(r.reason.value for r in rejected)
-            return
-        if report.size:
-            metrics.observe_step(
-                batch_size=report.size + len(batch.rejected),
-                trained=report.trained,
-                predicted_only=report.predicted_only,
-                predict_seconds=report.predict_seconds,
-                learn_seconds=report.learn_seconds,
-                loss=report.loss,
-            )
-            if trainer.samples_trained:
-                metrics.set_prequential(trainer.metrics())
-            if (trainer.steps - 1) % self.config.health_every_steps == 0:
-                self._report_norm_health(metrics, report)
-        for reason, n in Counter(r.reason.value for r in rejected).items():
-            metrics.dead_lettered(reason, n)
+        self._after_step(batch, report if report.size else None, rejected)
 
     # ------------------------------------------------------------------ checkpoint
     def checkpoint(self, reason: str) -> bool:

@@ -359,6 +359,14 @@ class TrainerService:
             self._records_since_checkpoint += len(batch.records) + len(batch.rejected)
             self.records_read += len(batch.records) + len(batch.rejected)
             self._dirty = True
+        self._after_step(batch, report, rejected)
+
+    def _after_step(
+        self, batch: Any, report: StepReport | None, rejected: list[RejectedRecord]
+    ) -> None:
+        """Everything that follows a step outside the lock: history, predictions out, metrics.
+        ``report`` is None when no step was taken (only rejected records arrived)."""
+        trainer = self.trainer
         metrics = self._ensure_metrics()
         if report is not None:
             self.history.add(self.records_read, report.size, trainer.metrics())

@@ -397,10 +397,17 @@ class KafkaRecordSource:
         self._pending_error: BaseException | None = None
         self._committed_here: dict[str, int] = {}
         self._closed = False
+        # True from a revocation (the start of a rebalance) to the next assignment (its end).
+        self._rebalancing = False
         self._consumer = self._connect()
         try:
-            self._ensure_topics()
+            # Subscribe first, then read the topics' metadata: the metadata response is what fills
+            # the group coordinator's partition snapshot, so the first JoinGroup already carries
+            # every partition. The other order joins with an empty snapshot and rebalances a
+            # second time as soon as the metadata arrives, a rebalance that a slow machine can
+            # push to the end of a short run, where it fails the final offset commit.
             self._consumer.subscribe(topics=list(config.topics), listener=_RebalanceListener(self))
+            self._ensure_topics()
         except BaseException:
             self._closed = True
             with contextlib.suppress(Exception):
@@ -466,6 +473,25 @@ class KafkaRecordSource:
                 topic,
                 self.config.create_topic_partitions,
             )
+        self._await_partition_metadata(missing)
+
+    def _await_partition_metadata(self, topics: Sequence[str]) -> None:
+        """Refresh the metadata until every one of ``topics`` shows its partitions (new topics
+        take a moment to appear), bounded by ``request_timeout_ms``."""
+        deadline = time.monotonic() + self.config.request_timeout_ms / 1000.0
+        pending = list(topics)
+        while pending:
+            try:
+                self._consumer.topics()  # a metadata request for every topic, snapshot included
+            except KafkaError as exc:
+                raise SourceError(f"cannot read Kafka metadata: {exc}", retriable=True) from exc
+            pending = [t for t in pending if not self._consumer.partitions_for_topic(t)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                msg = f"Kafka topic(s) {pending} created but their partitions never appeared"
+                raise SourceError(msg, retriable=True)
+            time.sleep(0.1)
 
     # -- rebalance callbacks (kafka-python IO thread) ------------------------------------------
 
@@ -488,8 +514,11 @@ class KafkaRecordSource:
         except BaseException as exc:
             self._pending_error = exc
             raise
+        finally:
+            self._rebalancing = False
 
     def _on_revoked(self, partitions: list[TopicPartition], *, lost: bool) -> None:
+        self._rebalancing = True
         if not partitions:  # the eager protocol revokes "nothing" before a first assignment
             return
         for tp in partitions:
@@ -566,8 +595,20 @@ class KafkaRecordSource:
 
         An offset behind one this source committed for the same partition since it was assigned is
         refused (``SourceError``, not retriable): committed offsets only move forward.
+
+        While a rebalance is in progress (:attr:`rebalancing`) nothing is sent and ``SourceError``
+        (retriable) is raised: the group would refuse the commit anyway, and kafka-python 3.0.12
+        can wedge when a commit is attempted while this member, as group leader, waits for its
+        SyncGroup response (the rebalance never completes and the next ``poll`` blocks forever).
+        The offsets stay in the service's checkpoint; the next checkpoint commits them.
         """
         self._check_open()
+        if self._rebalancing:
+            msg = (
+                f"not committing {dict(next_offsets)}: a consumer group rebalance is in progress "
+                "(the offsets are committed with the next checkpoint after it)"
+            )
+            raise SourceError(msg, retriable=True)
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for key, offset in next_offsets.items():
             topic, partition = parse_partition_key(key)
@@ -657,6 +698,11 @@ class KafkaRecordSource:
             if positions.get(key, -1) < end:
                 return False
         return True
+
+    @property
+    def rebalancing(self) -> bool:
+        """True between a revocation (start of a rebalance) and the next assignment (its end)."""
+        return self._rebalancing
 
     def assignment(self) -> list[TopicPartition]:
         """The partitions this member owns now, sorted."""

@@ -16,6 +16,7 @@ import torch
 
 from stream_trainer.checkpoints import Checkpoint, open_store
 from stream_trainer.cli import main as cli_main
+from stream_trainer.errors import SourceError
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.sources.recording import RecordingEntry, RecordingWriter
 
@@ -272,3 +273,34 @@ def test_embedded_default_run_trains_river_phishing(
     assert cli_main(argv) == 0
     again = json.loads((tmp_path / "report.json").read_text())
     assert (again["samples"], again["records_trained"]) == (1250, 0)
+
+
+def test_a_failed_offset_commit_is_retried_without_new_records(
+    tmp_path: Path, csv_source: Path
+) -> None:
+    """A commit refused (say, during a rebalance) after a successful save is sent again at the next
+    checkpoint trigger even when nothing new was trained (here the end of the run, right after the
+    last interval checkpoint), and no save is spent on it."""
+    config = _config(tmp_path, csv_source, batch_sizes="8", checkpoint_every_records=200)
+    ends = {f"{csv_source}:0": 400}
+    attempts: list[dict[str, int]] = []
+
+    class _RefusesOneCommit(TrainerService):
+        def _open_source(self) -> None:
+            super()._open_source()
+            committed = self.source.commit
+
+            def commit(offsets: dict[str, int]) -> None:
+                attempts.append(dict(offsets))
+                if offsets == ends and attempts.count(ends) == 1:
+                    raise SourceError("a consumer group rebalance is in progress", retriable=True)
+                committed(offsets)
+
+            self.source.commit = commit
+
+    service = _RefusesOneCommit(config)
+    report = service.run()
+    assert report["final_checkpoint_ok"] is True
+    assert attempts == [{f"{csv_source}:0": 200}, ends, ends]
+    assert service.source.committed == ends
+    assert report["checkpoint_version"] == 2  # the retry saved nothing

@@ -103,6 +103,9 @@ class TrainerService:
         self._lock = threading.RLock()
         self.pending_offsets: dict[str, int] = {}
         self.saved_offsets: dict[str, int] = {}
+        # Offsets of a saved checkpoint whose commit failed (e.g. during a rebalance): retried at
+        # the next checkpoint trigger even when nothing new was trained.
+        self._uncommitted: dict[str, int] | None = None
         self.checkpoint_version: int | None = None
         self.checkpoint_failures = 0
         self._last_checkpoint_ok = True
@@ -448,6 +451,8 @@ class TrainerService:
         """Save, then commit, then report (module docstring). Returns False if the save failed."""
         with self._lock:
             if not self._dirty and self.saved_offsets == self.pending_offsets:
+                if self._uncommitted is not None and self.checkpoint_version is not None:
+                    self._commit(self._uncommitted, self.checkpoint_version)
                 return self._last_checkpoint_ok
             offsets = dict(self.pending_offsets)
             t0 = time.perf_counter()
@@ -504,10 +509,7 @@ class TrainerService:
             self._last_checkpoint_ok = True
             self._dirty = False
             # 3. commit the offsets the checkpoint holds
-            try:
-                self.source.commit(offsets)
-            except SourceError as exc:
-                log.warning("checkpoint v%d saved but the offset commit failed (%s)", version, exc)
+            self._commit(offsets, version)
         # 4. report
         if self.metrics is not None:
             size = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
@@ -523,6 +525,15 @@ class TrainerService:
             duration,
         )
         return True
+
+    def _commit(self, offsets: dict[str, int], version: int) -> None:
+        try:
+            self.source.commit(offsets)
+        except SourceError as exc:
+            self._uncommitted = offsets
+            log.warning("checkpoint v%d saved but the offset commit failed (%s)", version, exc)
+        else:
+            self._uncommitted = None
 
     # ------------------------------------------------------------------ stop
     def request_stop(self, *_: Any) -> None:

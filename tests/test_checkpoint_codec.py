@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -87,16 +88,91 @@ def test_state_that_would_not_survive_json_is_refused(state: dict) -> None:
         CheckpointCodec().encode(checkpoint({}, state))
 
 
-def test_blob_is_what_safetensors_writes() -> None:
-    tensors = {
-        "b": torch.randn(3, dtype=torch.float32),
-        "a": torch.randn(2, 2, dtype=torch.float32),
-        "c": torch.arange(4, dtype=torch.int64),
+def every_kind_of_tensor() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "f64": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+        "i64": torch.tensor([-(2**63), 2**63 - 1, 5], dtype=torch.int64),
+        "b": torch.randn(3, generator=gen),
+        "a": torch.randn(2, 2, generator=gen),
+        "i32": torch.tensor([7, -7], dtype=torch.int32),
+        "bf16": torch.tensor([1.0, -2.5, math.inf], dtype=torch.bfloat16),
         "h": torch.ones(5, dtype=torch.float16),
+        "i16": torch.tensor([-3], dtype=torch.int16),
+        "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255, 9], dtype=torch.uint8),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "scalar_i64": torch.tensor(-4, dtype=torch.int64),
+        "empty": torch.zeros(0, 4),
+        "empty_bool": torch.zeros(3, 0, dtype=torch.bool),
+        "transposed": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
+        "every_other": torch.arange(10, dtype=torch.int64)[::2],
+        'ünï "quoted" \\ \n\t\x01\x7f \u2028 名前': torch.arange(3, dtype=torch.int16),
     }
-    blob = bytes(codec._safetensors_blob(tensors))
-    assert blob == safetensors.torch.save(tensors)
+
+
+def test_segments_are_what_safetensors_writes() -> None:
+    tensors = every_kind_of_tensor()
+    blob = b"".join(codec.safetensors_segments(tensors))
+    # safetensors itself refuses non-contiguous tensors; their contiguous copies hold the same.
+    assert blob == safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
     assert_bit_identical(safetensors.torch.load(blob), tensors)
+    for name, tensor in tensors.items():  # each dtype alone, and every dtype against each other
+        assert b"".join(codec.safetensors_segments({name: tensor})) == safetensors.torch.save(
+            {name: tensor.contiguous()}
+        )
+    assert b"".join(codec.safetensors_segments({})) == safetensors.torch.save({})
+
+
+def test_segments_view_the_tensors_without_copying() -> None:
+    contiguous = torch.arange(1000, dtype=torch.float32)
+    transposed = torch.arange(6, dtype=torch.int64).reshape(2, 3).t()
+    # safetensors order: I64 before F32, whatever the names
+    header, ints, floats = codec.safetensors_segments({"c": contiguous, "t": transposed})
+    assert header.nbytes % 8 == 0 and int.from_bytes(header[:8], "little") == header.nbytes - 8
+    assert ints.readonly and floats.readonly
+    contiguous[0] = 42.0  # a view, not a snapshot: the tensor must not change during a save
+    assert bytes(floats[:4]) == raw(torch.tensor([42.0]))
+    transposed[0, 0] = 99  # a non-contiguous tensor is copied
+    assert bytes(ints) == raw(torch.tensor([0, 3, 1, 4, 2, 5]))
+
+
+def test_reserved_and_unsupported_tensors_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="__metadata__"):
+        codec.safetensors_segments({"__metadata__": torch.ones(1)})
+    with pytest.raises(CheckpointError, match="dtype"):
+        codec.safetensors_segments({"c": torch.ones(1, dtype=torch.complex64)})
+    with pytest.raises(CheckpointError, match="dense"):
+        codec.safetensors_segments({"s": torch.eye(2).to_sparse()})
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 100, 2**20])
+def test_parts_straddle_segments_and_join_to_the_payload(chunk_size: int) -> None:
+    tensors = every_kind_of_tensor()
+    c = CheckpointCodec(chunk_size=chunk_size)
+    ck = checkpoint(tensors, {"s": "ü" * 30})
+    encoded = c.encode(ck)
+    m = encoded.manifest
+    tensor_bytes = b"".join(bytes(p) for p in encoded.parts[: m.tensor_parts])
+    assert tensor_bytes == b"".join(codec.safetensors_segments(tensors))
+    assert [sum(map(len, part)) for part in encoded.segments] == list(m.part_sizes)
+    assert [len(p) for p in encoded.parts] == list(m.part_sizes)
+    assert all(isinstance(s, memoryview) for part in encoded.segments for s in part)
+    assert_bit_identical(round_trip(ck, c).tensors, tensors)
+
+
+def test_layout_then_seal_is_encode_and_a_wrong_checksum_is_caught() -> None:
+    c = CheckpointCodec(chunk_size=64, hmac_key=b"k")
+    ck = checkpoint(every_kind_of_tensor(), {"x": 1}, created_at=5.0)
+    layout = c.layout(ck)
+    sealed = c.seal(layout, layout.sha256())
+    assert sealed.manifest_bytes == c.encode(ck).manifest_bytes
+    payload = b"".join(bytes(p) for p in sealed.parts)
+    assert layout.sha256() == hashlib.sha256(payload).hexdigest()
+    wrong = c.seal(layout, hashlib.sha256(b"something else").hexdigest())
+    with pytest.raises(CheckpointCorruptError, match="SHA-256"):
+        c.decode(wrong.manifest, [bytes(p) for p in wrong.parts])
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 10**6])
@@ -154,6 +230,7 @@ def test_codec_round_trip_property(tensors, state, chunk_size, key) -> None:
     encoded = c.encode(ck)
     assert all(1 <= len(p) <= chunk_size for p in encoded.parts)
     assert sum(map(len, encoded.parts)) == encoded.manifest.size_bytes
+    assert b"".join(codec.safetensors_segments(tensors)) == safetensors.torch.save(tensors)
     loaded = round_trip(ck, c)
     assert_bit_identical(loaded.tensors, tensors)
     assert json.dumps(loaded.state, sort_keys=True) == json.dumps(state, sort_keys=True)

@@ -4,19 +4,31 @@ Layout of one stored version
 ----------------------------
 ``payload = tensors_blob || state_document``
 
-* ``tensors_blob`` is a safetensors file (8-byte little-endian header length, JSON header, raw
-  little-endian tensor bytes). It is written here straight into one preallocated buffer, one
-  ``memcpy`` per tensor, and read back with :func:`safetensors.torch.load`, the library's own
-  validating parser. Nothing is ever unpickled.
+* ``tensors_blob`` is a safetensors file, byte for byte what :func:`safetensors.torch.save`
+  writes for the same dict (no ``__metadata__``): the header length as 8 bytes little-endian,
+  the JSON header (``{"NAME": {"dtype", "shape", "data_offsets"}, ...}`` in data order, no
+  spaces, non-ASCII names as raw UTF-8, padded with spaces to a multiple of 8 bytes), then the
+  raw little-endian bytes of every tensor. Tensors are laid out as safetensors lays them out:
+  by dtype in the order I64, F64, F32, I32, BF16, F16, I16, I8, U8, BOOL, then by name. It is
+  never built as one buffer: the encoder returns it as a list of segments, the header followed
+  by a read-only view of each tensor's own memory (a copy only for a tensor that is not a
+  contiguous CPU tensor). It is read back with :func:`safetensors.torch.load`, the library's
+  own validating parser. Nothing is ever unpickled.
 * ``state_document`` is UTF-8 JSON: the trainer state plus offsets, counters and identity.
 * Each section is cut into parts of at most ``chunk_size`` bytes (a Redis string holds at most
-  512 MiB); the parts of the tensors come first. Parts are views into the encoded buffers, not
-  copies.
+  512 MiB); the parts of the tensors come first. A part is a tuple of segments (views, not
+  copies) that may straddle tensors; :attr:`EncodedCheckpoint.parts` joins one part on demand.
 * The manifest (canonical JSON) lists the format version, the section and part sizes, the
   SHA-256 of the whole payload and a copy of the small metadata (offsets, samples, step, writer,
   epoch) so that versions can be listed without reading parts. When a key is configured
   (environment variable :data:`HMAC_KEY_ENV`, never the store) the manifest carries an
   HMAC-SHA256 over its canonical form, which covers the payload through the SHA-256.
+
+Encoding comes in two steps so that a store can hash the payload while it writes it:
+:meth:`CheckpointCodec.layout` (segments and sizes, no hashing) then
+:meth:`CheckpointCodec.seal` (the manifest, given the SHA-256 of the payload).
+:meth:`CheckpointCodec.encode` does both. A store writes every part, then the manifest, then
+publishes; the tensors must not change until the save returns (the views read them in place).
 
 Reading checks, in this order, before anything is decoded: manifest HMAC (when a key is set),
 manifest schema and format version, number and size of parts, SHA-256 of the payload. Only then
@@ -31,9 +43,9 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import safetensors.torch
 import torch
@@ -47,8 +59,10 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "UPGRADES",
     "CheckpointCodec",
+    "CheckpointLayout",
     "EncodedCheckpoint",
     "Manifest",
+    "safetensors_segments",
 ]
 
 DEFAULT_CHUNK_SIZE = 64 * 2**20
@@ -75,6 +89,14 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+}
+# The order in which safetensors lays tensors out: by dtype, from the last member of its ``Dtype``
+# enum to the first (U64, I64, F64, ..., U8, BOOL), then by name. Ranks of the dtypes above.
+_SAFETENSORS_ORDER = {
+    name: rank
+    for rank, name in enumerate(
+        ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+    )
 }
 _META_KEYS = (
     "created_at",
@@ -114,13 +136,71 @@ class Manifest:
         return self.tensors_size + self.state_size
 
 
+Part = tuple[memoryview, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """A checkpoint laid out as parts, before hashing: see :meth:`CheckpointCodec.layout`.
+
+    ``parts`` holds every part in write order (the tensor parts first, then the state parts),
+    each as a tuple of views into the tensors and the state document; nothing is copied.
+    """
+
+    version: int
+    meta: dict[str, Any]
+    tensors_size: int
+    state_size: int
+    tensor_parts: int
+    parts: list[Part]
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the payload: every segment of every part, in order."""
+        digest = hashlib.sha256()
+        for part in self.parts:
+            for segment in part:
+                digest.update(segment)
+        return digest.hexdigest()
+
+
+class _JoinedParts(Sequence[memoryview]):
+    """The parts as contiguous buffers, each joined only when it is asked for."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self._parts = parts
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    @overload
+    def __getitem__(self, index: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[memoryview]: ...
+    def __getitem__(self, index: int | slice) -> memoryview | list[memoryview]:
+        if isinstance(index, slice):
+            return [_joined(part) for part in self._parts[index]]
+        return _joined(self._parts[index])
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return (_joined(part) for part in self._parts)
+
+
 @dataclass(frozen=True)
 class EncodedCheckpoint:
-    """An encoded checkpoint: write ``parts`` in order, then ``manifest_bytes``."""
+    """An encoded checkpoint: write the parts in order, then ``manifest_bytes``.
+
+    ``segments[i]`` is part ``i`` as views (zero-copy, for stores that can write a part in
+    pieces); :attr:`parts` gives each part as one buffer, joining its segments on access.
+    """
 
     manifest: Manifest
     manifest_bytes: bytes
-    parts: list[memoryview]
+    segments: list[Part]
+
+    @property
+    def parts(self) -> Sequence[memoryview]:
+        """Part ``i`` as one contiguous buffer (a copy when it spans several segments)."""
+        return _JoinedParts(self.segments)
 
 
 class CheckpointCodec:
@@ -168,8 +248,20 @@ class CheckpointCodec:
     # ------------------------------------------------------------------ encode
 
     def encode(self, checkpoint: Checkpoint) -> EncodedCheckpoint:
-        """Encode ``checkpoint`` (its ``version`` included) into parts and a manifest."""
-        blob = _safetensors_blob(checkpoint.tensors)
+        """Encode ``checkpoint`` (its ``version`` included) into parts and a manifest.
+
+        The same as :meth:`layout`, hashing every part here, then :meth:`seal`.
+        """
+        layout = self.layout(checkpoint)
+        return self.seal(layout, layout.sha256())
+
+    def layout(self, checkpoint: Checkpoint) -> CheckpointLayout:
+        """Lay ``checkpoint`` out as parts (views, no copy) without hashing them.
+
+        Raises :class:`CheckpointError` for a tensor safetensors cannot hold or a state that is
+        not JSON.
+        """
+        segments = safetensors_segments(checkpoint.tensors)
         document = {
             "format_version": FORMAT_VERSION,
             "version": checkpoint.version,
@@ -184,25 +276,39 @@ class CheckpointCodec:
         if json.loads(doc)["state"] != checkpoint.state:
             msg = "checkpoint state does not survive JSON unchanged (tuples? non-str keys?)"
             raise CheckpointError(msg)
-        digest = hashlib.sha256(blob)
-        digest.update(doc)
-        tensor_parts = _chunks(memoryview(blob), self.chunk_size)
-        parts = tensor_parts + _chunks(memoryview(doc), self.chunk_size)
+        tensor_parts = _split(segments, self.chunk_size)
+        return CheckpointLayout(
+            version=checkpoint.version,
+            meta={key: getattr(checkpoint, key) for key in _META_KEYS},
+            tensors_size=sum(len(segment) for segment in segments),
+            state_size=len(doc),
+            tensor_parts=len(tensor_parts),
+            parts=tensor_parts + _split([memoryview(doc)], self.chunk_size),
+        )
+
+    def seal(self, layout: CheckpointLayout, sha256: str) -> EncodedCheckpoint:
+        """The manifest of ``layout``, whose payload has the hex SHA-256 ``sha256``.
+
+        ``sha256`` must have been computed over exactly the bytes that were (or will be) written;
+        a wrong one makes the version fail its checks on load, never load wrong tensors.
+        """
         body = {
             "format_version": FORMAT_VERSION,
-            "version": checkpoint.version,
-            "sha256": digest.hexdigest(),
-            "sections": {"tensors": len(blob), "state": len(doc)},
-            "tensor_parts": len(tensor_parts),
-            "parts": [len(part) for part in parts],
-            "meta": {key: getattr(checkpoint, key) for key in _META_KEYS},
+            "version": layout.version,
+            "sha256": sha256,
+            "sections": {"tensors": layout.tensors_size, "state": layout.state_size},
+            "tensor_parts": layout.tensor_parts,
+            "parts": [sum(len(segment) for segment in part) for part in layout.parts],
+            "meta": layout.meta,
         }
         signature = None
         if self._hmac_key is not None:
             signature = hmac.new(self._hmac_key, _canonical(body), hashlib.sha256).hexdigest()
         manifest_bytes = _canonical({"manifest": body, "hmac": signature})
-        manifest = self.read_manifest(manifest_bytes, version=checkpoint.version)
-        return EncodedCheckpoint(manifest=manifest, manifest_bytes=manifest_bytes, parts=parts)
+        manifest = self.read_manifest(manifest_bytes, version=layout.version)
+        return EncodedCheckpoint(
+            manifest=manifest, manifest_bytes=manifest_bytes, segments=layout.parts
+        )
 
     # ------------------------------------------------------------------ decode
 
@@ -342,10 +448,14 @@ class CheckpointCodec:
             raise CheckpointCorruptError(msg) from exc
 
 
-def _safetensors_blob(tensors: Mapping[str, torch.Tensor]) -> bytearray:
-    """The bytes :func:`safetensors.torch.save` would produce, built with one copy per tensor.
+def safetensors_segments(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
+    """The bytes :func:`safetensors.torch.save` writes for ``tensors``, as a list of segments.
 
-    Tensors are laid out by decreasing element size, then name, so every tensor is aligned.
+    ``b"".join(safetensors_segments(t)) == safetensors.torch.save(t)``. The first segment is the
+    8-byte header length and the padded JSON header; then comes one read-only view per non-empty
+    tensor, in data order, over the tensor's own memory: a tensor is copied only when it is not
+    a contiguous CPU tensor. The views keep the tensors alive; the tensors must not change while
+    the segments are in use.
     """
     if sys.byteorder != "little":  # pragma: no cover - no such machine in production
         raise CheckpointError("checkpoints are written on little-endian machines only")
@@ -358,9 +468,12 @@ def _safetensors_blob(tensors: Mapping[str, torch.Tensor]) -> bytearray:
         if tensor.layout != torch.strided:
             msg = f"tensor {name!r} is {tensor.layout}; only dense tensors are saved"
             raise CheckpointError(msg)
-        ordered.append((-tensor.element_size(), name, tensor, dtype_name))
+        if name == "__metadata__":
+            raise CheckpointError("'__metadata__' is reserved by safetensors; rename the tensor")
+        ordered.append((_SAFETENSORS_ORDER[dtype_name], name, tensor, dtype_name))
     ordered.sort(key=lambda item: (item[0], item[1]))
     header: dict[str, Any] = {}
+    views: list[memoryview] = []
     offset = 0
     for _, name, tensor, dtype_name in ordered:
         nbytes = tensor.numel() * tensor.element_size()
@@ -370,23 +483,41 @@ def _safetensors_blob(tensors: Mapping[str, torch.Tensor]) -> bytearray:
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    start = 8 + len(header_bytes)
-    blob = bytearray(start + offset)
-    blob[:8] = len(header_bytes).to_bytes(8, "little")
-    blob[8:start] = header_bytes
-    view = memoryview(blob)
-    for _, name, tensor, _ in ordered:
-        begin, end = header[name]["data_offsets"]
-        if end > begin:
+        if nbytes:
             source = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            view[start + begin : start + end] = source.numpy()  # type: ignore[call-overload]
-    return blob
+            views.append(source.numpy().data.toreadonly())
+    try:
+        header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        msg = f"a tensor name is not valid Unicode: {exc}"
+        raise CheckpointError(msg) from exc
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    return [memoryview(len(header_bytes).to_bytes(8, "little") + header_bytes), *views]
 
 
-def _chunks(view: memoryview, size: int) -> list[memoryview]:
-    return [view[begin : begin + size] for begin in range(0, len(view), size)]
+def _split(segments: Sequence[memoryview], size: int) -> list[Part]:
+    """Cut the concatenation of ``segments`` into parts of ``size`` bytes (the last one shorter),
+    each part a tuple of slices of the segments."""
+    parts: list[Part] = []
+    current: list[memoryview] = []
+    room = size
+    for segment in segments:
+        begin = 0
+        while begin < len(segment):
+            take = min(room, len(segment) - begin)
+            current.append(segment[begin : begin + take])
+            begin += take
+            room -= take
+            if room == 0:
+                parts.append(tuple(current))
+                current, room = [], size
+    if current:
+        parts.append(tuple(current))
+    return parts
+
+
+def _joined(part: Part) -> memoryview:
+    return part[0] if len(part) == 1 else memoryview(b"".join(part))
 
 
 def _join(parts: Sequence[bytes | None]) -> bytes:

@@ -10,10 +10,23 @@ Keys, all under ``PREFIX``::
     PREFIX:epoch          writer epoch (INCR); PREFIX:epoch:writer names who took it
     PREFIX:next_version   version counter (INCR)
 
-Parts are written in one pipeline, then a Lua script publishes version N atomically: it refuses
-if the writer's epoch is not ``PREFIX:epoch`` or if any part of N is missing, otherwise it
-removes the TTLs, points ``PREFIX:latest`` at N and unlinks the versions beyond ``keep``. Parts
-of a write that never got published expire by themselves (``pending_ttl_s``).
+A save writes, in this order:
+
+1. every part, ``SET PREFIX:v:N:part:I <bytes> EX pending_ttl_s``, pipelined on one connection.
+   The value of a part is sent straight from the tensors' memory (the RESP command is framed
+   here and handed to redis-py's ``Connection.send_packed_command`` as a list of buffers, one
+   per segment, so nothing is concatenated or copied). Meanwhile the calling thread computes the
+   SHA-256 of the very same buffers; the two overlap (both release the GIL).
+2. once every part is acknowledged, the manifest, which carries that SHA-256 (and the HMAC):
+   ``SET PREFIX:v:N:manifest <json> EX pending_ttl_s``. A version without a manifest does not
+   exist for a reader, so a manifest only ever stands beside parts that were all written.
+3. a Lua script publishes version N atomically: it refuses if the writer's epoch is not
+   ``PREFIX:epoch`` or if the manifest or any part of N is missing, otherwise it removes the
+   TTLs, points ``PREFIX:latest`` at N and unlinks the versions beyond ``keep``.
+
+Keys of a write that never got published expire by themselves (``pending_ttl_s``). A load reads
+the manifest, then the parts, and checks their sizes and SHA-256 before decoding anything, so a
+damaged or tampered part is refused.
 
 The Lua script builds key names from the prefix, so the store needs a single Redis (or a
 cluster with every key of a prefix in one hash slot, e.g. ``prefix={trainer-1}``).
@@ -28,13 +41,15 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint
+from stream_trainer.checkpoints.checkpoint import Checkpoint
+from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint, Part
 from stream_trainer.checkpoints.retry import RetryPolicy
 from stream_trainer.checkpoints.store import DEFAULT_KEEP, VersionedStore
 from stream_trainer.errors import (
@@ -48,6 +63,9 @@ __all__ = ["DEFAULT_PREFIX", "RedisCheckpointStore"]
 
 T = TypeVar("T")
 DEFAULT_PREFIX = "stream-trainer:checkpoints"
+# Buffers below this size are merged before they reach the socket (framing, small segments);
+# larger ones are sent as they are, without a copy.
+_COALESCE_BELOW = 64 * 1024
 
 # KEYS: latest, epoch, versions, parts-hash.  ARGV: prefix, version, epoch, parts, keep.
 _PUBLISH = """
@@ -193,17 +211,82 @@ class RedisCheckpointStore(VersionedStore):
     def _reserve_version(self) -> int:
         return int(self._call(lambda: self.client.incr(self._key("next_version")), "reserve"))
 
-    def _write_version(self, version: int, encoded: EncodedCheckpoint) -> None:
-        def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for index, part in enumerate(encoded.parts):
-                pipe.set(self._key("v", version, "part", index), part, ex=self.pending_ttl_s)
-            pipe.set(
-                self._key("v", version, "manifest"), encoded.manifest_bytes, ex=self.pending_ttl_s
-            )
-            pipe.execute()
+    def _stage(self, checkpoint: Checkpoint) -> tuple[int, EncodedCheckpoint]:
+        """Steps 2 and 3 of a save: reserve a version, then write its parts while hashing them,
+        then its manifest (see the module docstring); nothing is published."""
+        version = self._reserve_version()
+        layout = self.codec.layout(replace(checkpoint, version=version))
+        sha256 = self._write_parts_hashed(version, layout.parts)
+        encoded = self.codec.seal(layout, sha256)
+        self._write_manifest(version, encoded.manifest_bytes)
+        return version, encoded
 
-        self._call(run, f"write version {version}")
+    def _write_version(self, version: int, encoded: EncodedCheckpoint) -> None:
+        """Write the parts, then the manifest (no hashing: ``encoded`` is already sealed)."""
+        self._call(lambda: self._send_parts(version, encoded.segments), f"write version {version}")
+        self._write_manifest(version, encoded.manifest_bytes)
+
+    def _write_manifest(self, version: int, manifest: bytes) -> None:
+        key = self._key("v", version, "manifest")
+        self._call(
+            lambda: self.client.set(key, manifest, ex=self.pending_ttl_s),
+            f"write manifest {version}",
+        )
+
+    def _write_parts_hashed(self, version: int, parts: Sequence[Part]) -> str:
+        """Send ``parts`` on a helper thread while this thread hashes them; the hex SHA-256.
+
+        Connection errors are retried (the whole set of parts again: ``SET`` is idempotent) on
+        the helper thread; a final error is raised here once hashing is done.
+        """
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                self._call(lambda: self._send_parts(version, parts), f"write version {version}")
+            except BaseException as exc:  # re-raised on the calling thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=send, name="checkpoint-write", daemon=True)
+        thread.start()
+        try:
+            digest = hashlib.sha256()
+            for part in parts:
+                for segment in part:
+                    digest.update(segment)
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
+        return digest.hexdigest()
+
+    def _send_parts(self, version: int, parts: Sequence[Part]) -> None:
+        """``SET`` every part with the pending TTL, pipelined on one pooled connection, framed
+        here so that each segment goes to the socket as it is (see the module docstring)."""
+        if not parts:
+            return
+        encode = self.client.get_encoder().encode
+        ttl = str(self.pending_ttl_s).encode()
+        buffers: list[bytes | memoryview] = []
+        for index, part in enumerate(parts):
+            key = encode(self._key("v", version, "part", index))
+            size = sum(len(segment) for segment in part)
+            buffers.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n" % (len(key), key, size))
+            buffers.extend(part)
+            buffers.append(b"\r\n$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ttl), ttl))
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(_coalesce(buffers))
+            replies = [connection.read_response() for _ in parts]
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        if any(reply not in (b"OK", "OK") for reply in replies):
+            msg = f"unexpected replies to SET: {replies!r}"
+            raise CheckpointError(msg)
 
     def _publish(self, version: int, epoch: int, parts: int) -> None:
         keys = [self._key("latest"), self._key("epoch"), self._key("versions"), self._key("parts")]
@@ -318,3 +401,20 @@ class RedisCheckpointStore(VersionedStore):
     def _close(self) -> None:
         if self._owns_client:
             self.client.close()
+
+
+def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Merge runs of small buffers (fewer, larger socket writes); large ones pass uncopied."""
+    out: list[bytes | memoryview] = []
+    pending = bytearray()
+    for buffer in buffers:
+        if len(buffer) < _COALESCE_BELOW:
+            pending += buffer
+            continue
+        if pending:
+            out.append(bytes(pending))
+            pending.clear()
+        out.append(buffer)
+    if pending:
+        out.append(bytes(pending))
+    return out

@@ -1,10 +1,18 @@
-"""Redis-specific behaviour against a real redis-server: restarts, retries, TTLs, prefixes."""
+"""Redis-specific behaviour against a real redis-server: restarts, retries, TTLs, prefixes, the
+zero-copy write of the parts (manifest last) and corrupted parts."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
+import numpy
 import pytest
+import redis
+import safetensors.torch
 import torch
 
 from stream_trainer.checkpoints import (
@@ -14,7 +22,7 @@ from stream_trainer.checkpoints import (
     RedisCheckpointStore,
     RetryPolicy,
 )
-from stream_trainer.errors import StoreUnavailableError
+from stream_trainer.errors import CheckpointCorruptError, StoreUnavailableError
 from tests.fixtures.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -103,3 +111,127 @@ def test_prefixes_are_independent(redis_url: str) -> None:
         assert two.save(make(5)) == 1
         loaded = one.load_latest()
         assert loaded is not None and loaded.state == {"seed": 1}
+
+
+def three_tensors(n: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return {
+        "model.weight": torch.randn(n, generator=gen),
+        "optim.step": torch.arange(n // 4, dtype=torch.int64),
+        "model.mask": torch.rand(n, generator=gen) > 0.5,
+    }
+
+
+def test_parts_go_out_uncopied_and_the_manifest_last(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = three_tensors(300_000)
+    sent: list[bytes | memoryview] = []
+    real_send = redis.connection.Connection.send_packed_command
+
+    def spy(self: redis.connection.Connection, command: Any, check_health: bool = True) -> None:
+        sent.extend([command] if isinstance(command, bytes | str) else command)
+        real_send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", spy)
+    with store_for(redis_url, RetryPolicy(), prefix="zc") as store:
+        store.codec = CheckpointCodec(chunk_size=2**20)  # parts straddle the tensors
+        client = store.client
+        seen: list[tuple[bool, bool]] = []
+        real_manifest = store._write_manifest
+
+        def manifest_last(version: int, manifest: bytes) -> None:
+            parts = json.loads(manifest)["manifest"]["parts"]
+            keys = [f"zc:v:{version}:part:{i}" for i in range(len(parts))]
+            seen.append(
+                (client.exists(*keys) == len(keys), bool(client.exists(f"zc:v:{version}:manifest")))
+            )
+            real_manifest(version, manifest)
+
+        monkeypatch.setattr(store, "_write_manifest", manifest_last)
+        ck = Checkpoint(tensors=tensors, state={}, offsets={}, samples=0, step=0,
+                        config_fingerprint="c", writer_id="w", epoch=0)  # fmt: skip
+        assert store.save(ck) == 1
+        assert seen == [(True, False)], "every part is written before the manifest"
+        big = [b for b in sent if len(b) >= 64 * 1024]
+        payload = sum(t.numel() * t.element_size() for t in tensors.values())
+        # Only framing and the slivers of a tensor cut at a part boundary (< 64 KiB) are merged.
+        assert sum(len(b) for b in sent if not isinstance(b, memoryview)) < 4 * 64 * 1024
+        assert sum(map(len, big)) > payload - 4 * 64 * 1024
+        memories = [t.view(-1).view(torch.uint8).numpy() for t in tensors.values()]
+        for buffer in big:
+            assert isinstance(buffer, memoryview), "a large buffer was copied before sending"
+            view = numpy.frombuffer(buffer, dtype=numpy.uint8)
+            assert any(numpy.shares_memory(view, memory) for memory in memories)
+        manifest = json.loads(client.get("zc:v:1:manifest"))["manifest"]
+        stored = b"".join(client.get(f"zc:v:1:part:{i}") for i in range(manifest["tensor_parts"]))
+        assert stored == safetensors.torch.save(tensors)
+        loaded = store.load_latest()
+        assert loaded is not None
+        for name, tensor in tensors.items():
+            assert torch.equal(loaded.tensors[name], tensor)
+
+
+def test_a_corrupted_part_is_detected_and_refused(redis_url: str) -> None:
+    with store_for(redis_url, RetryPolicy(), prefix="bad") as store:
+        store.codec = CheckpointCodec(chunk_size=1000)
+        good = Checkpoint(tensors=three_tensors(700), state={"n": 1}, offsets={}, samples=1,
+                          step=1, config_fingerprint="c", writer_id="w", epoch=0)  # fmt: skip
+        store.save(good)
+        store.save(replace(good, tensors=three_tensors(701), state={"n": 2}))
+        # Payload: header 0-224, int64 224-1624, float32 1624-4428, bool. Part 1 (bytes
+        # 1000-2000) straddles the int64 and float32 tensors; flip a bit of the int64 end.
+        layout = store.codec.layout(replace(good, tensors=three_tensors(701), version=2))
+        assert [len(segment) for segment in layout.parts[1]] == [624, 376]
+        key = "bad:v:2:part:1"
+        byte = store.client.getrange(key, 620, 620)
+        store.client.setrange(key, 620, bytes([byte[0] ^ 0x20]))
+        result = store.verify(2)
+        assert not result.ok and "SHA-256" in (result.error or "")
+        with pytest.raises(CheckpointCorruptError, match="SHA-256"):
+            store.load(2)
+        loaded = store.load_latest()
+        assert loaded is not None and loaded.version == 1 and loaded.state == {"n": 1}
+        assert store.corrupt_loads == 1
+
+
+def test_bytes_that_differ_from_the_hashed_ones_are_refused(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that reaches Redis other than it was hashed (torn write, tensor changed during
+    the save) publishes a version that no reader accepts."""
+    with store_for(redis_url, RetryPolicy(), prefix="torn") as store:
+        store.save(make(1))
+        real_send = store._send_parts
+
+        def torn(version: int, parts: Any) -> None:
+            first = bytearray(b"".join(parts[0]))
+            first[-1] ^= 0xFF
+            real_send(version, [(memoryview(bytes(first)),), *parts[1:]])
+
+        monkeypatch.setattr(store, "_send_parts", torn)
+        assert store.save(make(2)) == 2
+        monkeypatch.undo()
+        assert not store.verify(2).ok
+        loaded = store.load_latest()
+        assert loaded is not None and loaded.version == 1 and store.corrupt_loads == 1
+
+
+def test_a_failed_part_write_publishes_nothing_and_writes_no_manifest(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    retry = RetryPolicy(
+        retries=1, backoff=ExponentialBackoff(0.01, 1.0, jitter=False), sleep=lambda _: None
+    )
+    with store_for(redis_url, retry, prefix="fail") as store:
+        store.save(make(1))
+
+        def down(version: int, parts: Any) -> None:
+            raise redis.ConnectionError("connection reset")
+
+        monkeypatch.setattr(store, "_send_parts", down)
+        with pytest.raises(StoreUnavailableError, match="write version 2"):
+            store.save(make(2))
+        assert store.client.get("fail:v:2:manifest") is None
+        assert store.latest_version() == 1
+        assert not any(t.name == "checkpoint-write" for t in threading.enumerate())

@@ -92,8 +92,14 @@ class SynchronizedMomentReducer:
         self.active = False
         self.placeholder = False
 
+    @property
+    def is_identity(self) -> bool:
+        """True while calls return their arguments unchanged (the norm layers' fused path reads
+        it; see :func:`~stream_trainer.norms._moments.reducer_is_identity`)."""
+        return not self.active or self.comm.world_size == 1
+
     def __call__(self, count: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.active or self.comm.world_size == 1:
+        if self.is_identity:
             return count, s1, s2
         weight = 0.0 if self.placeholder else float(count[0].item())
         return _AllReduceMoments.apply(count, s1, s2, weight, self.comm)

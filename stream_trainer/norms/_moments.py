@@ -1,6 +1,6 @@
 r"""Batch moments and the sample-counted running-moment update shared by the batch-family layers.
 
-Three pieces, used by :class:`~stream_trainer.norms.batch.BatchNorm`,
+Three pieces (and their fast-path variants), used by :class:`~stream_trainer.norms.batch.BatchNorm`,
 :class:`~stream_trainer.norms.batch.EMABatchNorm`, :class:`~stream_trainer.norms.batch.BatchRenorm`
 and :class:`~stream_trainer.norms.online.OnlineNorm`:
 
@@ -10,10 +10,13 @@ and :class:`~stream_trainer.norms.online.OnlineNorm`:
   returns :math:`\mu_B = S_1 / n` and the *biased* :math:`\sigma_B^2 = S_2 / n - \mu_B^2`.
   The sums are accumulated in float64 so that the cancellation in :math:`S_2/n - \mu_B^2` loses
   nothing for float32 inputs whose mean is up to ~1e4 standard deviations from zero; the result is
-  differentiable (the gradient flows through :math:`S_1` and :math:`S_2`).
+  differentiable (the gradient flows through :math:`S_1` and :math:`S_2`). (The fused training
+  path of ``ema_batch`` / ``batch_renorm``, :mod:`stream_trainer.norms._fused`, does not call it
+  when the reducer is the identity: it takes shifted two-pass moments in the input dtype.)
 * :func:`sample_weight` turns a per-sample momentum :math:`m` into the weight of a batch of
   :math:`n` samples, :math:`a_n = 1 - (1 - m)^n`, optionally raised to :math:`n / (t + n)` (warm
-  start, :math:`t` = samples seen so far).
+  start, :math:`t` = samples seen so far); :func:`sample_weight_value` is the same for one count
+  as a Python float.
 * :func:`mixture_update` merges the running moments with the batch moments as a two-component
   mixture:
 
@@ -29,6 +32,7 @@ and :class:`~stream_trainer.norms.online.OnlineNorm`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -42,19 +46,29 @@ __all__ = [
     "identity_moment_reducer",
     "mixture_update",
     "reduce_dims",
+    "reducer_is_identity",
     "sample_weight",
+    "sample_weight_value",
 ]
 
 MomentReducer = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 """``(count, sum, sum_of_squares) -> (count, sum, sum_of_squares)``, all float64 of shape ``(C,)``.
 
 The sums are raw (not shifted), so an element-wise all-reduce (``SUM``) of the three tensors is a
-correct reducer."""
+correct reducer. A reducer object may have a boolean attribute ``is_identity``: while it is
+``True`` the reducer promises to return its arguments unchanged, and ``ema_batch`` /
+``batch_renorm`` may skip it and take their fused path (:func:`reducer_is_identity`)."""
 
 
 def identity_moment_reducer(count: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The single-process reducer: returns its arguments unchanged."""
     return count, s1, s2
+
+
+def reducer_is_identity(reducer: MomentReducer) -> bool:
+    """Whether ``reducer`` returns its arguments unchanged right now: it is
+    :func:`identity_moment_reducer`, or its ``is_identity`` attribute is ``True``."""
+    return reducer is identity_moment_reducer or getattr(reducer, "is_identity", False) is True
 
 
 class BatchMoments(NamedTuple):
@@ -105,6 +119,17 @@ def sample_weight(
         a = -torch.expm1(count * torch.log1p(torch.tensor(-momentum, dtype=torch.float64)))
     if warm_start:
         a = torch.maximum(a, count / (samples_seen.to(count.dtype) + count))
+    return a
+
+
+def sample_weight_value(
+    count: int, samples_seen: int, momentum: float, *, warm_start: bool
+) -> float:
+    """:func:`sample_weight` for one count shared by every feature, as a Python float (the same
+    float64 formula, with :mod:`math` instead of tensors)."""
+    a = 1.0 if momentum >= 1.0 else -math.expm1(count * math.log1p(-momentum))
+    if warm_start:
+        a = max(a, count / (float(samples_seen) + count))
     return a
 
 

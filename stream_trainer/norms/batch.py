@@ -3,7 +3,14 @@ r"""The batch-statistics family: :class:`BatchNorm`, :class:`EMABatchNorm`, :cla
 All three reduce a batch to per-feature :math:`(n, \sum x, \sum x^2)` over ``N`` (and ``L`` for
 ``(N, C, L)``), pass them through ``self.moment_reducer`` and derive :math:`\mu_B` and the biased
 :math:`\sigma_B^2` from the reduced sums (float64 accumulation, see
-:mod:`stream_trainer.norms._moments`). In eval mode all three normalize with the running statistics,
+:mod:`stream_trainer.norms._moments`). That is the *reference path*. In training,
+:class:`EMABatchNorm` and :class:`BatchRenorm` take a *fused path* instead whenever the reducer is
+the identity (single process) and the input is a float32/float64 CPU tensor of the layer's dtype:
+the same outputs, gradients and running buffers (to the rounding of the dtype; the statistics are
+taken relative to the batch's first row, so large offsets lose nothing there either) from one
+autograd node of about twenty tensor ops instead of about thirty differentiable ones
+(:mod:`stream_trainer.norms._fused`). A layer's ``fused = False`` forces the reference path. In
+eval mode all three normalize with the running statistics,
 
 .. math:: y = \gamma \frac{x - \hat\mu}{\sqrt{\hat\sigma^2 + \epsilon}} + \beta,
 
@@ -16,10 +23,16 @@ import torch
 from torch import Tensor
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.norms._fused import (
+    batch_renorm_train,
+    ema_batch_norm_train,
+    fused_path_applies,
+)
 from stream_trainer.norms._moments import (
     batch_moments,
     mixture_update,
     sample_weight,
+    sample_weight_value,
 )
 from stream_trainer.norms._options import (
     check_bool,
@@ -60,14 +73,47 @@ class _RunningStatsNorm(StreamNorm):
             return None
         return self.running_mean.detach(), self.running_var.detach()
 
+    def _state_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(running_mean, running_var, samples_seen, weight, bias)``, read from the buffer and
+        parameter dicts: ``nn.Module.__getattr__`` is a measurable part of a batch-size-1 step.
+        (A parametrized ``weight`` or ``bias`` is not in ``_parameters``: plain attribute then.)"""
+        buffers, params = self._buffers, self._parameters
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        seen = buffers["samples_seen"]
+        assert running_mean is not None and running_var is not None and seen is not None
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError:
+            weight, bias = self.weight, self.bias
+        return running_mean, running_var, seen, weight, bias
+
     def _normalize_with(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """:math:`(x - \\mu) / \\sqrt{\\sigma^2 + \\epsilon}` with per-feature ``mean``, ``var``."""
         invstd = torch.rsqrt(var + self.eps)
         return (x - self._per_feature(mean, x)) * self._per_feature(invstd, x)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
-        assert self.running_mean is not None and self.running_var is not None
-        return self._affine(self._normalize_with(x, self.running_mean, self.running_var))
+        r""":math:`(x - \hat\mu) \cdot \gamma / \sqrt{\hat\sigma^2 + \epsilon} + \beta` as the
+        per-feature factor, then one subtraction and one multiply-add over the batch: the serving
+        forward of every step, so it is kept to a few ops."""
+        buffers, params = self._buffers, self._parameters
+        mean, var = buffers["running_mean"], buffers["running_var"]
+        assert mean is not None and var is not None
+        weight: Tensor | None
+        bias: Tensor | None
+        try:
+            weight, bias = params["weight"], params["bias"]
+        except KeyError:  # parametrized
+            weight, bias = self.weight, self.bias
+        scale = torch.add(var, self.eps).rsqrt_()
+        if weight is not None:
+            scale = scale * weight
+        if x.dim() != 2 or x.dtype != scale.dtype:  # broadcast (N, C, L), cast to x's dtype
+            mean, scale = self._per_feature(mean, x), self._per_feature(scale, x)
+            bias = None if bias is None else self._per_feature(bias, x)
+        if bias is None:
+            return (x - mean) * scale
+        return torch.addcmul(bias, x - mean, scale)
 
 
 class BatchNorm(_RunningStatsNorm):
@@ -248,6 +294,10 @@ class EMABatchNorm(_RunningStatsNorm):
     (3.0, 4.6667)
     """
 
+    fused: bool = True
+    """Use the fused training path of :mod:`stream_trainer.norms._fused` where it applies (set to
+    ``False`` on an instance for the reference path, e.g. to differentiate twice)."""
+
     def __init__(
         self,
         num_features: int,
@@ -265,22 +315,28 @@ class EMABatchNorm(_RunningStatsNorm):
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.samples_seen is not None
+        running_mean, running_var, seen, weight, bias = self._state_tensors()
+        if self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer):
+            n = x.numel() // x.shape[1]
+            t = int(seen) if self.warm_start else 0
+            a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+            return ema_batch_norm_train(
+                x, weight, bias, running_mean, running_var, seen, a_n, self.eps
+            )
         moments = batch_moments(x, self.moment_reducer)
-        a = sample_weight(moments.n, self.samples_seen, self.momentum, warm_start=self.warm_start)
+        a = sample_weight(moments.n, seen, self.momentum, warm_start=self.warm_start)
         mean, var = mixture_update(
-            self.running_mean.detach().to(torch.float64),
-            self.running_var.detach().to(torch.float64),
+            running_mean.detach().to(torch.float64),
+            running_var.detach().to(torch.float64),
             moments.mean,
             moments.var,
             a,
         )
         y = self._normalize_with(x, mean, var)
         with torch.no_grad():
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var)
-            self.samples_seen.add_(moments.n[0].round().long())
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+            seen.add_(moments.n[0].round().long())
         return self._affine(y)
 
     def extra_repr(self) -> str:
@@ -331,6 +387,9 @@ class BatchRenorm(_RunningStatsNorm):
     ``x`` only), and still updates the running moments. Eval: running moments.
     """
 
+    fused: bool = True
+    """As :attr:`EMABatchNorm.fused`."""
+
     def __init__(
         self,
         num_features: int,
@@ -379,15 +438,32 @@ class BatchRenorm(_RunningStatsNorm):
             p = (t >= start).to(torch.float64)
         return 1.0 + (self.rmax - 1.0) * p, self.dmax * p
 
+    def _clip_limit_values(self, samples_seen: int) -> tuple[float, float]:
+        """:meth:`clip_limits` at ``samples_seen`` as Python floats (the same float64 formula)."""
+        t = float(samples_seen)
+        start, end = float(self.warmup_start_samples), float(self.warmup_end_samples)
+        if end > start:
+            p = min(max((t - start) / (end - start), 0.0), 1.0)
+        else:
+            p = 1.0 if t >= start else 0.0
+        return 1.0 + (self.rmax - 1.0) * p, self.dmax * p
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.samples_seen is not None
+        running_mean, running_var, seen, weight, bias = self._state_tensors()
+        if self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer):
+            n = x.numel() // x.shape[1]
+            t = int(seen)
+            a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+            rmax_t, dmax_t = self._clip_limit_values(t)
+            return batch_renorm_train(
+                x, weight, bias, running_mean, running_var, seen, a_n, self.eps, rmax_t, dmax_t
+            )
         moments = batch_moments(x, self.moment_reducer)
-        mean = self.running_mean.detach().to(torch.float64)
-        var = self.running_var.detach().to(torch.float64)
+        mean = running_mean.detach().to(torch.float64)
+        var = running_var.detach().to(torch.float64)
         sigma = torch.sqrt(var + self.eps)
         sigma_b = torch.sqrt(moments.var + self.eps)
         rmax, dmax = self.clip_limits()
@@ -399,13 +475,11 @@ class BatchRenorm(_RunningStatsNorm):
         y_single = self._normalize_with(x, mean, var)
         y = torch.where(self._broadcast(moments.n > 1.0, x), y_renorm, y_single)
         with torch.no_grad():
-            a = sample_weight(
-                moments.n, self.samples_seen, self.momentum, warm_start=self.warm_start
-            )
+            a = sample_weight(moments.n, seen, self.momentum, warm_start=self.warm_start)
             new_mean, new_var = mixture_update(mean, var, moments.mean, moments.var, a)
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            self.samples_seen.add_(moments.n[0].round().long())
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+            seen.add_(moments.n[0].round().long())
         return self._affine(y)
 
     def extra_repr(self) -> str:

@@ -333,3 +333,23 @@ def test_package_never_unpickles() -> None:
     banned = r"import pickle|from pickle|(?<!safetensors\.)torch\.load\b|\bdill\b|\bmarshal\b"
     assert re.findall(banned, sources) == []
     assert "safetensors.torch.load(blob)" in sources
+
+
+def test_parts_read_back_in_ranges_decode_like_whole_parts() -> None:
+    """A store may hand a part over as its ranges (ChunkedPart): sizes, SHA-256 and decoding are
+    those of the joined bytes, and a flipped byte in one range is still caught."""
+    tensors = every_kind_of_tensor()
+    c = CheckpointCodec(chunk_size=64)
+    encoded = c.encode(checkpoint(tensors, {"s": "x" * 70}))
+    whole = [bytes(p) for p in encoded.parts]
+    ranged = [codec.ChunkedPart([p[i : i + 7] for i in range(0, len(p), 7)]) for p in whole]
+    assert [len(p) for p in ranged] == [len(p) for p in whole]
+    mixed: list[bytes | codec.ChunkedPart] = [*ranged[:2], *whole[2:]]
+    assert_bit_identical(c.decode(encoded.manifest, ranged).tensors, tensors)
+    assert_bit_identical(c.decode(encoded.manifest, mixed).tensors, tensors)
+    first = list(ranged[0].chunks)
+    first[1] = bytes([first[1][0] ^ 0x01]) + first[1][1:]
+    with pytest.raises(CheckpointCorruptError, match="SHA-256"):
+        c.decode(encoded.manifest, [codec.ChunkedPart(first), *ranged[1:]])
+    with pytest.raises(CheckpointCorruptError, match="part 0 has"):
+        c.decode(encoded.manifest, [codec.ChunkedPart(first[:-1]), *ranged[1:]])

@@ -60,6 +60,7 @@ __all__ = [
     "UPGRADES",
     "CheckpointCodec",
     "CheckpointLayout",
+    "ChunkedPart",
     "EncodedCheckpoint",
     "Manifest",
     "safetensors_segments",
@@ -137,6 +138,29 @@ class Manifest:
 
 
 Part = tuple[memoryview, ...]
+
+
+class ChunkedPart:
+    """A part read back in several ranges, kept as those ranges.
+
+    A store that reads a part piecewise hands this to :meth:`CheckpointCodec.decode` instead of
+    joining the ranges itself: the decoder joins every range of a section in one go, one copy of
+    the payload where joining the ranges of each part and then the parts would make two.
+    ``len()`` is the part's size in bytes.
+    """
+
+    __slots__ = ("_size", "chunks")
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self.chunks = tuple(chunks)
+        self._size = sum(len(chunk) for chunk in self.chunks)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+PartData = bytes | ChunkedPart
+"""One part as read back by a store: its bytes, or its ranges (:class:`ChunkedPart`)."""
 
 
 @dataclass(frozen=True)
@@ -384,7 +408,7 @@ class CheckpointCodec:
         return manifest
 
     def check_parts(
-        self, manifest: Manifest, parts: Sequence[bytes | None], *, sha256: str | None = None
+        self, manifest: Manifest, parts: Sequence[PartData | None], *, sha256: str | None = None
     ) -> None:
         """Check part count, sizes and the payload SHA-256; decodes nothing.
 
@@ -404,13 +428,14 @@ class CheckpointCodec:
                 msg = f"{where}: part {index} has {len(part)} bytes, manifest says {size}"
                 raise CheckpointCorruptError(msg)
             if sha256 is None:
-                digest.update(part)
+                for piece in part.chunks if isinstance(part, ChunkedPart) else (part,):
+                    digest.update(piece)
         if not hmac.compare_digest(sha256 or digest.hexdigest(), manifest.sha256):
             msg = f"{where}: SHA-256 of the payload does not match the manifest"
             raise CheckpointCorruptError(msg)
 
     def decode(
-        self, manifest: Manifest, parts: Sequence[bytes | None], *, sha256: str | None = None
+        self, manifest: Manifest, parts: Sequence[PartData | None], *, sha256: str | None = None
     ) -> Checkpoint:
         """Check the parts (:meth:`check_parts`), then decode them into a :class:`Checkpoint`."""
         self.check_parts(manifest, parts, sha256=sha256)
@@ -520,10 +545,14 @@ def _joined(part: Part) -> memoryview:
     return part[0] if len(part) == 1 else memoryview(b"".join(part))
 
 
-def _join(parts: Sequence[bytes | None]) -> bytes:
-    if len(parts) == 1 and isinstance(parts[0], bytes):
-        return parts[0]
-    return b"".join(part for part in parts if part is not None)
+def _join(parts: Sequence[PartData | None]) -> bytes:
+    pieces: list[bytes] = []
+    for part in parts:
+        if isinstance(part, ChunkedPart):
+            pieces.extend(part.chunks)
+        elif part is not None:
+            pieces.append(part)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _canonical(value: Any) -> bytes:

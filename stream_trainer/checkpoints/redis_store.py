@@ -49,7 +49,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stream_trainer.checkpoints.checkpoint import Checkpoint
-from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint, Part
+from stream_trainer.checkpoints.codec import (
+    CheckpointCodec,
+    ChunkedPart,
+    EncodedCheckpoint,
+    Part,
+    PartData,
+)
 from stream_trainer.checkpoints.retry import RetryPolicy
 from stream_trainer.checkpoints.store import DEFAULT_KEEP, VersionedStore
 from stream_trainer.errors import (
@@ -323,15 +329,17 @@ class RedisCheckpointStore(VersionedStore):
 
     def _read_parts_hashed(
         self, version: int, sizes: Sequence[int]
-    ) -> tuple[Sequence[bytes | None], str | None]:
+    ) -> tuple[Sequence[PartData | None], str | None]:
         """Read the parts in ranges of ``read_chunk`` bytes on a helper thread while this thread
         hashes the ranges already received: the transfer and the SHA-256 overlap (both release
         the GIL), so a load costs about the transfer, not the transfer plus the hash.
 
-        A missing part (GETRANGE of a missing key reads ``b""``) comes back as ``None``.
+        A part read in several ranges comes back as a :class:`ChunkedPart` (the decoder joins the
+        ranges of a whole section at once); a missing part (GETRANGE of a missing key reads
+        ``b""``) comes back as ``None``.
         """
 
-        def run() -> tuple[list[bytes | None], str]:
+        def run() -> tuple[list[PartData | None], str]:
             ranges: queue.Queue[tuple[int, bytes | None] | BaseException | None] = queue.Queue(
                 maxsize=8
             )
@@ -375,8 +383,8 @@ class RedisCheckpointStore(VersionedStore):
                 digest.update(chunk)
                 chunks[index].append(chunk)
             thread.join()
-            parts: list[bytes | None] = [
-                None if i in missing else c[0] if len(c) == 1 else b"".join(c)
+            parts: list[PartData | None] = [
+                None if i in missing else c[0] if len(c) == 1 else ChunkedPart(c)
                 for i, c in enumerate(chunks)
             ]
             return parts, digest.hexdigest()

@@ -27,7 +27,12 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from stream_trainer.checkpoints.checkpoint import Checkpoint
-from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint, Manifest
+from stream_trainer.checkpoints.codec import (
+    CheckpointCodec,
+    EncodedCheckpoint,
+    Manifest,
+    PartData,
+)
 from stream_trainer.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -305,7 +310,7 @@ class VersionedStore(abc.ABC):
             raise VersionMissingError(msg)
         return self.codec.read_manifest(data, version=version)
 
-    def _read(self, version: int) -> tuple[Manifest, Sequence[bytes | None], str | None]:
+    def _read(self, version: int) -> tuple[Manifest, Sequence[PartData | None], str | None]:
         """Manifest (checked), parts (not yet checked: :meth:`CheckpointCodec.decode` does) and,
         when the store hashed them while reading, the SHA-256 of their concatenation."""
         manifest = self._manifest(version)
@@ -314,7 +319,7 @@ class VersionedStore(abc.ABC):
 
     def _read_parts_hashed(
         self, version: int, sizes: Sequence[int]
-    ) -> tuple[Sequence[bytes | None], str | None]:
+    ) -> tuple[Sequence[PartData | None], str | None]:
         """The parts, and optionally their SHA-256 computed while they arrived (a store whose
         reads are slow overlaps the two); ``None`` lets the codec hash them."""
         return self._read_parts(version, len(sizes)), None

@@ -72,9 +72,13 @@ def fill_topic(bootstrap: str, topic: str, n: int, partitions: int, features: in
     producer.close()
 
 
-def raw_throughput(bootstrap: str, topic: str, n: int) -> float:
+def raw_throughput(bootstrap: str, topic: str, n: int, check_crcs: bool = True) -> float:
+    """The plain consumer, with the same CRC setting as the source so that both do the same work."""
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=200
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=200,
+        check_crcs=check_crcs,
     )
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
     consumer.assign(partitions)
@@ -176,8 +180,9 @@ def run_benchmark(
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     fill_topic(bootstrap, topic, records, partitions, features)
     runs: dict[str, list[float]] = {"raw": []}
+    check_crcs = KafkaSourceConfig(bootstrap, topic).crc_checked()
     for _ in range(repeats):
-        runs["raw"].append(raw_throughput(bootstrap, topic, records))
+        runs["raw"].append(raw_throughput(bootstrap, topic, records, check_crcs))
         for cap in caps:
             rate = source_throughput(bootstrap, topic, records, cap, None)
             runs.setdefault(f"source@{cap}", []).append(rate)
@@ -188,6 +193,16 @@ def run_benchmark(
                 rate = trainer_alone_throughput(bootstrap, topic, records, cap)
                 runs.setdefault(f"trainer@{cap}", []).append(rate)
     return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def crc_mode() -> str:
+    config = KafkaSourceConfig("127.0.0.1:9092", "t")
+    if config.crc_checked():
+        return "on (kafka-python uses the `crc32c` C extension)"
+    return (
+        "off (the default without the `crc32c` C extension: kafka-python's pure-Python check "
+        "costs more per record than a training step)"
+    )
 
 
 def write_results(path: Path, medians: dict[str, float], args: argparse.Namespace) -> str:
@@ -202,6 +217,7 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
         f"{args.partitions} partitions",
         f"- {args.records} records of {args.features} float features + 1 categorical + label, "
         f"median of {args.repeats} runs; one torch thread; trainer: `TrainerConfig()` defaults",
+        f"- record CRC-32C check (`check_crcs`, both consumers): {crc_mode()}",
         "",
         "| reader | max_batch_records | samples/s | vs raw |",
         "|---|---:|---:|---:|",

@@ -9,12 +9,17 @@ rejected as ``not_json``.
 
 When a feature subset is configured, only those fields and the target are kept, and the checks run
 on what is kept (a malformed field that the model never reads does not reject the record).
+
+Speed: a plain record (a UTF-8 text that is one JSON object with finite scalar features) takes a
+fast path that calls ``json``'s C scanner directly and checks the values in one loop; any other
+value takes the path above, so every rejection keeps its reason and detail word for word.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from json import JSONDecoder
+from typing import Any, NamedTuple, Protocol
 
 from stream_trainer.records import (
     DEFAULT_MAX_RECORD_BYTES,
@@ -23,9 +28,48 @@ from stream_trainer.records import (
     RejectReason,
     check_values,
     decode_json_record,
+    is_finite_number,
 )
 
-__all__ = ["RecordDecoder"]
+__all__ = ["MessageLike", "RecordDecoder"]
+
+# The C scanner behind ``json.loads``, without the two whitespace regex matches and the wrapper
+# calls around it. Only the common case takes it (a text that starts with ``{`` and ends with the
+# object); everything else goes through ``decode_json_record`` so errors read exactly the same.
+_ScanOnce = Callable[[str, int], tuple[Any, int]]
+_scan_once: _ScanOnce = JSONDecoder().scan_once  # type: ignore[attr-defined]
+_isfinite = is_finite_number
+
+
+class MessageLike(Protocol):
+    """What :meth:`RecordDecoder.decode_message` reads (a kafka-python ``ConsumerRecord``)."""
+
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def topic(self) -> str | None: ...
+    @property
+    def partition(self) -> int | None: ...
+    @property
+    def offset(self) -> int | None: ...
+    @property
+    def timestamp(self) -> int | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]] | None: ...
+
+
+class _Message(NamedTuple):
+    """A :class:`MessageLike` built from :meth:`RecordDecoder.decode`'s arguments."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    timestamp: int | None
+    headers: Sequence[tuple[str, bytes]] | None
 
 
 class RecordDecoder:
@@ -57,6 +101,43 @@ class RecordDecoder:
             keep = frozenset(self.features) | ({target} if target is not None else set())
         self._keep = keep
 
+    def _accept(self, raw: bytes | None) -> dict[str, Any] | None:
+        """The fast path: the kept fields when the record is plainly acceptable, else ``None``.
+
+        ``None`` does not mean rejected; it means "let :meth:`_decode_checked` decide", which
+        re-reads the value the documented way and gives the exact reason and detail. Every record
+        accepted here is one :meth:`_decode_checked` accepts with the same value: a text starting
+        with ``{`` is what ``json.loads`` hands to this same scanner at index 0, and the loop below
+        is :func:`~stream_trainer.records.check_values` with its rejections left to that function.
+        """
+        if raw is None or len(raw) > self.max_record_bytes:
+            return None
+        try:
+            text = raw.decode("utf-8")
+            if not text.startswith("{"):
+                return None
+            value, end = _scan_once(text, 0)
+        except Exception:  # not UTF-8, not JSON, too deep: the exact path says which
+            return None
+        if end != len(text):  # trailing whitespace or extra data
+            return None
+        keep = self._keep
+        if keep is not None:
+            value = {k: v for k, v in value.items() if k in keep}
+        target = self.target
+        n_features = 0
+        for name, v in value.items():
+            if name == target:
+                continue
+            t = type(v)
+            if t is float or t is int:
+                if not _isfinite(v):
+                    return None
+            elif t is not str and t is not bool and v is not None:
+                return None
+            n_features += 1
+        return value if n_features else None
+
     def decode(
         self,
         raw: bytes | None,
@@ -68,6 +149,47 @@ class RecordDecoder:
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> Record | RejectedRecord:
+        """Decode one value; ``key`` to ``headers`` are copied onto the result."""
+        return self.decode_message(
+            _Message(raw, key, topic, partition, offset, timestamp_ms, headers)
+        )
+
+    def decode_message(self, message: MessageLike) -> Record | RejectedRecord:
+        """:meth:`decode` for a kafka-python ``ConsumerRecord`` (value, key, where it came from,
+        its timestamp and headers)."""
+        raw = message.value
+        kept = self._accept(raw)
+        if kept is not None:
+            return Record(
+                value=kept,
+                key=message.key,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                timestamp_ms=message.timestamp,
+                raw=raw,
+            )
+        return self._decode_checked(
+            raw,
+            message.key,
+            message.topic,
+            message.partition,
+            message.offset,
+            message.timestamp,
+            message.headers or (),
+        )
+
+    def _decode_checked(
+        self,
+        raw: bytes | None,
+        key: bytes | None,
+        topic: str | None,
+        partition: int | None,
+        offset: int | None,
+        timestamp_ms: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> Record | RejectedRecord:
+        """The reference path: :func:`decode_json_record`, then :func:`check_values`."""
         kept: dict[str, Any] | None = None
         if raw is None:
             reason, detail = RejectReason.NOT_JSON, "value is null (tombstone)"

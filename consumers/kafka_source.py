@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,7 @@ from typing import Any
 from kafka.consumer import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, RetriableError
+from kafka.record import util as _record_util
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers.deserializer import RecordDecoder
@@ -77,6 +79,11 @@ RevokeHook = Callable[[list[TopicPartition]], None]
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _OFFSET_RESETS = ("earliest", "latest")
+
+
+def fast_crc32c() -> bool:
+    """True when kafka-python computes CRC-32C with the ``crc32c`` C extension."""
+    return getattr(_record_util, "crc32c_c", None) is not None
 
 
 def partition_key(topic: str, partition: int) -> str:
@@ -130,6 +137,12 @@ class KafkaSourceConfig:
         One connection attempt's bound, and how many more attempts follow a failed one.
     commit_timeout_ms, close_timeout_ms
         Bounds on a synchronous commit and on :meth:`KafkaRecordSource.close`.
+    check_crcs
+        Verify the CRC-32C of every record batch fetched. ``None`` (default): verify when
+        kafka-python has the ``crc32c`` C extension (a dependency of this package, so normally
+        always), skip otherwise: the pure-Python fallback costs about 60 us per 250-byte record,
+        more than a training step per record, while the broker has already verified every batch
+        on produce and TCP checksums the transfer. ``True`` verifies whatever it costs.
     security
         Passed through to kafka-python; secrets stay out of ``repr`` and logs.
     """
@@ -154,6 +167,7 @@ class KafkaSourceConfig:
     connect_retries: int = 3
     commit_timeout_ms: int = 10_000
     close_timeout_ms: int = 5_000
+    check_crcs: bool | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
@@ -228,6 +242,9 @@ class KafkaSourceConfig:
                 f"({self.max_wait_ms}) plus the time of a training step"
             )
             raise ConfigError(msg)
+        if self.check_crcs is not None and not isinstance(self.check_crcs, bool):
+            msg = f"check_crcs must be true, false or null (auto), got {self.check_crcs!r}"
+            raise ConfigError(msg)
         if not isinstance(self.security, KafkaSecurity):
             msg = f"security must be a KafkaSecurity, got {type(self.security).__name__}"
             raise ConfigError(msg)
@@ -279,10 +296,18 @@ class KafkaSourceConfig:
             "request_timeout_ms": self.request_timeout_ms,
             # Broker-side long poll of one fetch; poll_batch's own deadline is max_wait_ms.
             "fetch_max_wait_ms": max(1, min(self.max_wait_ms, 500)),
+            "check_crcs": self.crc_checked(),
             "bootstrap_timeout_ms": self.connect_timeout_ms,
             "allow_auto_create_topics": False,
             **self.security.client_configs(),
         }
+
+    def crc_checked(self) -> bool:
+        """Whether fetched batches are CRC-checked (``check_crcs``, or the ``None`` default
+        resolved: checked when kafka-python has a C implementation of CRC-32C)."""
+        if self.check_crcs is not None:
+            return self.check_crcs
+        return fast_crc32c()
 
     def describe(self) -> dict[str, Any]:
         """The settings with secrets masked, for logs."""
@@ -399,6 +424,15 @@ class KafkaRecordSource:
         self._closed = False
         # True from a revocation (the start of a rebalance) to the next assignment (its end).
         self._rebalancing = False
+        # Next offsets known without asking the consumer (see caught_up): per "topic:partition",
+        # the next offset after the last message handed out, the offset sought on assignment, or a
+        # position read from the consumer; each is a lower bound of the consumer's position. The
+        # rebalance callbacks (IO thread) reset them; _generation tells poll_batch and caught_up
+        # that a callback ran meanwhile, so that they do not write back what they learned before.
+        self._track_lock = threading.Lock()
+        self._generation = 0
+        self._next_known: dict[str, int] = {}
+        self._last_read: frozenset[str] = frozenset()
         self._consumer = self._connect()
         try:
             # Subscribe first, then read the topics' metadata: the metadata response is what fills
@@ -495,8 +529,16 @@ class KafkaRecordSource:
 
     # -- rebalance callbacks (kafka-python IO thread) ------------------------------------------
 
+    def _forget(self, keys: Sequence[str]) -> None:
+        with self._track_lock:
+            self._generation += 1
+            for key in keys:
+                self._next_known.pop(key, None)
+            self._last_read = self._last_read.difference(keys)
+
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         try:
+            self._forget([partition_key(*tp) for tp in assigned])
             for tp in sorted(assigned):
                 offset = None
                 if self._offset_provider is not None:
@@ -508,6 +550,9 @@ class KafkaRecordSource:
                     msg = f"offset_provider returned {offset!r} for {partition_key(*tp)}"
                     raise SourceError(msg)
                 self._consumer.seek(tp, offset)
+                with self._track_lock:
+                    self._generation += 1
+                    self._next_known[partition_key(*tp)] = offset
                 log.info(
                     "assigned %s: seeking to checkpointed offset %d", partition_key(*tp), offset
                 )
@@ -519,6 +564,7 @@ class KafkaRecordSource:
 
     def _on_revoked(self, partitions: list[TopicPartition], *, lost: bool) -> None:
         self._rebalancing = True
+        self._forget([partition_key(*tp) for tp in partitions])
         if not partitions:  # the eager protocol revokes "nothing" before a first assignment
             return
         for tp in partitions:
@@ -556,35 +602,36 @@ class KafkaRecordSource:
         self._raise_pending()
         cap = self.config.max_batch_records
         batch = SourceBatch()
+        records, rejected, next_offsets = batch.records, batch.rejected, batch.next_offsets
         timeout_ms = self.config.max_wait_ms
-        decode = self._decoder.decode
-        while batch.size < cap:
+        decode = self._decoder.decode_message
+        generation = self._generation
+        size = 0
+        while size < cap:
             try:
-                polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=cap - batch.size)
+                polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=cap - size)
             except KafkaError as exc:
                 self._raise_pending()
                 raise SourceError(f"Kafka poll failed: {exc}", retriable=exc.retriable) from exc
             if not polled:
                 break
             for tp, messages in polled.items():
+                if not messages:
+                    continue
                 for m in messages:
-                    item = decode(
-                        m.value,
-                        key=m.key,
-                        topic=m.topic,
-                        partition=m.partition,
-                        offset=m.offset,
-                        timestamp_ms=m.timestamp,
-                        headers=m.headers or (),
-                    )
-                    if isinstance(item, Record):
-                        batch.records.append(item)
+                    item = decode(m)
+                    if type(item) is Record:
+                        records.append(item)
                     else:
-                        batch.rejected.append(item)
-                if messages:
-                    batch.next_offsets[partition_key(*tp)] = messages[-1].offset + 1
+                        rejected.append(item)  # type: ignore[arg-type]
+                size += len(messages)
+                next_offsets[partition_key(*tp)] = messages[-1].offset + 1
             # Only the first poll waits; then take what is already buffered.
             timeout_ms = 0
+        with self._track_lock:
+            if self._generation == generation:  # no rebalance callback ran meanwhile
+                self._next_known.update(next_offsets)
+                self._last_read = frozenset(next_offsets)
         self._raise_pending()
         return batch
 
@@ -686,18 +733,55 @@ class KafkaRecordSource:
 
         Meant for a group of one: a non-empty partition assigned to another member (or not yet
         assigned) counts as not caught up.
+
+        Called after every batch, so it asks the consumer as little as it can: a partition whose
+        last message handed out (or whose offset sought on assignment) is at or past its end is
+        caught up; one that is behind and was read by the last :meth:`poll_batch` is not (its
+        next messages are on their way). Only the others cost a ``position()`` lookup, whose answer
+        is kept until the next rebalance. A partition that ends with offsets that are never handed
+        out (transaction markers, compacted gaps) is therefore seen caught up one poll later, once
+        a poll hands out nothing of it.
         """
         self._check_open()
-        try:
-            positions = self._positions()
-        except KafkaError as exc:
-            raise SourceError(f"cannot read positions: {exc}", retriable=True) from exc
+        with self._track_lock:
+            known = dict(self._next_known)
+            last_read = self._last_read
+            generation = self._generation
+        unknown: list[tuple[str, int]] = []
         for key, end in end_offsets_at_start.items():
             if end <= 0:
                 continue
-            if positions.get(key, -1) < end:
+            offset = known.get(key)
+            if offset is not None and offset >= end:
+                continue
+            if offset is not None and key in last_read:
                 return False
-        return True
+            unknown.append((key, end))
+        if not unknown:
+            return True
+        timeout = self.config.request_timeout_ms
+        learned: dict[str, int] = {}
+        caught_up = True
+        try:
+            assigned = {partition_key(*tp): tp for tp in self._consumer.assignment()}
+            for key, end in unknown:
+                tp = assigned.get(key)
+                position = None if tp is None else self._consumer.position(tp, timeout_ms=timeout)
+                if position is None:
+                    caught_up = False
+                    break
+                learned[key] = int(position)
+                if position < end:
+                    caught_up = False
+                    break
+        except KafkaError as exc:
+            raise SourceError(f"cannot read positions: {exc}", retriable=True) from exc
+        finally:
+            with self._track_lock:
+                if self._generation == generation:
+                    for key, position in learned.items():
+                        self._next_known[key] = max(position, self._next_known.get(key, position))
+        return caught_up
 
     @property
     def rebalancing(self) -> bool:

@@ -109,6 +109,15 @@ def decode_json_record(
     return value
 
 
+def is_finite_number(v: int | float) -> bool:
+    """True for a finite float, or an int a float can hold: JSON integers have no size limit, and
+    ``math.isfinite`` raises ``OverflowError`` on one beyond ~1.8e308 instead of answering."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def check_values(value: dict[str, Any], target: str | None) -> tuple[RejectReason, str] | None:
     """Check that every feature value is a finite scalar; the label is checked by the trainer.
 
@@ -122,8 +131,9 @@ def check_values(value: dict[str, Any], target: str | None) -> tuple[RejectReaso
             n_features += 1
             continue
         if isinstance(v, int | float):
-            if not math.isfinite(v):
-                return RejectReason.NON_FINITE, f"feature {name!r} is {v!r}"
+            if not is_finite_number(v):
+                shown = repr(v) if isinstance(v, float) else f"an integer of {v.bit_length()} bits"
+                return RejectReason.NON_FINITE, f"feature {name!r} is {shown}"
             n_features += 1
             continue
         return RejectReason.WRONG_TYPE, f"feature {name!r} has type {type(v).__name__}"

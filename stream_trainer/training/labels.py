@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from stream_trainer.records import RejectReason
+from stream_trainer.records import RejectReason, is_finite_number
 
 __all__ = ["MISSING", "canonical_class", "infer_task", "parse_regression_target"]
 
@@ -37,8 +37,11 @@ def canonical_class(value: Any) -> str | tuple[RejectReason, str]:
 def parse_regression_target(value: Any) -> float | tuple[RejectReason, str]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return RejectReason.BAD_LABEL, f"regression target must be a number, got {value!r}"
-    if not math.isfinite(value):
-        return RejectReason.BAD_LABEL, f"regression target is {value!r}"
+    if not is_finite_number(value):
+        shown = (
+            repr(value) if isinstance(value, float) else f"an integer of {value.bit_length()} bits"
+        )
+        return RejectReason.BAD_LABEL, f"regression target is {shown}"
     return float(value)
 
 

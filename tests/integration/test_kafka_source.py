@@ -18,6 +18,7 @@ from consumers.kafka_source import (
     KafkaRecordSource,
     KafkaSourceConfig,
     SourceBatch,
+    fast_crc32c,
     parse_partition_key,
     partition_key,
 )
@@ -138,6 +139,18 @@ def _drain(source: KafkaRecordSource, expected: int, timeout_s: float = 20.0) ->
         if batch.size:
             batches.append(batch)
     return batches
+
+
+def _second_member(bootstrap: str, topic: str, group_id: str | None) -> KafkaConsumer:
+    """Another member of the group: its joining (on its first polls) rebalances the group."""
+    return KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
 
 
 def _valid(i: int) -> bytes:
@@ -363,14 +376,7 @@ def test_no_commit_goes_out_while_the_group_rebalances(
         batches = _drain(source, 30)
         assert not source.rebalancing
         # A second member joins: both must poll for the rebalance to complete.
-        other = KafkaConsumer(
-            kafka_topic,
-            bootstrap_servers=kafka_bootstrap,
-            group_id=config.group_id,
-            enable_auto_commit=False,
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=500,
-        )
+        other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
         try:
             deadline = time.monotonic() + 30
             while not other.assignment() or source.rebalancing or not seen:
@@ -387,3 +393,133 @@ def test_no_commit_goes_out_while_the_group_rebalances(
         mine = {k: v for k, v in last.items() if parse_partition_key(k)[1] in owned}
         source.commit(mine)  # the rebalance is over: the commit is sent
         assert {k: v for k, v in source.committed_offsets().items() if k in mine} == mine
+
+
+def _count_positions(source: KafkaRecordSource) -> list[TopicPartition]:
+    """Record every ``position()`` lookup the source makes from now on."""
+    calls: list[TopicPartition] = []
+    consumer = source._consumer
+    original = consumer.position
+
+    def position(tp: TopicPartition, **kw: object) -> int | None:
+        calls.append(tp)
+        return original(tp, **kw)  # type: ignore[arg-type]
+
+    consumer.position = position  # type: ignore[method-assign]
+    return calls
+
+
+def test_check_crcs_is_validated_and_resolved() -> None:
+    with pytest.raises(ConfigError, match="check_crcs must be true, false or null"):
+        KafkaSourceConfig("h:1", "t", check_crcs="yes")  # type: ignore[arg-type]
+    assert KafkaSourceConfig("h:1", "t", check_crcs=True).consumer_configs()["check_crcs"] is True
+    assert KafkaSourceConfig("h:1", "t", check_crcs=False).consumer_configs()["check_crcs"] is False
+    auto = KafkaSourceConfig.from_mapping({"bootstrap_servers": "h:1", "topic": "t"})
+    assert auto.consumer_configs()["check_crcs"] is fast_crc32c()
+
+
+@pytest.mark.integration
+def test_caught_up_tracks_offsets_locally_after_a_seek(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    """A partition sought to its end, and one read to its end, are caught up without any
+    ``position()`` lookup; an empty partition is ignored; a partition being read is not caught
+    up, also without a lookup."""
+    produce_messages(
+        kafka_bootstrap, kafka_topic, [(p, None, _valid(i)) for p in (0, 1) for i in range(10)]
+    )
+    provided = {0: 10, 1: 4, 2: None}
+    source = KafkaRecordSource(
+        _config(kafka_bootstrap, kafka_topic, max_batch_records=2),
+        offset_provider=lambda topic, p: provided[p],
+    )
+    with source:
+        ends = source.end_offsets()
+        assert ends == {partition_key(kafka_topic, p): (10 if p < 2 else 0) for p in range(3)}
+        assert not source.caught_up(ends)  # nothing assigned yet
+        first = _drain(source, 1)  # joins the group: the batch that carries the join
+        assert first[0].records[0].offset == 4
+        assert not source.caught_up(ends)
+        calls = _count_positions(source)
+        more = _drain(source, 1)
+        assert not source.caught_up(ends)
+        assert calls == []
+        rest = more + _drain(source, 6 - first[0].size - more[0].size)
+        assert [r.offset for b in first + rest for r in b.records] == list(range(4, 10))
+        assert source.caught_up(ends)
+        assert calls == []
+        assert source.lag() == {partition_key(kafka_topic, p): 0 for p in range(3)}
+
+
+@pytest.mark.integration
+def test_caught_up_asks_the_consumer_once_for_a_partition_started_at_its_committed_offset(
+    kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+) -> None:
+    topic = kafka_topic_factory(1)
+    produce_messages(kafka_bootstrap, topic, [(0, None, _valid(i)) for i in range(5)])
+    config = _config(kafka_bootstrap, topic)
+    with KafkaRecordSource(config) as source:
+        source.commit(_drain(source, 5)[-1].next_offsets)
+    with KafkaRecordSource(config) as again:
+        ends = again.end_offsets()
+        calls = _count_positions(again)
+        deadline = time.monotonic() + 20
+        while not again.assignment():
+            assert time.monotonic() < deadline, "never assigned"
+            assert again.poll_batch().size == 0
+        assert again.caught_up(ends)
+        assert again.caught_up(ends)
+        assert calls == [TopicPartition(topic, 0)]  # learned once, then known
+
+
+def _positions_caught_up(source: KafkaRecordSource, ends: dict[str, int]) -> bool:
+    """The reference answer: every non-empty partition is owned here, positioned at its end."""
+    assigned = {partition_key(*tp): tp for tp in source.assignment()}
+    for key, end in ends.items():
+        tp = assigned.get(key)
+        if end > 0 and (tp is None or source._consumer.position(tp) < end):
+            return False
+    return True
+
+
+@pytest.mark.integration
+def test_caught_up_stays_correct_across_a_rebalance(kafka_bootstrap: str, kafka_topic: str) -> None:
+    """Offsets known before a rebalance are forgotten: partitions that another member took are not
+    caught up, and after each batch the answer is the one the consumer's positions give."""
+    produce_messages(kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(30)])
+    config = _config(kafka_bootstrap, kafka_topic)
+    source = KafkaRecordSource(config)
+    checked = 0
+
+    def poll_and_check() -> SourceBatch:
+        nonlocal checked
+        batch = source.poll_batch()
+        if not source.rebalancing:
+            assert source.caught_up(ends) == _positions_caught_up(source, ends)
+            checked += 1
+        return batch
+
+    with source:
+        ends = source.end_offsets()
+        _drain(source, 30)
+        assert source.caught_up(ends)
+        other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
+        try:
+            deadline = time.monotonic() + 30
+            while not other.assignment() or source.rebalancing or not source.assignment():
+                assert time.monotonic() < deadline, "the second member never got partitions"
+                other.poll(timeout_ms=50, max_records=1)
+                poll_and_check()
+            owned = {tp.partition for tp in source.assignment()}
+            assert owned and len(owned) < 3
+            assert not source.caught_up(ends)  # the other member's partitions are not read here
+        finally:
+            other.close(autocommit=False)
+        # Alone again: every partition comes back, at its position or its committed offset.
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "the partitions never came back"
+            poll_and_check()
+            if len(source.assignment()) == 3 and source.caught_up(ends):
+                break
+        assert checked > 2

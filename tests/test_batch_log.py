@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,6 +12,7 @@ from stream_trainer.checkpoints import open_store
 from stream_trainer.records import Record
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import BatchLog, read_batch_log, segments_of
+from tests.service_doubles import Crash, CrashingService
 
 
 def _record(partition: int, offset: int) -> Record:
@@ -58,23 +58,6 @@ def test_log_round_trips_and_truncates_to_the_lines_asked_for(tmp_path: Path) ->
     assert path.read_text() == ""
 
 
-class _Crash(Exception):
-    """Stands for the process dying: no final checkpoint, nothing flushed after it."""
-
-
-class _CrashingService(TrainerService):
-    def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.crash_after = crash_after
-        self.batches = 0
-
-    def _handle(self, batch: Any) -> None:
-        super()._handle(batch)
-        self.batches += 1
-        if self.batches == self.crash_after:
-            raise _Crash
-
-
 def test_service_truncates_the_log_to_what_its_checkpoint_covers(tmp_path: Path) -> None:
     rows = ["x1,x2,label"] + [f"{i % 5},{(i * 7) % 11},{i % 2}" for i in range(300)]
     source = tmp_path / "data.csv"
@@ -95,8 +78,8 @@ def test_service_truncates_the_log_to_what_its_checkpoint_covers(tmp_path: Path)
         trainer_flags={"target": "label", "hidden": (4,), "seed": 1},
         environ={},
     )
-    with pytest.raises(_Crash):
-        _CrashingService(config, crash_after=9).run()
+    with pytest.raises(Crash):
+        CrashingService(config, crash_after=9).run()
     with open_store(checkpoint_url) as store:
         saved = store.load_latest()
     assert saved is not None

@@ -19,42 +19,9 @@ from stream_trainer.cli import main as cli_main
 from stream_trainer.errors import SourceError
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.sources.recording import RecordingEntry, RecordingWriter
+from tests.service_doubles import Crash, CrashingService, StoppingService
 
 TOPIC = "clicks"
-
-
-class _Crash(Exception):
-    """Stands for the process dying: no final checkpoint."""
-
-
-class _CrashingService(TrainerService):
-    """Dies after its ``crash_after``-th batch (a test stand-in for ``kill -9``)."""
-
-    def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.crash_after = crash_after
-        self.batches = 0
-
-    def _handle(self, batch: Any) -> None:
-        super()._handle(batch)
-        self.batches += 1
-        if self.batches == self.crash_after:
-            raise _Crash
-
-
-class _StoppingService(TrainerService):
-    """Asks itself to stop after its ``stop_after``-th batch, as SIGTERM would."""
-
-    def __init__(self, *args: Any, stop_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stop_after = stop_after
-        self.batches = 0
-
-    def _handle(self, batch: Any) -> None:
-        super()._handle(batch)
-        self.batches += 1
-        if self.batches == self.stop_after:
-            self.request_stop()
 
 
 def _config(tmp_path: Path, source: Path | str, **flags: Any) -> Any:
@@ -110,7 +77,7 @@ def test_resumes_from_the_checkpoint_offsets_without_training_again(
     tmp_path: Path, csv_source: Path
 ) -> None:
     config = _config(tmp_path, csv_source)
-    stopping = _StoppingService(config, stop_after=7)
+    stopping = StoppingService(config, stop_after=7)
     first = stopping.run()
     assert first["final_checkpoint_ok"] is True
     # The stop finished in time, so its watchdog (os._exit(3) when overdue) is cancelled.
@@ -140,8 +107,8 @@ def test_replaying_the_batch_log_gives_bit_identical_weights(
     log = tmp_path / "batches.jsonl"
     config = _config(tmp_path, recording, batch_log=str(log), batch_sizes="1:48")
     for crash_after in (6, 9, 4):
-        with pytest.raises(_Crash):
-            _CrashingService(config, crash_after=crash_after).run()
+        with pytest.raises(Crash):
+            CrashingService(config, crash_after=crash_after).run()
     crashed = TrainerService(config).run()
     assert crashed["samples"] == 495
     assert crashed["rejected"] == {"not_utf8": 5}
@@ -162,7 +129,7 @@ def test_crash_inside_a_checkpoint_write_restores_the_previous_version(
     tmp_path: Path, csv_source: Path
 ) -> None:
     config = _config(tmp_path, csv_source)
-    first = _StoppingService(config, stop_after=5).run()
+    first = StoppingService(config, stop_after=5).run()
     url = f"file://{tmp_path / 'checkpoints'}"
     good = _load(url)
     # A writer died after writing every part of version N, before moving the pointer: N holds a

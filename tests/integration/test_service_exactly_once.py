@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError
 
 from stream_trainer.checkpoints import Checkpoint, RetryPolicy, open_store
@@ -35,6 +35,7 @@ from stream_trainer.errors import CheckpointError
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
 from stream_trainer.service.config import NON_SETTING_ENV
+from tests.fixtures.kafka import committed_offsets, end_offsets, group_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -85,28 +86,6 @@ class Ledger:
 
     def close(self) -> None:
         self._producer.close(timeout=10)
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[str, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        return {f"{tp.topic}:{tp.partition}": int(o) for tp, o in consumer.end_offsets(tps).items()}
-    finally:
-        consumer.close()
-
-
-def committed_offsets(admin: KafkaAdminClient, group: str) -> dict[str, int]:
-    offsets = admin.list_group_offsets({group: None}).get(group, {})
-    return {f"{tp.topic}:{tp.partition}": om.offset for tp, om in offsets.items() if om.offset >= 0}
-
-
-def group_offsets(bootstrap: str, group: str) -> dict[str, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-offsets")
-    try:
-        return committed_offsets(admin, group)
-    finally:
-        admin.close()
 
 
 class OffsetSampler(threading.Thread):

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from consumers import dead_letter_topic
 from stream_trainer.checkpoints import open_store
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import DEFAULT_MAX_RECORD_BYTES
 from stream_trainer.service import TrainerService, load_service_config
-from tests.fixtures.kafka import produce_messages
+from tests.fixtures.kafka import end_offsets, group_offsets, produce_messages
 
 pytestmark = pytest.mark.integration
 
@@ -89,24 +89,6 @@ def produce_mix(bootstrap: str, topic: str, n_valid: int, *, start_id: int = 0) 
         ((n % PARTITIONS, f"k{n}".encode(), v) for n, v in enumerate(values, start_id)),
     )
     return produced
-
-
-def end_offsets(bootstrap: str, topic: str) -> dict[str, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        return {f"{tp.topic}:{tp.partition}": int(o) for tp, o in consumer.end_offsets(tps).items()}
-    finally:
-        consumer.close()
-
-
-def committed_offsets(bootstrap: str, group: str) -> dict[str, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-offsets")
-    try:
-        offsets = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    return {f"{tp.topic}:{tp.partition}": om.offset for tp, om in offsets.items() if om.offset >= 0}
 
 
 def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
@@ -193,7 +175,7 @@ def test_trains_the_valid_records_and_dead_letters_the_rest(
     assert checkpoint.samples == produced.valid_labelled
     assert checkpoint.offsets == ends
     assert checkpoint.version == report["checkpoint_version"]
-    assert committed_offsets(kafka_bootstrap, group) == checkpoint.offsets
+    assert group_offsets(kafka_bootstrap, group) == checkpoint.offsets
 
     # The dead-letter topic holds exactly the malformed records, byte for byte, with the reason.
     letters = read_topic(kafka_bootstrap, dead_letter_topic(topic), len(produced.malformed))
@@ -239,7 +221,7 @@ def test_a_second_run_resumes_from_the_checkpoint(
         checkpoint = store.load_latest()
     assert checkpoint is not None
     assert (checkpoint.samples, checkpoint.offsets) == (lifetime, ends)
-    assert committed_offsets(kafka_bootstrap, group) == ends
+    assert group_offsets(kafka_bootstrap, group) == ends
 
 
 def test_refuses_a_new_model_when_the_group_has_committed_offsets(
@@ -252,7 +234,7 @@ def test_refuses_a_new_model_when_the_group_has_committed_offsets(
     group = f"{topic}-group"
     first = produce_mix(kafka_bootstrap, topic, 120)
     TrainerService(service_config(kafka_bootstrap, topic, redis_prefix_url("old"), group)).run()
-    committed = committed_offsets(kafka_bootstrap, group)
+    committed = group_offsets(kafka_bootstrap, group)
     assert committed == end_offsets(kafka_bootstrap, topic)
     assert first.valid_labelled > 0
 
@@ -268,7 +250,7 @@ def test_refuses_a_new_model_when_the_group_has_committed_offsets(
     # Refusing leaves everything as it was: no checkpoint, no commit, the batch log untouched.
     with open_store(empty) as store:
         assert store.latest_version() is None
-    assert committed_offsets(kafka_bootstrap, group) == committed
+    assert group_offsets(kafka_bootstrap, group) == committed
     assert batch_log.read_text() == '{"step": 1, "segments": []}\n'
 
     # fresh_start: a new model starts at the group's committed offsets (only the new records).
@@ -278,7 +260,7 @@ def test_refuses_a_new_model_when_the_group_has_committed_offsets(
     ).run()
     assert report["samples"] == report["records_trained"] == later.valid_labelled
     assert report["next_offsets"] == end_offsets(kafka_bootstrap, topic)
-    assert committed_offsets(kafka_bootstrap, group) == report["next_offsets"]
+    assert group_offsets(kafka_bootstrap, group) == report["next_offsets"]
 
 
 def test_predictions_out_carry_key_prediction_and_model_version(

@@ -1,0 +1,41 @@
+"""Test stand-ins for a service process dying or being asked to stop, after a given batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stream_trainer.service import TrainerService
+
+
+class Crash(Exception):
+    """Stands for the process dying: no final checkpoint, nothing flushed after it."""
+
+
+class CrashingService(TrainerService):
+    """Dies after its ``crash_after``-th batch (a test stand-in for ``kill -9``)."""
+
+    def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.crash_after = crash_after
+        self.batches = 0
+
+    def _handle(self, batch: Any) -> None:
+        super()._handle(batch)
+        self.batches += 1
+        if self.batches == self.crash_after:
+            raise Crash
+
+
+class StoppingService(TrainerService):
+    """Asks itself to stop after its ``stop_after``-th batch, as SIGTERM would."""
+
+    def __init__(self, *args: Any, stop_after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_after = stop_after
+        self.batches = 0
+
+    def _handle(self, batch: Any) -> None:
+        super()._handle(batch)
+        self.batches += 1
+        if self.batches == self.stop_after:
+            self.request_stop()

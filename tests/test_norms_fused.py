@@ -15,7 +15,7 @@ from stream_trainer.norms._fused import batch_renorm_train, ema_batch_norm_train
 
 C = 5
 SIZES = [1, 2, 7, 256, 1, 1, 3, 2, 40, 1, 7]  # a stream of changing batch sizes, 1 included
-FUSED_NODES = ("_EMABatchNormFnBackward", "_BatchRenormFnBackward")
+FUSED_NODES = ("_FusedNormFnBackward",)
 
 LAYERS: dict[str, Callable[[], StreamNorm]] = {
     "ema": lambda: EMABatchNorm(C),

@@ -52,6 +52,7 @@ the raw float64 sums of the reference path); the layers call it in training mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,7 +60,16 @@ from torch import Tensor
 
 from stream_trainer.norms._moments import MomentReducer, reducer_is_identity
 
-__all__ = ["batch_renorm_train", "ema_batch_norm_train", "fused_path_applies"]
+__all__ = [
+    "NormTape",
+    "batch_renorm_forward",
+    "batch_renorm_train",
+    "ema_batch_norm_forward",
+    "ema_batch_norm_train",
+    "fused_norm_train",
+    "fused_path_applies",
+    "norm_backward",
+]
 
 _FLOATS = (torch.float32, torch.float64)
 _FIRST_ORDER = (
@@ -128,138 +138,184 @@ def _update_single_(running_mean: Tensor, running_var: Tensor, x0: Tensor, a: fl
     return diff
 
 
-class _FusedNormFn(torch.autograd.Function):
-    r"""Shared output and backward (module doc). The forward of a subclass updates the running
-    buffers, computes :math:`\hat x` and the inverse standard deviation, then calls
-    :meth:`_output`."""
+class NormTape:
+    r"""What the backward of a fused training forward needs: :math:`\hat x`, the per-feature
+    factor :math:`\gamma r s` (:math:`\partial y / \partial x` at fixed moments), the detached
+    :math:`r, d` (``None``: 1 and 0), the batch weight :math:`a` of the gradient and the count
+    :math:`n`. :math:`\hat x` is a fresh intermediate nobody else can see (without affine
+    parameters the output is a copy of it)."""
 
-    @staticmethod
-    def _output(
-        ctx: Any,
+    __slots__ = ("a", "d", "factor", "n", "r", "xhat")
+
+    def __init__(
+        self,
         xhat: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        invstd: Tensor,
+        factor: Tensor,
+        r: Tensor | None,
+        d: Tensor | None,
         a: float,
         n: int,
-        r: Tensor | None = None,
-        d: Tensor | None = None,
-    ) -> Tensor:
-        r""":math:`y = \gamma(r\hat x + d) + \beta` from :math:`\hat x = (x - c)\,s`.
+    ) -> None:
+        self.xhat, self.factor, self.r, self.d, self.a, self.n = xhat, factor, r, d, a, n
 
-        What the backward needs is kept as ``ctx`` attributes rather than ``save_for_backward``,
-        which spares the per-call cost of saved-variable bookkeeping: :math:`\hat x` and the
-        per-feature factors are fresh intermediates nobody else can see (without affine
-        parameters the output is a copy of :math:`\hat x`, so it may be modified in place).
-        """
-        scale = weight if r is None else (r if weight is None else weight * r)
-        offset = bias
+
+def _output(
+    xhat: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    invstd: Tensor,
+    a: float,
+    n: int,
+    r: Tensor | None = None,
+    d: Tensor | None = None,
+) -> tuple[Tensor, NormTape]:
+    r""":math:`y = \gamma(r\hat x + d) + \beta` from :math:`\hat x = (x - c)\,s`, and its tape."""
+    scale = weight if r is None else (r if weight is None else weight * r)
+    offset = bias
+    if d is not None:
+        shift = d if weight is None else d * weight
+        offset = shift if bias is None else bias + shift
+    if scale is None:
+        y = xhat.clone() if offset is None else xhat + _col(offset, xhat)
+    elif offset is None:
+        y = xhat * _col(scale, xhat)
+    else:
+        y = torch.addcmul(_col(offset, xhat), xhat, _col(scale, xhat))
+    factor = invstd if scale is None else invstd * scale
+    return y, NormTape(xhat, factor, r, d, a, n)
+
+
+def norm_backward(
+    tape: NormTape, dy: Tensor, need_x: bool = True, need_w: bool = True, need_b: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dL/dx, dL/dweight, dL/dbias)`` from ``dy = dL/dy`` (module doc); ``None`` where not
+    needed. The weight and bias gradients are meaningful only for a layer that has them."""
+    xhat, r, d, a = tape.xhat, tape.r, tape.d, tape.a
+    batch_terms = need_x and a > 0.0
+    dims = (0,) if dy.dim() == 2 else (0, 2)
+    dx = gw = gb = sum_g = sum_gx = None
+    if batch_terms or need_b or (need_w and d is not None):
+        sum_g = dy.sum(dims)
+    if batch_terms or need_w:
+        two_d = dy.dim() == 2
+        sum_gx = torch.linalg.vecdot(dy, xhat, dim=0) if two_d else (dy * xhat).sum(dims)
+    if need_w:
+        assert sum_gx is not None
+        gw = sum_gx if r is None else sum_gx * r
         if d is not None:
-            shift = d if weight is None else d * weight
-            offset = shift if bias is None else bias + shift
-        if scale is None:
-            y = xhat.clone() if offset is None else xhat + _col(offset, xhat)
-        elif offset is None:
-            y = xhat * _col(scale, xhat)
+            assert sum_g is not None
+            gw = torch.addcmul(gw, d, sum_g)
+    if need_b:
+        gb = sum_g
+    if need_x:
+        factor = _col(tape.factor, dy)
+        if batch_terms:
+            assert sum_g is not None and sum_gx is not None
+            k = a / tape.n
+            dx = torch.addcmul(dy, xhat, _col(sum_gx, dy), value=-k)
+            dx.sub_(_col(sum_g, dy), alpha=k).mul_(factor)
         else:
-            y = torch.addcmul(_col(offset, xhat), xhat, _col(scale, xhat))
-        ctx.xhat = xhat
-        ctx.factor = invstd if scale is None else invstd * scale  # d y / d x at fixed moments
-        ctx.r, ctx.d, ctx.a, ctx.n = r, d, a, n
+            dx = dy * factor
+    return dx, gw, gb
+
+
+def ema_batch_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    samples_seen: Tensor,
+    a: float,
+    eps: float,
+) -> tuple[Tensor, NormTape]:
+    r"""The fused ``ema_batch`` training forward without autograd (call it where autograd is off):
+    updates the running buffers and returns the output and the tape of :func:`norm_backward`."""
+    n = x.numel() // x.shape[1]
+    if n == 1:  # x - mu' = (1 - a)(x - old mean); no batch statistics to take
+        diff = _update_single_(running_mean, running_var, x.reshape(-1), a)
+        invstd = torch.add(running_var, eps).rsqrt_()
+        xhat = torch.mul(diff, invstd).mul_(1.0 - a).view(x.shape)
+    else:
+        first, xs, mean_s, var_b = _shifted(x)
+        old_s = running_mean - first
+        delta = mean_s - old_s
+        center = _update_running_(running_mean, running_var, first, mean_s, var_b, delta, a)
+        invstd = torch.add(running_var, eps).rsqrt_()
+        xhat = (xs - _col(center, xs)).mul_(_col(invstd, xs))
+    samples_seen.add_(n)
+    return _output(xhat, weight, bias, invstd, a, n)
+
+
+def batch_renorm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    samples_seen: Tensor,
+    a: float,
+    eps: float,
+    rmax: float,
+    dmax: float,
+) -> tuple[Tensor, NormTape]:
+    r"""The fused ``batch_renorm`` training forward without autograd (as
+    :func:`ema_batch_norm_forward`), with the clip limits already scheduled."""
+    n = x.numel() // x.shape[1]
+    inv_old = torch.add(running_var, eps).rsqrt_()  # the running moments before the update
+    r = d = None
+    if n == 1:  # the old running moments, gradient through x only
+        diff = _update_single_(running_mean, running_var, x.reshape(-1), a)
+        xhat = torch.mul(diff, inv_old).view(x.shape)
+        invstd, a_grad = inv_old, 0.0
+    else:  # batch moments; r and d detached, from the old running moments
+        first, xs, mean_s, var_b = _shifted(x)
+        old_s = running_mean - first
+        delta = mean_s - old_s
+        _update_running_(running_mean, running_var, first, mean_s, var_b, delta, a)
+        var_eps = var_b + eps
+        invstd, a_grad = var_eps.rsqrt(), 1.0
+        if rmax != 1.0:
+            r = var_eps.sqrt_().mul_(inv_old).clamp_(1.0 / rmax, rmax)
+        if dmax != 0.0:
+            d = (delta * inv_old).clamp_(-dmax, dmax)
+        xhat = (xs - _col(mean_s, xs)).mul_(_col(invstd, xs))
+    samples_seen.add_(n)
+    return _output(xhat, weight, bias, invstd, a_grad, n, r, d)
+
+
+class _FusedNormFn(torch.autograd.Function):
+    """One autograd node around a ``*_forward`` function above; the tape is kept as a ``ctx``
+    attribute rather than through ``save_for_backward``, which spares the per-call cost of
+    saved-variable bookkeeping (its tensors are fresh intermediates)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, args: Any
+    ) -> Tensor:
+        forward_fn, rest = args
+        y, ctx.tape = forward_fn(x, weight, bias, *rest)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(_FIRST_ORDER)
-        xhat, r, d, a = ctx.xhat, ctx.r, ctx.d, ctx.a
         needs = ctx.needs_input_grad
-        need_x, need_w, need_b = needs[0], needs[1], needs[2]
-        batch_terms = need_x and a > 0.0
-        dims = (0,) if dy.dim() == 2 else (0, 2)
-        dx = gw = gb = sum_g = sum_gx = None
-        if batch_terms or need_b or (need_w and d is not None):
-            sum_g = dy.sum(dims)
-        if batch_terms or need_w:
-            if dy.dim() == 2:
-                sum_gx = torch.linalg.vecdot(dy, xhat, dim=0)
-            else:
-                sum_gx = (dy * xhat).sum(dims)
-        if need_w:
-            assert sum_gx is not None
-            gw = sum_gx if r is None else sum_gx * r
-            if d is not None:
-                assert sum_g is not None
-                gw = torch.addcmul(gw, d, sum_g)
-        if need_b:
-            gb = sum_g
-        if need_x:
-            factor = _col(ctx.factor, dy)
-            if batch_terms:
-                assert sum_g is not None and sum_gx is not None
-                k = a / ctx.n
-                dx = torch.addcmul(dy, xhat, _col(sum_gx, dy), value=-k)
-                dx.sub_(_col(sum_g, dy), alpha=k).mul_(factor)
-            else:
-                dx = dy * factor
-        return (dx, gw, gb) + (None,) * (len(needs) - 3)
+        return (*norm_backward(ctx.tape, dy, needs[0], needs[1], needs[2]), None)
 
 
-class _EMABatchNormFn(_FusedNormFn):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        state: tuple[Tensor, Tensor, Tensor, int, float, float],
-    ) -> Tensor:
-        running_mean, running_var, samples_seen, n, a, eps = state
-        if n == 1:  # x - mu' = (1 - a)(x - old mean); no batch statistics to take
-            diff = _update_single_(running_mean, running_var, x.reshape(-1), a)
-            invstd = torch.add(running_var, eps).rsqrt_()
-            xhat = torch.mul(diff, invstd).mul_(1.0 - a).view(x.shape)
-        else:
-            first, xs, mean_s, var_b = _shifted(x)
-            old_s = running_mean - first
-            delta = mean_s - old_s
-            center = _update_running_(running_mean, running_var, first, mean_s, var_b, delta, a)
-            invstd = torch.add(running_var, eps).rsqrt_()
-            xhat = (xs - _col(center, xs)).mul_(_col(invstd, xs))
-        samples_seen.add_(n)
-        return _FusedNormFn._output(ctx, xhat, weight, bias, invstd, a, n)
-
-
-class _BatchRenormFn(_FusedNormFn):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        state: tuple[Tensor, Tensor, Tensor, int, float, float, float, float],
-    ) -> Tensor:
-        running_mean, running_var, samples_seen, n, a, eps, rmax, dmax = state
-        inv_old = torch.add(running_var, eps).rsqrt_()  # the running moments before the update
-        r = d = None
-        if n == 1:  # the old running moments, gradient through x only
-            diff = _update_single_(running_mean, running_var, x.reshape(-1), a)
-            xhat = torch.mul(diff, inv_old).view(x.shape)
-            invstd, a_grad = inv_old, 0.0
-        else:  # batch moments; r and d detached, from the old running moments
-            first, xs, mean_s, var_b = _shifted(x)
-            old_s = running_mean - first
-            delta = mean_s - old_s
-            _update_running_(running_mean, running_var, first, mean_s, var_b, delta, a)
-            var_eps = var_b + eps
-            invstd, a_grad = var_eps.rsqrt(), 1.0
-            if rmax != 1.0:
-                r = var_eps.sqrt_().mul_(inv_old).clamp_(1.0 / rmax, rmax)
-            if dmax != 0.0:
-                d = (delta * inv_old).clamp_(-dmax, dmax)
-            xhat = (xs - _col(mean_s, xs)).mul_(_col(invstd, xs))
-        samples_seen.add_(n)
-        return _FusedNormFn._output(ctx, xhat, weight, bias, invstd, a_grad, n, r, d)
+def fused_norm_train(
+    forward_fn: Callable[..., tuple[Tensor, NormTape]],
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *rest: Any,
+) -> Tensor:
+    """``forward_fn(x, weight, bias, *rest)`` (a ``*_forward`` function of this module) as one
+    autograd node: differentiable in ``x``, ``weight`` and ``bias`` with :func:`norm_backward`."""
+    y: Tensor = _FusedNormFn.apply(x, weight, bias, (forward_fn, rest))
+    return y
 
 
 def ema_batch_norm_train(
@@ -277,10 +333,9 @@ def ema_batch_norm_train(
     samples to ``samples_seen``, and returns
     :math:`\gamma (x - \mu') / \sqrt{\sigma'^2 + \epsilon} + \beta`, differentiable in ``x``,
     ``weight`` and ``bias``."""
-    n = x.numel() // x.shape[1]
-    state = (running_mean, running_var, samples_seen, n, a, eps)
-    y: Tensor = _EMABatchNormFn.apply(x, weight, bias, state)
-    return y
+    return fused_norm_train(
+        ema_batch_norm_forward, x, weight, bias, running_mean, running_var, samples_seen, a, eps
+    )
 
 
 def batch_renorm_train(
@@ -299,7 +354,5 @@ def batch_renorm_train(
     ``rmax``, ``dmax`` (already scheduled) and update weight ``a``: the output from the batch
     moments and the running moments before the update (the running moments alone at batch size
     1), then the mixture update of ``running_mean`` / ``running_var`` and ``samples_seen``."""
-    n = x.numel() // x.shape[1]
-    state = (running_mean, running_var, samples_seen, n, a, eps, rmax, dmax)
-    y: Tensor = _BatchRenormFn.apply(x, weight, bias, state)
-    return y
+    rest = (running_mean, running_var, samples_seen, a, eps, rmax, dmax)
+    return fused_norm_train(batch_renorm_forward, x, weight, bias, *rest)

@@ -19,14 +19,21 @@ so a sample's eval output never depends on the rest of its batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.norms._fused import (
-    batch_renorm_train,
-    ema_batch_norm_train,
+    NormTape,
+    batch_renorm_forward,
+    ema_batch_norm_forward,
+    fused_norm_train,
     fused_path_applies,
+    norm_backward,
 )
 from stream_trainer.norms._moments import (
     batch_moments,
@@ -40,7 +47,7 @@ from stream_trainer.norms._options import (
     check_non_negative_int,
     check_positive,
 )
-from stream_trainer.norms.base import StreamNorm
+from stream_trainer.norms.base import ManualBackward, StreamNorm
 
 __all__ = ["BatchNorm", "BatchRenorm", "EMABatchNorm"]
 
@@ -114,6 +121,24 @@ class _RunningStatsNorm(StreamNorm):
         if bias is None:
             return (x - mean) * scale
         return torch.addcmul(bias, x - mean, scale)
+
+    _FusedCall = tuple[Callable[..., tuple[Tensor, NormTape]], tuple[Any, ...]]
+
+    def _fused_call(self, x: Tensor) -> _FusedCall | None:
+        """``(forward_fn, args)`` such that ``forward_fn(x, *args)`` is this layer's fused
+        training forward (:mod:`stream_trainer.norms._fused`) for ``x``, or ``None`` where the
+        fused path does not apply (then the reference path runs)."""
+        return None
+
+    def manual_forward_applies(self, x: Tensor) -> bool:
+        return self._fused_call(x) is not None
+
+    def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
+        call = self._fused_call(x)
+        if call is None:
+            raise RuntimeError(f"{type(self).__name__} has no manual path for this input")
+        y, tape = call[0](x, *call[1])
+        return y, partial(norm_backward, tape)
 
 
 class BatchNorm(_RunningStatsNorm):
@@ -311,18 +336,24 @@ class EMABatchNorm(_RunningStatsNorm):
         self.momentum = check_momentum("momentum", momentum)
         self.warm_start = check_bool("warm_start", warm_start)
 
+    def _fused_call(self, x: Tensor) -> _RunningStatsNorm._FusedCall | None:
+        running_mean, running_var, seen, weight, bias = self._state_tensors()
+        if not (self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer)):
+            return None
+        n = x.numel() // x.shape[1]
+        t = int(seen) if self.warm_start else 0
+        a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+        args = (weight, bias, running_mean, running_var, seen, a_n, self.eps)
+        return ema_batch_norm_forward, args
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        running_mean, running_var, seen, weight, bias = self._state_tensors()
-        if self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer):
-            n = x.numel() // x.shape[1]
-            t = int(seen) if self.warm_start else 0
-            a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
-            return ema_batch_norm_train(
-                x, weight, bias, running_mean, running_var, seen, a_n, self.eps
-            )
+        call = self._fused_call(x)
+        if call is not None:
+            return fused_norm_train(call[0], x, *call[1])
+        running_mean, running_var, seen = self._state_tensors()[:3]
         moments = batch_moments(x, self.moment_reducer)
         a = sample_weight(moments.n, seen, self.momentum, warm_start=self.warm_start)
         mean, var = mixture_update(
@@ -448,19 +479,25 @@ class BatchRenorm(_RunningStatsNorm):
             p = 1.0 if t >= start else 0.0
         return 1.0 + (self.rmax - 1.0) * p, self.dmax * p
 
+    def _fused_call(self, x: Tensor) -> _RunningStatsNorm._FusedCall | None:
+        running_mean, running_var, seen, weight, bias = self._state_tensors()
+        if not (self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer)):
+            return None
+        n = x.numel() // x.shape[1]
+        t = int(seen)
+        a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+        rmax_t, dmax_t = self._clip_limit_values(t)
+        args = (weight, bias, running_mean, running_var, seen, a_n, self.eps, rmax_t, dmax_t)
+        return batch_renorm_forward, args
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        running_mean, running_var, seen, weight, bias = self._state_tensors()
-        if self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer):
-            n = x.numel() // x.shape[1]
-            t = int(seen)
-            a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
-            rmax_t, dmax_t = self._clip_limit_values(t)
-            return batch_renorm_train(
-                x, weight, bias, running_mean, running_var, seen, a_n, self.eps, rmax_t, dmax_t
-            )
+        call = self._fused_call(x)
+        if call is not None:
+            return fused_norm_train(call[0], x, *call[1])
+        running_mean, running_var, seen = self._state_tensors()[:3]
         moments = batch_moments(x, self.moment_reducer)
         mean = running_mean.detach().to(torch.float64)
         var = running_var.detach().to(torch.float64)

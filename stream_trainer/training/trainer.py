@@ -48,6 +48,12 @@ from torch import nn
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
 from stream_trainer.model import StreamMLP
+from stream_trainer.model.manual_backward import (
+    ManualMLP,
+    ManualTape,
+    cross_entropy_with_grad,
+    mse_with_grad,
+)
 from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason, check_values
 from stream_trainer.training.config import TrainerConfig
@@ -155,8 +161,14 @@ class IncrementalTrainer:
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
         self._rng_state: torch.Tensor = torch.Generator().manual_seed(config.seed).get_state()
-        # Set by _predict when its forward pass (with its graph) can serve as the training forward.
+        # Differentiate the model by hand where the structure allows (model/manual_backward.py);
+        # False: always autograd. The two agree to float rounding, not bit for bit.
+        self.manual_backward = True
+        self._manual: ManualMLP | None = None
+        # Set by _predict when its forward pass (with its graph, or with the tape of the manual
+        # path) can serve as the training forward.
         self._shared_out: torch.Tensor | None = None
+        self._shared_tape: ManualTape | None = None
         self._learn_rows: np.ndarray | None = None
         # -- distributed hooks (set by stream_trainer.distributed; None: a single process) -------
         self.gradient_sync: GradientSync | None = None
@@ -182,6 +194,7 @@ class IncrementalTrainer:
             self.model = self._make_mlp(in_features, out_features)
         self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
         self._params = list(self.model.parameters())
+        self._manual = ManualMLP.build(self.model) if self.manual_backward else None
         if self.moment_reducer is not None:  # distributed hook: synchronized batch statistics
             for _, layer in self.model.norm_layers():
                 layer.moment_reducer = self.moment_reducer
@@ -304,7 +317,7 @@ class IncrementalTrainer:
         For a mode-independent model about to learn from this batch, the forward pass keeps its
         graph and :meth:`_learn` reuses it (``_shared_out``): same numbers, one pass fewer.
         """
-        self._shared_out = None
+        self._shared_out = self._shared_tape = None
         model = self.model
         if model is None:
             return
@@ -312,7 +325,12 @@ class IncrementalTrainer:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
         inputs = torch.from_numpy(x)
         rows = self._learn_rows
-        if model.mode_independent and (rows is None or rows.shape[0] > 0):
+        manual = self._manual_for(inputs)
+        if model.mode_independent and manual is not None and rows is None:
+            model.set_training(True)
+            out, self._shared_tape = manual.forward(inputs)
+            self._shared_out = out
+        elif model.mode_independent and manual is None and (rows is None or rows.shape[0] > 0):
             model.set_training(True)
             out = model(inputs)
             self._shared_out = out if rows is None else out[torch.from_numpy(rows)]
@@ -327,6 +345,11 @@ class IncrementalTrainer:
         else:
             report.proba = torch.softmax(out.double(), dim=1).numpy()
 
+    def _manual_for(self, x: torch.Tensor) -> ManualMLP | None:
+        """The hand-differentiated step when it covers this model and input, else ``None``."""
+        manual = self._manual
+        return manual if manual is not None and manual.applies(x) else None
+
     def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
         """One optimizer step on the labelled rows (``y``: class indices, or raw targets).
 
@@ -339,6 +362,7 @@ class IncrementalTrainer:
         ``t`` is ``samples_trained``). Exactly one optimizer step per call.
         """
         shared, self._shared_out = self._shared_out, None
+        tape, self._shared_tape = self._shared_tape, None
         if self.model is None:
             self._build_model(x_np.shape[1], self._out_width())
         model, optimizer = self.model, self.optimizer
@@ -349,22 +373,36 @@ class IncrementalTrainer:
                 model.grow(in_features=x_np.shape[1], out_features=width, optimizer=optimizer)
             shared = None  # the output layer changed: the served logits lack the new classes
         c = self.config
+        inputs = torch.from_numpy(x_np)
+        manual = self._manual_for(inputs)
         if shared is not None:
             out = shared
+        elif manual is not None:
+            model.set_training(True)
+            out, tape = manual.forward(inputs)
         else:
             model.set_training(True)
             if model.uses_rng:
                 with self._own_rng():
-                    out = model(torch.from_numpy(x_np))
+                    out = model(inputs)
             else:
-                out = model(torch.from_numpy(x_np))
+                out = model(inputs)
         if self.task == "regression":
             z = torch.from_numpy(self.y_scaler.transform(y[:, None]).astype(np.float32))
-            loss = nn.functional.mse_loss(out, z)
+            if manual is not None:
+                loss, dout = mse_with_grad(out, z)
+            else:
+                loss = nn.functional.mse_loss(out, z)
+        elif manual is not None:
+            loss, dout = cross_entropy_with_grad(out, torch.from_numpy(y))
         else:
             loss = nn.functional.cross_entropy(out, torch.from_numpy(y))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if manual is not None:
+            assert tape is not None
+            manual.backward(tape, dout)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         rows = y.shape[0]
         if self.gradient_sync is not None:  # distributed hook: weighted all-reduce of the gradients
             rows = self.gradient_sync(self._params, rows)

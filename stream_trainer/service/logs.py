@@ -70,4 +70,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO", stream: TextIO | N
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # Off then on: re-installs the hook even when someone restored warnings.showwarning after an
+    # earlier call (captureWarnings(True) alone is then a no-op, and warnings stop reaching us).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)

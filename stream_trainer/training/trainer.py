@@ -26,9 +26,12 @@ Cost at batch size 1 (the service's common case) is dominated by fixed per-call 
 step avoids it where it can: the optimizer is the fused (single-kernel) variant when torch has one
 for the device, gradient clipping uses the ``_foreach`` kernels, switching between serving and
 learning touches only the modules whose forward depends on the mode
-(:meth:`~stream_trainer.model.StreamMLP.set_training`), and a model whose training and eval forward
+(:meth:`~stream_trainer.model.StreamMLP.set_training`), a model whose training and eval forward
 are the same function (no dropout, no running statistics: ``layer``, ``rms``, ``group``, ``none``)
-runs *one* forward pass whose output is both the served prediction and the input of the loss.
+runs *one* forward pass whose output is both the served prediction and the input of the loss, and
+the default MLP is differentiated by hand (:mod:`stream_trainer.model.manual_backward`: no autograd
+graph; gradients equal autograd's to float rounding; ``trainer.manual_backward = False`` turns it
+off, and models it does not cover use autograd).
 """
 
 from __future__ import annotations
@@ -325,8 +328,8 @@ class IncrementalTrainer:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
         inputs = torch.from_numpy(x)
         rows = self._learn_rows
-        manual = self._manual_for(inputs)
-        if model.mode_independent and manual is not None and rows is None:
+        manual = self._manual_for(inputs) if model.mode_independent else None
+        if manual is not None and rows is None:
             model.set_training(True)
             out, self._shared_tape = manual.forward(inputs)
             self._shared_out = out

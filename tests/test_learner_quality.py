@@ -30,15 +30,14 @@ NORMS = ("ema_batch", "batch_renorm", "layer")
 SIZES = ("1", "1:64")
 
 # Measured on this repository's defaults, seed 0 (accuracy; LogisticRegression in brackets). At
-# ``1:64`` Phishing (1,250 rows, about 40 optimizer steps) stays under both targets; ARF reaches
-# 0.8808 there, so 0.89 is out of reach for the protocol (predict a whole batch before learning it).
-_P, _W = "river:Phishing", str(WEATHER)
+# ``1:64`` Phishing (1,250 rows, about 40 optimizer steps) stays under the target: learning from
+# every row one at a time but predicting whole batches (the protocol) reaches only .879/.874/.867,
+# and ARF 0.8808, so 0.89 is out of reach for the protocol (predict a whole batch before learning).
+_P = "river:Phishing"
 KNOWN_SHORT: dict[tuple[str, str, str], str] = {
-    (_P, "ema_batch", "1:64"): "0.8688 (0.8720), under 0.89",
-    (_P, "batch_renorm", "1:64"): "0.8712 (0.8720), under 0.89",
-    (_P, "layer", "1:64"): "0.8640 (0.8720), under 0.89",
-    (_W, "batch_renorm", "1:64"): "0.7644 (0.7634), under 0.77",
-    (_W, "layer", "1:64"): "0.7614 (0.7634), under 0.77",
+    (_P, "ema_batch", "1:64"): "0.8720 (0.8720), under 0.89",
+    (_P, "batch_renorm", "1:64"): "0.8784 (0.8720), under 0.89",
+    (_P, "layer", "1:64"): "0.8736 (0.8720), under 0.89",
 }
 
 

@@ -239,6 +239,31 @@ def test_lr_scale_min_keeps_small_batches_at_the_base_rate() -> None:
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_beta1_is_counted_in_samples(optimizer: str) -> None:
+    """A batch of n > lr_reference_batch rows decays the first moment as n / 8 steps of 8 would;
+    smaller batches keep beta1 = 0.9 and beta2 is never touched."""
+    trainer = IncrementalTrainer(TrainerConfig(target="y", optimizer=optimizer, seed=0))
+    records = _records(100)
+    betas = []
+    for lo, hi in ((0, 2), (2, 34), (34, 42), (42, 43)):
+        trainer.step(records[lo:hi])
+        assert trainer.optimizer is not None
+        betas.append(trainer.optimizer.param_groups[0]["betas"])
+    assert [b[0] for b in betas] == pytest.approx([0.9, 0.9**4, 0.9, 0.9])
+    assert [b[1] for b in betas] == [0.999] * 4
+
+
+def test_momentum_in_samples_off_or_sgd_keeps_the_optimizer_momentum() -> None:
+    off = IncrementalTrainer(TrainerConfig(target="y", momentum_in_samples=False, seed=0))
+    sgd = IncrementalTrainer(TrainerConfig(target="y", optimizer="sgd", lr=0.05, seed=0))
+    off.step(_records(64))
+    sgd.step(_records(64))
+    assert off.optimizer is not None and sgd.optimizer is not None
+    assert off.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert sgd.optimizer.param_groups[0]["momentum"] == 0.9
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_optimizers_learn_a_separable_stream(optimizer: str) -> None:
     lr = 0.05 if optimizer == "sgd" else 3e-3

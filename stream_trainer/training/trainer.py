@@ -73,6 +73,8 @@ and returns the global number of labelled rows (used by ``lr_scaling``)."""
 STATE_VERSION = 2
 # Version 1 states predate these settings; the values they ran with (the newer defaults differ).
 _V1_DEFAULTS: dict[str, Any] = {"skip": False, "lr_scale_min": 0.0, "lr_decay_samples": None}
+# Settings added after a state version was written: a state without them ran without them.
+_LATER_DEFAULTS: dict[str, Any] = {"momentum_in_samples": False}
 
 
 @dataclass
@@ -118,6 +120,19 @@ def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Opt
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
         return cls(params, foreach=True, **kwargs)
+
+
+_ADAM_BETA1 = 0.9  # torch's default, which _optimizer keeps
+
+
+def _set_beta1(optimizer: torch.optim.Optimizer, steps: float) -> None:
+    """Adam's first moment counted in samples: a step that stands for ``steps`` reference batches
+    decays it by ``beta1 ** steps`` (``beta2`` is left alone). Adam only: its update is normalized
+    by the second moment, so a shorter average changes the direction's noise, not the step size;
+    SGD's momentum would also shrink the effective rate ``lr / (1 - momentum)``."""
+    beta1 = _ADAM_BETA1**steps
+    for group in optimizer.param_groups:
+        group["betas"] = (beta1, group["betas"][1])
 
 
 def _clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> None:
@@ -362,7 +377,8 @@ class IncrementalTrainer:
         ``lr * n / lr_reference_batch`` (linear) or ``lr * sqrt(n / lr_reference_batch)`` (sqrt)
         for a batch of ``n`` labelled records, times ``max(lr_decay_floor, 1 / sqrt(1 + t /
         lr_decay_samples))`` after ``t`` labelled samples (the decay needs no state of its own:
-        ``t`` is ``samples_trained``). Exactly one optimizer step per call.
+        ``t`` is ``samples_trained``). With ``momentum_in_samples`` the first-moment decay is
+        ``0.9 ** max(1, n / lr_reference_batch)``. Exactly one optimizer step per call.
         """
         shared, self._shared_out = self._shared_out, None
         tape, self._shared_tape = self._shared_tape, None
@@ -421,6 +437,8 @@ class IncrementalTrainer:
                 lr *= max(c.lr_decay_floor, decay)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        if c.momentum_in_samples and c.optimizer != "sgd":
+            _set_beta1(optimizer, max(1.0, rows / c.lr_reference_batch))
         optimizer.step()
         value = loss.item()
         self.last_loss = value
@@ -599,6 +617,7 @@ class IncrementalTrainer:
         config = state["config"]
         if version == 1:  # upgrade: settings added in version 2 keep their version-1 behaviour
             config = {**_V1_DEFAULTS, **config}
+        config = {**_LATER_DEFAULTS, **config}
         trainer = cls(TrainerConfig.from_dict(config))
         trainer.task = state["task"]
         trainer.classes = list(state["classes"])

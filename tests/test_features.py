@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream_trainer.features import OTHER_CATEGORY, FeatureEncoder, RunningStandardizer
@@ -94,3 +95,40 @@ def test_transform_is_read_only_and_state_round_trips_through_json() -> None:
     batch = [{"a": 9.0, "c": "w", "new": 1.0}, {"a": -1.0, "c": "x"}]
     np.testing.assert_array_equal(copy.fit_transform(batch), enc.fit_transform(batch))
     assert copy.state() == enc.state()
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**1100), max_value=2**1100),
+    st.integers(min_value=-3, max_value=3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.sampled_from([math.nan, math.inf, -math.inf, 2**53, 2**53 + 1, -(2**1030)]),
+    st.text(max_size=3),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=1), st.integers(), max_size=1),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@example({"a": math.nan, "c": 1.0}, None)
+@example({"c": math.inf}, None)
+@example({"a": 2**1030}, None)
+@example({"b": 2.0, "a": "x"}, None)
+@example({"y": 1}, None)
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "y", "new"]), _FIELD_VALUES, max_size=5),
+    st.sampled_from([None, ("a", "b", "c")]),
+)
+def test_check_record_answers_exactly_as_the_two_reference_checks(
+    value: dict[str, object], features: tuple[str, ...] | None
+) -> None:
+    """The one-pass check of the trainer's hot path against check_values then check, on an
+    encoder that has seen a numeric ``a``, a categorical ``b`` and no ``c`` (target ``y``)."""
+    from stream_trainer.records import check_values
+
+    enc = FeatureEncoder(target="y", features=features)
+    enc.fit_transform([{"a": 1.0, "b": "x", "y": 1}])
+    expected = check_values(value, "y") or enc.check(value)
+    assert enc.check_record(value) == expected

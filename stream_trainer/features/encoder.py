@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from stream_trainer.features.standardizer import RunningStandardizer
-from stream_trainer.records import RejectReason
+from stream_trainer.records import RejectReason, check_values
 
 __all__ = ["OTHER_CATEGORY", "FeatureEncoder"]
 
 OTHER_CATEGORY = "<other>"
 _NUM, _CAT = "num", "cat"
+_EXACT_INT = 2**53  # ints within this bound are finite floats: no need for the exact check
 
 
 class FeatureEncoder:
@@ -82,6 +83,35 @@ class FeatureEncoder:
                 want = "a number" if kind == _NUM else "a string"
                 return RejectReason.WRONG_TYPE, f"feature {name!r} must be {want}, got {v!r}"
         return None
+
+    def check_record(self, value: dict[str, Any]) -> tuple[RejectReason, str] | None:
+        """:func:`~stream_trainer.records.check_values` (every field but the target a finite
+        scalar, at least one) then :meth:`check` (kinds), with the same answers: one pass over the
+        fields for the common record (finite floats, ints, strings and ``None`` of the kinds seen
+        so far); any other record goes through the two reference checks, which give the reason."""
+        kinds, target = self.kinds, self.target
+        n_features = 0
+        for name, v in value.items():
+            if name == target:
+                continue
+            t = type(v)
+            if t is float:
+                if v - v != 0.0 or kinds.get(name) == _CAT:  # NaN/inf give NaN, not 0
+                    break
+            elif t is str:
+                if kinds.get(name) == _NUM:
+                    break
+            elif t is int:
+                if not -_EXACT_INT <= v <= _EXACT_INT or kinds.get(name) == _CAT:
+                    break
+            elif v is not None:
+                break
+            n_features += 1
+        else:
+            if n_features:
+                return None
+        problem = check_values(value, target)
+        return problem if problem is not None else self.check(value)
 
     def _learn_schema(self, values: Sequence[dict[str, Any]]) -> bool:
         """Register new features and categories; return True when columns were added."""

@@ -58,7 +58,7 @@ from stream_trainer.model.manual_backward import (
     mse_with_grad,
 )
 from stream_trainer.norms import MomentReducer
-from stream_trainer.records import Record, RejectedRecord, RejectReason, check_values
+from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training.config import TrainerConfig
 from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
@@ -236,10 +236,7 @@ class IncrementalTrainer:
 
     # ------------------------------------------------------------------ checks
     def _check(self, record: Record) -> tuple[RejectReason, str] | None:
-        problem = check_values(record.value, self.target)
-        if problem is None:
-            problem = self.encoder.check(record.value)
-        return problem
+        return self.encoder.check_record(record.value)
 
     def _parse_label(self, value: Any) -> Any:
         if self.task is None:

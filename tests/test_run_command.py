@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import io
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stream_trainer.commands._learner_args import add_learner_arguments
 from stream_trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,24 @@ def test_help_lists_every_flag_the_compose_trainer_uses(capsys):
     assert not missing, f"`stream-trainer run --help` does not list {missing}"
     # And the parser accepts the compose command as it is.
     _parser().parse_args(command[1:])
+
+
+def test_every_learner_flag_reaches_the_trainer_config():
+    """`run` shares the learner flags of `evaluate`: each one given lands in ``config.trainer``
+    (a flag missing from the run command's mapping would be rejected as an unknown setting)."""
+    from stream_trainer.commands.run import _TRAINER_FLAGS
+
+    parser = argparse.ArgumentParser()
+    add_learner_arguments(parser)
+    dests = {a.dest for a in parser._actions} - {"help", "model", "target"}
+    assert dests <= set(_TRAINER_FLAGS), sorted(dests - set(_TRAINER_FLAGS))
+    config = _config(["--no-momentum-in-samples", "--lr-reference-batch", "4", "--no-skip"])
+    trainer = config.trainer
+    assert (trainer.momentum_in_samples, trainer.lr_reference_batch, trainer.skip) == (
+        False,
+        4,
+        False,
+    )
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path):

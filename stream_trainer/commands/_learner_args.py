@@ -74,6 +74,12 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="0 disables")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=_DEFAULTS.lr_scaling)
     g.add_argument("--lr-reference-batch", type=int, default=_DEFAULTS.lr_reference_batch)
+    g.add_argument(
+        "--momentum-in-samples",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.momentum_in_samples,
+        help="Adam's beta1 counted per --lr-reference-batch samples, not per step (default on)",
+    )
     g.add_argument("--max-categories", type=int, default=_DEFAULTS.max_categories)
     g.add_argument(
         "--window", type=int, default=_DEFAULTS.rolling_window, help="rolling-metric window"
@@ -100,6 +106,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         grad_clip=args.grad_clip or None,
         lr_scaling=args.lr_scaling,
         lr_reference_batch=args.lr_reference_batch,
+        momentum_in_samples=args.momentum_in_samples,
         seed=args.seed,
         max_categories=args.max_categories,
         rolling_window=args.window,

@@ -37,6 +37,7 @@ _TRAINER_FLAGS = {
     "grad_clip": "grad_clip",
     "lr_scaling": "lr_scaling",
     "lr_reference_batch": "lr_reference_batch",
+    "momentum_in_samples": "momentum_in_samples",
     "max_categories": "max_categories",
     "window": "rolling_window",
     "seed": "seed",

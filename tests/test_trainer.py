@@ -358,3 +358,23 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
         TrainerConfig.from_dict({**config.to_dict(), "colour": "red"})
     with pytest.raises(ConfigError, match="target"):
         IncrementalTrainer(TrainerConfig())
+
+
+def test_a_checkpoint_from_before_momentum_in_samples_matches_the_old_behaviour() -> None:
+    """A configuration saved before the setting existed (no key) hashes like one that turns it
+    off, and a state without it restores with it off; the new default differs."""
+    import hashlib
+
+    old = TrainerConfig(target="y", momentum_in_samples=False)
+    data = old.to_dict()
+    del data["momentum_in_samples"]  # what a checkpoint written before the setting holds
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    assert old.fingerprint() == hashlib.sha256(text.encode()).hexdigest()
+    assert TrainerConfig(target="y").fingerprint() != old.fingerprint()
+
+    trainer = IncrementalTrainer(TrainerConfig(target="y", seed=0))
+    trainer.step(_records(20))
+    state = trainer.state_json()
+    del state["config"]["momentum_in_samples"]
+    restored = IncrementalTrainer.from_state(trainer.state_tensors(), state)
+    assert restored.config.momentum_in_samples is False

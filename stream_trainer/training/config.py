@@ -11,7 +11,14 @@ from typing import Any
 
 from stream_trainer.errors import ConfigError
 
-__all__ = ["DEFAULT_NORM_OPTIONS", "LR_SCALINGS", "OPTIMIZERS", "TASKS", "TrainerConfig"]
+__all__ = [
+    "DEFAULT_NORM_OPTIONS",
+    "LATER_SETTINGS",
+    "LR_SCALINGS",
+    "OPTIMIZERS",
+    "TASKS",
+    "TrainerConfig",
+]
 
 TASKS = ("auto", "classification", "regression")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -22,6 +29,13 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
     "ema_batch": {"momentum": 0.002},
     "batch_renorm": {"momentum": 0.002},
 }
+
+
+# Settings added after checkpoints were first written, with the value that a saved configuration
+# without them ran with. A restored state gets these values; the fingerprint leaves a setting out
+# while it has this value, so a checkpoint written before the setting existed still matches a
+# configuration that asks for the old behaviour (e.g. ``--no-momentum-in-samples``).
+LATER_SETTINGS: Mapping[str, Any] = {"momentum_in_samples": False}
 
 
 @dataclass(frozen=True)
@@ -207,7 +221,11 @@ class TrainerConfig:
         return cls(**values)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of the settings that shape the model's tensors."""
+        """SHA-256 of the canonical JSON of the settings that shape the model's tensors (a setting
+        of :data:`LATER_SETTINGS` left out while it has its old value)."""
         data = self.to_dict()
+        for key, old in LATER_SETTINGS.items():
+            if data.get(key) == old:
+                del data[key]
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

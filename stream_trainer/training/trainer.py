@@ -59,7 +59,7 @@ from stream_trainer.model.manual_backward import (
 )
 from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason
-from stream_trainer.training.config import TrainerConfig
+from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
 from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 
@@ -73,8 +73,6 @@ and returns the global number of labelled rows (used by ``lr_scaling``)."""
 STATE_VERSION = 2
 # Version 1 states predate these settings; the values they ran with (the newer defaults differ).
 _V1_DEFAULTS: dict[str, Any] = {"skip": False, "lr_scale_min": 0.0, "lr_decay_samples": None}
-# Settings added after a state version was written: a state without them ran without them.
-_LATER_DEFAULTS: dict[str, Any] = {"momentum_in_samples": False}
 
 
 @dataclass
@@ -614,7 +612,7 @@ class IncrementalTrainer:
         config = state["config"]
         if version == 1:  # upgrade: settings added in version 2 keep their version-1 behaviour
             config = {**_V1_DEFAULTS, **config}
-        config = {**_LATER_DEFAULTS, **config}
+        config = {**LATER_SETTINGS, **config}  # a state without them ran without them
         trainer = cls(TrainerConfig.from_dict(config))
         trainer.task = state["task"]
         trainer.classes = list(state["classes"])

@@ -4,7 +4,6 @@ through the same model, and the trainer's use of it."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,12 +24,7 @@ COVERED_NORMS = ["ema_batch", "batch_renorm", "layer", "none"]
 ACTIVATIONS = ["relu", "gelu", "tanh", "silu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(norm: str, activation: str, skip: bool, dtype: torch.dtype) -> StreamMLP:

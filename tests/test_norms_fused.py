@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from stream_trainer.norms import BatchRenorm, EMABatchNorm, StreamNorm
-from stream_trainer.norms._fused import batch_renorm_train, ema_batch_norm_train
+from stream_trainer.norms._fused import (
+    batch_renorm_forward,
+    ema_batch_norm_forward,
+    fused_norm_train,
+)
 
 C = 5
 SIZES = [1, 2, 7, 256, 1, 1, 3, 2, 40, 1, 7]  # a stream of changing batch sizes, 1 included
@@ -48,6 +52,11 @@ def _pair(make: Callable[[], StreamNorm], dtype: torch.dtype) -> tuple[StreamNor
     reference = copy.deepcopy(fused)
     reference.fused = False
     return fused, reference
+
+
+def ema(x: torch.Tensor, *args: object) -> torch.Tensor:
+    """The fused ``ema_batch`` training forward as the layer runs it: one autograd node."""
+    return fused_norm_train(ema_batch_norm_forward, x, *args)
 
 
 def _is_fused(y: torch.Tensor) -> bool:
@@ -104,7 +113,7 @@ def test_gradcheck_ema(n: int, extra: tuple[int, ...], seen: int) -> None:
 
     def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         seen_t = torch.tensor(seen)
-        return ema_batch_norm_train(x, w, b, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
+        return ema(x, w, b, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
 
     x = torch.randn(n, C, *extra, generator=gen, dtype=dt).requires_grad_()
     w = torch.randn(C, generator=gen, dtype=dt).requires_grad_()
@@ -113,11 +122,11 @@ def test_gradcheck_ema(n: int, extra: tuple[int, ...], seen: int) -> None:
 
     def weight_only(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         seen_t = torch.tensor(seen)
-        return ema_batch_norm_train(x, w, None, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
+        return ema(x, w, None, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
 
     def no_affine(x: torch.Tensor) -> torch.Tensor:
         seen_t = torch.tensor(seen)
-        return ema_batch_norm_train(x, None, None, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
+        return ema(x, None, None, mean0.clone(), var0.clone(), seen_t, a, 1e-5)
 
     assert torch.autograd.gradcheck(weight_only, (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert torch.autograd.gradcheck(no_affine, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -150,7 +159,9 @@ def test_gradcheck_renorm_where_exact(n: int, extra: tuple[int, ...]) -> None:
         ) -> torch.Tensor:
             seen_t = torch.tensor(100)
             m, v = mean0.clone(), var0.clone()
-            return batch_renorm_train(x, w, b, m, v, seen_t, 0.1, 1e-5, rmax, dmax)
+            return fused_norm_train(
+                batch_renorm_forward, x, w, b, m, v, seen_t, 0.1, 1e-5, rmax, dmax
+            )
 
         assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,14 +14,7 @@ from stream_trainer.norms import registered_norm_names
 from stream_trainer.records import Record
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only adds wake-up latency (badly so on a busy CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _records(n: int, seed: int = 0, *, n_classes: int = 2, start: int = 0) -> list[Record]:

@@ -160,12 +160,11 @@ class ManualMLP:
             return False
         if any(p.dtype != x.dtype or not p.is_cpu for p in self.params):
             return False
-        probe = x.new_empty((1, 0))
-        for block in self.blocks:
-            width = block.linear.out_features
-            if not block.norm.manual_forward_applies(probe.new_empty((x.shape[0], width))):
-                return False
-        return True
+        rows = x.shape[0]
+        return all(
+            block.norm.manual_forward_applies(x.new_empty((rows, block.linear.out_features)))
+            for block in self.blocks
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ManualTape]:
         """The training-mode forward (norm statistics updated as by ``model(x)`` in training

@@ -63,9 +63,7 @@ from stream_trainer.norms._moments import MomentReducer, reducer_is_identity
 __all__ = [
     "NormTape",
     "batch_renorm_forward",
-    "batch_renorm_train",
     "ema_batch_norm_forward",
-    "ema_batch_norm_train",
     "fused_norm_train",
     "fused_path_applies",
     "norm_backward",
@@ -316,43 +314,3 @@ def fused_norm_train(
     autograd node: differentiable in ``x``, ``weight`` and ``bias`` with :func:`norm_backward`."""
     y: Tensor = _FusedNormFn.apply(x, weight, bias, (forward_fn, rest))
     return y
-
-
-def ema_batch_norm_train(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    samples_seen: Tensor,
-    a: float,
-    eps: float,
-) -> Tensor:
-    r"""Training forward of :class:`~stream_trainer.norms.batch.EMABatchNorm` with batch weight
-    ``a``: writes the mixture moments into ``running_mean`` / ``running_var``, adds the batch's
-    samples to ``samples_seen``, and returns
-    :math:`\gamma (x - \mu') / \sqrt{\sigma'^2 + \epsilon} + \beta`, differentiable in ``x``,
-    ``weight`` and ``bias``."""
-    return fused_norm_train(
-        ema_batch_norm_forward, x, weight, bias, running_mean, running_var, samples_seen, a, eps
-    )
-
-
-def batch_renorm_train(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    samples_seen: Tensor,
-    a: float,
-    eps: float,
-    rmax: float,
-    dmax: float,
-) -> Tensor:
-    r"""Training forward of :class:`~stream_trainer.norms.batch.BatchRenorm` with clip limits
-    ``rmax``, ``dmax`` (already scheduled) and update weight ``a``: the output from the batch
-    moments and the running moments before the update (the running moments alone at batch size
-    1), then the mixture update of ``running_mean`` / ``running_var`` and ``samples_seen``."""
-    rest = (running_mean, running_var, samples_seen, a, eps, rmax, dmax)
-    return fused_norm_train(batch_renorm_forward, x, weight, bias, *rest)

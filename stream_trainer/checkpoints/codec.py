@@ -443,6 +443,8 @@ class CheckpointCodec:
         blob = _join(parts[: manifest.tensor_parts])
         doc = _join(parts[manifest.tensor_parts :])
         try:
+            # Not unpickling: safetensors reads a JSON header (names, dtypes, shapes, byte ranges)
+            # and copies raw little-endian bytes; it has no code path that runs stored objects.
             tensors = safetensors.torch.load(blob)
         except Exception as exc:  # the parser's own error types vary between versions
             msg = f"{where}: tensor section is not a valid safetensors blob ({exc})"

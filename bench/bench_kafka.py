@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from consumers.kafka_source import KafkaRecordSource, KafkaSourceConfig  # noqa: E402
+from consumers.process_source import open_kafka_source  # noqa: E402
 from consumers.topics import create_topic  # noqa: E402
 from stream_trainer.records import Record  # noqa: E402
 
@@ -103,8 +104,16 @@ def raw_throughput(bootstrap: str, topic: str, n: int, check_crcs: bool = True) 
 
 
 def source_throughput(
-    bootstrap: str, topic: str, n: int, cap: int, trainer_step: TrainerStep | None
+    bootstrap: str,
+    topic: str,
+    n: int,
+    cap: int,
+    trainer_step: TrainerStep | None,
+    *,
+    consumer_process: bool = False,
 ) -> float:
+    """Samples/s through the source the service would open (``open_kafka_source``): one process,
+    or with ``consumer_process`` the consumer in a child process reading one batch ahead."""
     config = KafkaSourceConfig(
         bootstrap,
         topic,
@@ -112,9 +121,10 @@ def source_throughput(
         target="y",
         max_batch_records=cap,
         max_wait_ms=200,
+        consumer_process=consumer_process,
     )
     seen, counted, started = 0, 0, 0.0
-    with KafkaRecordSource(config) as source:
+    with open_kafka_source(config) as source:
         while seen < n:
             batch = source.poll_batch()
             if trainer_step is not None and batch.records:
@@ -176,7 +186,8 @@ def run_benchmark(
     trainer_step: TrainerStep | None = None,
     with_trainer: bool = False,
 ) -> dict[str, float]:
-    """Return ``{"raw": median samples/s, "source@CAP": ...}``."""
+    """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}`` (and
+    ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` with the trainer)."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     fill_topic(bootstrap, topic, records, partitions, features)
     runs: dict[str, list[float]] = {"raw": []}
@@ -184,12 +195,18 @@ def run_benchmark(
     for _ in range(repeats):
         runs["raw"].append(raw_throughput(bootstrap, topic, records, check_crcs))
         for cap in caps:
-            rate = source_throughput(bootstrap, topic, records, cap, None)
-            runs.setdefault(f"source@{cap}", []).append(rate)
+            for prefix, in_child in (("", False), ("process-", True)):
+                rate = source_throughput(
+                    bootstrap, topic, records, cap, None, consumer_process=in_child
+                )
+                runs.setdefault(f"{prefix}source@{cap}", []).append(rate)
+                if with_trainer:
+                    step = make_trainer_step() if trainer_step is None else trainer_step
+                    rate = source_throughput(
+                        bootstrap, topic, records, cap, step, consumer_process=in_child
+                    )
+                    runs.setdefault(f"{prefix}e2e@{cap}", []).append(rate)
             if with_trainer:
-                step = make_trainer_step() if trainer_step is None else trainer_step
-                rate = source_throughput(bootstrap, topic, records, cap, step)
-                runs.setdefault(f"e2e@{cap}", []).append(rate)
                 rate = trainer_alone_throughput(bootstrap, topic, records, cap)
                 runs.setdefault(f"trainer@{cap}", []).append(rate)
     return {name: statistics.median(values) for name, values in runs.items()}
@@ -223,29 +240,35 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
         "|---|---:|---:|---:|",
         f"| plain KafkaConsumer + json.loads | 500 (poll) | {raw:,.0f} | 1.00 |",
     ]
-    for name, rate in medians.items():
-        if name.startswith("source@"):
-            cap = name.split("@")[1]
-            lines.append(
-                f"| KafkaRecordSource (decode + checks) | {cap} | {rate:,.0f} | {rate / raw:.2f} |"
-            )
+    readers = (
+        ("source@", "KafkaRecordSource, one process (decode + checks)"),
+        ("process-source@", "consumer process (`consumer_process: true`)"),
+    )
+    for prefix, label in readers:
+        for name, rate in medians.items():
+            if name.startswith(prefix):
+                cap = name.split("@")[1]
+                lines.append(f"| {label} | {cap} | {rate:,.0f} | {rate / raw:.2f} |")
     caps = [name.split("@")[1] for name in medians if name.startswith("e2e@")]
     if caps:
         lines += [
             "",
-            "End to end, Kafka -> KafkaRecordSource -> IncrementalTrainer.step, beside the trainer",
+            "End to end, Kafka -> source -> IncrementalTrainer.step, with the consumer in the",
+            "service's process and in a child process (`consumer_process`), beside the trainer",
             "alone on the same batches held in memory (same run). *bound* is the slower of the raw",
             "consumer and the trainer alone; the target at 64 is e2e >= 0.8 of it.",
             "",
-            "| max_batch_records | e2e samples/s | trainer alone samples/s | raw consumer | bound"
-            " | e2e / bound |",
-            "|---:|---:|---:|---:|---|---:|",
+            "| max_batch_records | e2e, one process | e2e, consumer process | trainer alone"
+            " | raw consumer | bound | one process / bound | consumer process / bound |",
+            "|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for cap in caps:
             e2e, alone = medians[f"e2e@{cap}"], medians[f"trainer@{cap}"]
+            child = medians[f"process-e2e@{cap}"]
             bound, which = (alone, "trainer") if alone < raw else (raw, "Kafka")
             lines.append(
-                f"| {cap} | {e2e:,.0f} | {alone:,.0f} | {raw:,.0f} | {which} | {e2e / bound:.2f} |"
+                f"| {cap} | {e2e:,.0f} | {child:,.0f} | {alone:,.0f} | {raw:,.0f} | {which} "
+                f"| {e2e / bound:.2f} | {child / bound:.2f} |"
             )
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,9 @@
 """Kafka I/O for stream-trainer (kafka-python): record source, dead letters, replay, recording.
 
 - :mod:`consumers.kafka_source`: :class:`KafkaRecordSource` and its :class:`KafkaSourceConfig`;
+- :mod:`consumers.process_source`: :class:`ProcessKafkaSource`, the same source with its consumer
+  in a child process (:mod:`consumers.consumer_process`, frames in :mod:`consumers.process_frames`),
+  and :func:`open_kafka_source`, which opens the one a config asks for;
 - :mod:`consumers.dead_letter`: :class:`DeadLetterSink`;
 - :mod:`consumers.producer`: producing recordings and file sources (``stream-trainer replay``);
 - :mod:`consumers.recorder`: capturing a topic (``stream-trainer record``);
@@ -19,6 +22,7 @@ from consumers.kafka_source import (
     parse_partition_key,
     partition_key,
 )
+from consumers.process_source import ProcessKafkaSource, open_kafka_source
 from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
 from consumers.security import KafkaSecurity
 
@@ -30,10 +34,12 @@ __all__ = [
     "KafkaSecurity",
     "KafkaSourceConfig",
     "NoBackoff",
+    "ProcessKafkaSource",
     "RecordDecoder",
     "Retry",
     "SourceBatch",
     "dead_letter_topic",
+    "open_kafka_source",
     "parse_partition_key",
     "partition_key",
 ]

@@ -101,8 +101,17 @@ class RecordDecoder:
             keep = frozenset(self.features) | ({target} if target is not None else set())
         self._keep = keep
 
-    def _accept(self, raw: bytes | None) -> dict[str, Any] | None:
+    @property
+    def kept_fields(self) -> frozenset[str] | None:
+        """The fields a decoded value keeps (the feature subset plus the target), or ``None``."""
+        return self._keep
+
+    def accept_plain(self, raw: bytes | None) -> dict[str, Any] | None:
         """The fast path: the kept fields when the record is plainly acceptable, else ``None``.
+
+        *Plainly acceptable* also means that ``raw`` is exactly one JSON object, UTF-8, with
+        nothing before or after it: such values can be joined into one JSON array and read back
+        with a single ``json.loads`` (:mod:`consumers.process_frames` relies on it).
 
         ``None`` does not mean rejected; it means "let :meth:`_decode_checked` decide", which
         re-reads the value the documented way and gives the exact reason and detail. Every record
@@ -158,7 +167,7 @@ class RecordDecoder:
         """:meth:`decode` for a kafka-python ``ConsumerRecord`` (value, key, where it came from,
         its timestamp and headers)."""
         raw = message.value
-        kept = self._accept(raw)
+        kept = self.accept_plain(raw)
         if kept is not None:
             return Record(
                 value=kept,

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 from kafka.consumer import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -145,6 +145,12 @@ class KafkaSourceConfig:
         on produce and TCP checksums the transfer. ``True`` verifies whatever it costs.
     security
         Passed through to kafka-python; secrets stay out of ``repr`` and logs.
+    consumer_process
+        Run the consumer in a child process (:class:`~consumers.process_source.ProcessKafkaSource`,
+        which :func:`~consumers.process_source.open_kafka_source` and the service open when this
+        is true, the default): fetching, kafka-python's record parsing and the decoding then
+        overlap the training step on another core. False keeps the consumer in the service's
+        process (one core, no child). :class:`KafkaRecordSource` itself ignores it.
     """
 
     bootstrap_servers: str | tuple[str, ...]
@@ -169,6 +175,7 @@ class KafkaSourceConfig:
     close_timeout_ms: int = 5_000
     check_crcs: bool | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    consumer_process: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -245,6 +252,9 @@ class KafkaSourceConfig:
         if self.check_crcs is not None and not isinstance(self.check_crcs, bool):
             msg = f"check_crcs must be true, false or null (auto), got {self.check_crcs!r}"
             raise ConfigError(msg)
+        if not isinstance(self.consumer_process, bool):
+            msg = f"consumer_process must be true or false, got {self.consumer_process!r}"
+            raise ConfigError(msg)
         if not isinstance(self.security, KafkaSecurity):
             msg = f"security must be a KafkaSecurity, got {type(self.security).__name__}"
             raise ConfigError(msg)
@@ -309,6 +319,16 @@ class KafkaSourceConfig:
             return self.check_crcs
         return fast_crc32c()
 
+    def to_mapping(self) -> dict[str, Any]:
+        """Every setting as JSON-able values, secrets included (never log this):
+        ``from_mapping(to_mapping())`` gives back an equal config."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["security"] = {f.name: getattr(self.security, f.name) for f in fields(KafkaSecurity)}
+        return out
+
     def describe(self) -> dict[str, Any]:
         """The settings with secrets masked, for logs."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "security"}
@@ -332,6 +352,25 @@ class SourceBatch:
     def size(self) -> int:
         """Messages consumed: accepted plus rejected."""
         return len(self.records) + len(self.rejected)
+
+
+def decode_batch(
+    decoder: RecordDecoder,
+    polled: Sequence[tuple[str, int, Sequence[Any]]],
+    next_offsets: dict[str, int],
+) -> SourceBatch:
+    """Decode polled messages (``[(topic, partition, messages), ...]``) into a batch."""
+    batch = SourceBatch(next_offsets=next_offsets)
+    records, rejected = batch.records, batch.rejected
+    decode = decoder.decode_message
+    for _topic, _partition, messages in polled:
+        for m in messages:
+            item = decode(m)
+            if type(item) is Record:
+                records.append(item)
+            else:
+                rejected.append(item)  # type: ignore[arg-type]
+    return batch
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
@@ -375,7 +414,33 @@ def _default_retry(config: KafkaSourceConfig) -> Retry:
     )
 
 
-class KafkaRecordSource:
+class ClosableSource:
+    """``with`` support and ``repr`` of the Kafka sources (``config``, ``_closed``, ``close``)."""
+
+    config: KafkaSourceConfig
+    _closed: bool
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"{type(self).__name__}(topics={list(self.config.topics)}, "
+            f"group_id={self.config.group_id!r}{self._repr_extra()}, {state})"
+        )
+
+
+class KafkaRecordSource(ClosableSource):
     """Kafka -> mini-batches of decoded records, as a member of a consumer group.
 
     Parameters
@@ -598,13 +663,25 @@ class KafkaRecordSource:
     def poll_batch(self) -> SourceBatch:
         """Wait up to ``max_wait_ms`` for records; return what arrived (at most
         ``max_batch_records`` messages), split into accepted and rejected records."""
+        polled, next_offsets = self.poll_messages()
+        return decode_batch(self._decoder, polled, next_offsets)
+
+    def poll_messages(
+        self, timeout_ms: int | None = None
+    ) -> tuple[list[tuple[str, int, list[Any]]], dict[str, int]]:
+        """The reading half of :meth:`poll_batch`: the messages as kafka-python returns them.
+
+        Waits up to ``timeout_ms`` (default ``max_wait_ms``) for the first messages, then takes
+        what is already buffered, at most ``max_batch_records`` in all. Returns
+        ``([(topic, partition, messages), ...], next_offsets)``.
+        """
         self._check_open()
         self._raise_pending()
         cap = self.config.max_batch_records
-        batch = SourceBatch()
-        records, rejected, next_offsets = batch.records, batch.rejected, batch.next_offsets
-        timeout_ms = self.config.max_wait_ms
-        decode = self._decoder.decode_message
+        polled_parts: list[tuple[str, int, list[Any]]] = []
+        next_offsets: dict[str, int] = {}
+        if timeout_ms is None:
+            timeout_ms = self.config.max_wait_ms
         generation = self._generation
         size = 0
         while size < cap:
@@ -618,12 +695,7 @@ class KafkaRecordSource:
             for tp, messages in polled.items():
                 if not messages:
                     continue
-                for m in messages:
-                    item = decode(m)
-                    if type(item) is Record:
-                        records.append(item)
-                    else:
-                        rejected.append(item)  # type: ignore[arg-type]
+                polled_parts.append((tp.topic, tp.partition, messages))
                 size += len(messages)
                 next_offsets[partition_key(*tp)] = messages[-1].offset + 1
             # Only the first poll waits; then take what is already buffered.
@@ -633,7 +705,7 @@ class KafkaRecordSource:
                 self._next_known.update(next_offsets)
                 self._last_read = frozenset(next_offsets)
         self._raise_pending()
-        return batch
+        return polled_parts, next_offsets
 
     # -- offsets --------------------------------------------------------------------------------
 
@@ -807,16 +879,3 @@ class KafkaRecordSource:
             self._consumer.close(autocommit=False, timeout_ms=self.config.close_timeout_ms)
         except Exception as exc:  # closing must not fail the caller's shutdown
             log.warning("error while closing the Kafka consumer: %s", exc)
-
-    def __enter__(self) -> KafkaRecordSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (
-            f"KafkaRecordSource(topics={list(self.config.topics)}, "
-            f"group_id={self.config.group_id!r}, {state})"
-        )

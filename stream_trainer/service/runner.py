@@ -180,7 +180,7 @@ class TrainerService:
     def _open_source(self) -> None:
         c = self.config
         if c.is_kafka:
-            from consumers import DeadLetterSink, KafkaRecordSource, KafkaSourceConfig
+            from consumers import DeadLetterSink, KafkaSourceConfig, open_kafka_source
             from consumers.security import KafkaSecurity
 
             bootstrap, topic = c.kafka_endpoint()
@@ -195,7 +195,7 @@ class TrainerService:
                 **c.kafka,
             }
             source_config = KafkaSourceConfig.from_mapping(options)
-            self.source = KafkaRecordSource(
+            self.source = open_kafka_source(
                 source_config, offset_provider=self._offset_for, on_revoke=self._on_revoke
             )
             if self.restored is None:
@@ -235,7 +235,8 @@ class TrainerService:
         return self.pending_offsets.get(f"{topic}:{partition}")
 
     def _on_revoke(self, partitions: list[Any]) -> None:
-        # Called on kafka-python's network thread: only raise a flag and return at once.
+        # Called on kafka-python's IO thread (or, with the consumer in a child process, while that
+        # thread waits for the answer): only raise a flag and return at once.
         self._checkpoint_requested = "revoke"
 
     def _start_telemetry(self) -> None:

@@ -22,6 +22,7 @@ from consumers.kafka_source import (
     parse_partition_key,
     partition_key,
 )
+from consumers.process_source import ProcessKafkaSource
 from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
 from consumers.security import KafkaSecurity
 from stream_trainer.errors import ConfigError, SourceError
@@ -253,9 +254,15 @@ def test_batches_vary_and_never_exceed_the_cap(kafka_bootstrap: str, kafka_topic
     assert 64 in sizes and sizes[-1] == 1
 
 
+BOTH_SOURCES = pytest.mark.parametrize(
+    "source_cls", [KafkaRecordSource, ProcessKafkaSource], ids=["one-process", "consumer-process"]
+)
+
+
 @pytest.mark.integration
+@BOTH_SOURCES
 def test_assignment_seeks_to_provided_offsets_and_revoke_hook_runs(
-    kafka_bootstrap: str, kafka_topic: str
+    kafka_bootstrap: str, kafka_topic: str, source_cls: type[KafkaRecordSource]
 ) -> None:
     produce_messages(kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(30)])
     provided = {0: 7, 1: None, 2: 10}
@@ -266,7 +273,7 @@ def test_assignment_seeks_to_provided_offsets_and_revoke_hook_runs(
         asked.append((topic, partition))
         return provided[partition]
 
-    source = KafkaRecordSource(
+    source = source_cls(
         _config(kafka_bootstrap, kafka_topic),
         offset_provider=offset_provider,
         on_revoke=revoked.append,
@@ -286,10 +293,13 @@ def test_assignment_seeks_to_provided_offsets_and_revoke_hook_runs(
 
 
 @pytest.mark.integration
-def test_commit_resume_lag_and_caught_up(kafka_bootstrap: str, kafka_topic: str) -> None:
+@BOTH_SOURCES
+def test_commit_resume_lag_and_caught_up(
+    kafka_bootstrap: str, kafka_topic: str, source_cls: type[KafkaRecordSource]
+) -> None:
     produce_messages(kafka_bootstrap, kafka_topic, [(0, None, _valid(i)) for i in range(30)])
     config = _config(kafka_bootstrap, kafka_topic, max_batch_records=10)
-    with KafkaRecordSource(config) as source:
+    with source_cls(config) as source:
         ends = source.end_offsets()
         assert ends == {partition_key(kafka_topic, p): (30 if p == 0 else 0) for p in range(3)}
         batch = _drain(source, 1)[0]
@@ -301,7 +311,7 @@ def test_commit_resume_lag_and_caught_up(kafka_bootstrap: str, kafka_topic: str)
         with pytest.raises(SourceError, match="refusing to commit") as info:
             source.commit({partition_key(kafka_topic, 0): 5})
         assert info.value.retriable is False
-    with KafkaRecordSource(config) as again:
+    with source_cls(config) as again:
         rest = _drain(again, 20)
         offsets = [r.offset for b in rest for r in b.records]
         assert offsets == list(range(10, 30))
@@ -310,15 +320,18 @@ def test_commit_resume_lag_and_caught_up(kafka_bootstrap: str, kafka_topic: str)
 
 
 @pytest.mark.integration
+@BOTH_SOURCES
 def test_missing_topic_is_a_clear_error_or_created(
-    kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+    kafka_bootstrap: str,
+    kafka_topic_factory: Callable[..., str],
+    source_cls: type[KafkaRecordSource],
 ) -> None:
     name = kafka_topic_factory(1) + "-absent"
     with pytest.raises(SourceError, match=r"do not exist.*create_topic=True") as info:
-        KafkaRecordSource(_config(kafka_bootstrap, name))
+        source_cls(_config(kafka_bootstrap, name))
     assert info.value.retriable is False
     config = _config(kafka_bootstrap, name, create_topic=True, create_topic_partitions=2)
-    with KafkaRecordSource(config) as source:
+    with source_cls(config) as source:
         assert len(source.end_offsets()) == 2
 
 

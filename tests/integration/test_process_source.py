@@ -1,0 +1,234 @@
+"""ProcessKafkaSource (the consumer in a child process) against a real broker.
+
+The reference is :class:`KafkaRecordSource`: the same topic read by both gives the same records and
+rejections, and the offset, commit and rebalance contract holds across the process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import TopicPartition
+
+from consumers.kafka_source import KafkaRecordSource, SourceBatch, partition_key
+from consumers.process_source import ProcessKafkaSource, open_kafka_source
+from stream_trainer.errors import SourceError
+from tests.fixtures.kafka import load_broker, produce_messages
+from tests.integration.test_kafka_source import (
+    MALFORMED,
+    _config,
+    _drain,
+    _second_member,
+    _valid,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _contents(batches: list[SourceBatch]) -> tuple[list[object], list[object]]:
+    """Records and rejections in a comparable form, in (partition, offset) order; values with
+    their field order."""
+    records = sorted(
+        (r.partition, r.offset, r.topic, r.key, r.timestamp_ms, r.raw, list(r.value.items()))
+        for b in batches
+        for r in b.records
+    )
+    rejected = sorted(
+        (x.partition, x.offset, x.topic, x.key, x.timestamp_ms, x.raw, x.reason, x.detail,
+         json.dumps(x.value), x.headers)
+        for b in batches
+        for x in b.rejected
+    )  # fmt: skip
+    return records, rejected  # type: ignore[return-value]
+
+
+def test_reads_what_the_in_process_source_reads(kafka_bootstrap: str, kafka_topic: str) -> None:
+    n = 60
+    messages = [
+        (i % 3, f"key-{i}".encode() if i % 4 else None, MALFORMED[i][0] if i in MALFORMED
+         else _valid(i))
+        for i in range(n)
+    ]  # fmt: skip
+    # Values that take the slow path of the decoder but are accepted (whitespace around them),
+    # ints and bools among floats, and a field subset.
+    messages += [
+        (0, b"ws", b' {"x": 1.25, "c": "k", "y": 1} '),
+        (1, b"ints", b'{"x": 3, "b": true, "n": null, "c": "\\u00e9", "y": 0}'),
+        (2, b"dup", b'{"x": 1.0, "x": 2.5, "y": 1}'),
+    ]
+    produce_messages(kafka_bootstrap, kafka_topic, messages)
+    total = len(messages)
+    for features in (None, ("x", "c")):
+        reference = KafkaRecordSource(
+            _config(kafka_bootstrap, kafka_topic, group_id=f"ref-{features}", features=features)
+        )
+        with reference:
+            expected = _drain(reference, total)
+        config = _config(
+            kafka_bootstrap, kafka_topic, group_id=f"child-{features}", features=features
+        )
+        with ProcessKafkaSource(config) as source:
+            got = _drain(source, total)  # type: ignore[arg-type]
+            assert source._proc.poll() is None  # the child is alive while the source is open
+        assert _contents(got) == _contents(expected)
+        assert len([r for b in got for r in b.rejected]) == len(MALFORMED)
+        last: dict[str, int] = {}
+        for b in got:
+            last.update(b.next_offsets)
+        assert last == {partition_key(kafka_topic, p): n // 3 + 1 for p in range(3)}
+        assert source._proc.returncode == 0  # closed cleanly
+
+
+def test_open_kafka_source_follows_the_config_and_errors_keep_their_kind(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    """(Offsets, hooks, commits, lag and caught_up are checked on both sources in
+    test_kafka_source.py.)"""
+    config = _config(kafka_bootstrap, kafka_topic, consumer_process=False)
+    with open_kafka_source(config) as in_process:
+        assert isinstance(in_process, KafkaRecordSource)
+    produce_messages(kafka_bootstrap, kafka_topic, [(0, None, _valid(i)) for i in range(3)])
+    source = open_kafka_source(_config(kafka_bootstrap, kafka_topic))
+    assert isinstance(source, ProcessKafkaSource)
+    key = partition_key(kafka_topic, 0)
+    with source:
+        _drain(source, 3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="must be an integer >= 0"):
+            source.commit({key: -1})
+        source.commit({key: 3})
+        with pytest.raises(SourceError, match="refusing to commit") as info:
+            source.commit({key: 2})
+        assert info.value.retriable is False
+        assert source.committed_offsets() == {key: 3}
+    with pytest.raises(SourceError, match="closed"):
+        source.poll_batch()
+    source.close()  # idempotent
+
+
+def test_caught_up_waits_for_the_batch_read_ahead(
+    kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+) -> None:
+    """The child reads one batch ahead: a source whose last batch is still in the pipe (not handed
+    out, so not trained) is not caught up, even though the child has read everything."""
+    topic = kafka_topic_factory(1)
+    produce_messages(kafka_bootstrap, topic, [(0, None, _valid(i)) for i in range(20)])
+    config = _config(kafka_bootstrap, topic, max_batch_records=10)
+    with ProcessKafkaSource(config) as source:
+        ends = source.end_offsets()
+        sizes = []
+        deadline = time.monotonic() + 20
+        while not source.caught_up(ends):
+            assert time.monotonic() < deadline, f"never caught up, batches {sizes}"
+            sizes.append(source.poll_batch().size)
+        assert sum(sizes) == 20
+
+
+def test_a_rebalance_reaches_the_hooks_and_reading_goes_on(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    produce_messages(kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(30)])
+    config = _config(kafka_bootstrap, kafka_topic)
+    revoked: list[list[TopicPartition]] = []
+    asked: list[int] = []
+
+    def offset_provider(topic: str, partition: int) -> int | None:
+        asked.append(partition)
+        return None
+
+    source = ProcessKafkaSource(config, offset_provider=offset_provider, on_revoke=revoked.append)
+    with source:
+        _drain(source, 30)  # type: ignore[arg-type]
+        other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
+        try:
+            deadline = time.monotonic() + 30
+            while not other.assignment() or not revoked or source.rebalancing:
+                assert time.monotonic() < deadline, "the second member never got partitions"
+                other.poll(timeout_ms=50)
+                source.poll_batch()
+            owned = {tp.partition for tp in source.assignment()}
+            assert owned and len(owned) < 3
+        finally:
+            other.close(autocommit=False)
+        assert revoked[0]  # the partitions owned before the second member came
+        assert len(asked) > 3  # asked again on the new assignment
+        produce_messages(kafka_bootstrap, kafka_topic, [(p, None, _valid(p)) for p in owned])
+        later = _drain(source, len(owned))  # type: ignore[arg-type]
+        assert {r.partition for b in later for r in b.records} == owned
+
+
+def test_the_child_outlives_signals_meant_for_the_service(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    """Ctrl-C and systemd signal the whole process group: the child must stay to commit the
+    service's last checkpoint, and leave on close."""
+    produce_messages(kafka_bootstrap, kafka_topic, [(0, None, _valid(i)) for i in range(5)])
+    with ProcessKafkaSource(_config(kafka_bootstrap, kafka_topic)) as source:
+        batches = _drain(source, 5)  # type: ignore[arg-type]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(source.pid, sig)
+        time.sleep(0.3)
+        assert source._proc.poll() is None
+        source.commit(batches[-1].next_offsets)
+        assert source.committed_offsets() == {partition_key(kafka_topic, 0): 5}
+    assert source._proc.returncode == 0
+
+
+_ORPHAN = """
+import os, sys
+from consumers.kafka_source import KafkaSourceConfig
+from consumers.process_source import ProcessKafkaSource
+source = ProcessKafkaSource(KafkaSourceConfig(sys.argv[1], sys.argv[2], group_id="orphan"))
+source.poll_batch()
+print(source.pid, flush=True)
+os._exit(0)  # no close: the child only sees its stdin end
+"""
+
+
+def test_the_child_leaves_when_the_service_dies(kafka_bootstrap: str, kafka_topic: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _ORPHAN, kafka_bootstrap, kafka_topic],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    child = int(done.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.monotonic() < deadline, "the consumer process outlived its service"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_dead_child_is_a_clear_error(kafka_bootstrap: str, kafka_topic: str) -> None:
+    with ProcessKafkaSource(_config(kafka_bootstrap, kafka_topic)) as source:
+        source.poll_batch()
+        source._proc.kill()
+        with pytest.raises(SourceError, match=r"consumer process exited \(code -9\)") as info:
+            for _ in range(3):
+                source.poll_batch()
+        assert info.value.retriable is False
+
+
+def test_an_unreachable_broker_stays_a_retriable_error() -> None:
+    """(A missing topic is checked on both sources in test_kafka_source.py.)"""
+    port = load_broker().free_port()
+    unreachable = _config(f"127.0.0.1:{port}", "t", connect_timeout_ms=300, connect_retries=1)
+    with pytest.raises(SourceError, match=r"not reachable after 2 attempt\(s\)") as info:
+        ProcessKafkaSource(unreachable)
+    assert info.value.retriable is True

@@ -10,13 +10,13 @@ aside (dead letter) keeps its original bytes.
 
 The child decodes and checks the values itself, and a decoded batch
 (:class:`~consumers.kafka_source.SourceBatch`) travels as one frame (:func:`pack_polled` /
-:func:`unpack_batch`). Its header holds one row per record (where it came from, the lengths of its
-key and original bytes, ``-1`` for null, and its schema), the records' non-float values as JSON,
-the schemas (field names in order, and which hold floats), one row per rejected record (reason,
-detail, the value when there was one, headers as ``[[name, base64 value or null], ...]``) and the
-next offsets. The blob is the keys and original bytes of the records in row order, then those of
-the rejected records, then the records' floats as native doubles: the two ends of the pipe are
-one machine.
+:func:`unpack_batch`). Its header holds one row per record, grouped by partition (offset,
+timestamp, the lengths of its key and original bytes, ``-1`` for null, and its schema), the
+records' non-float values as JSON, the schemas (field names in order, and which hold floats), one
+row per rejected record (reason, detail, the value when there was one, headers as
+``[[name, base64 value or null], ...]``) and the next offsets. The blob is the keys and original
+bytes of the records in row order, then those of the rejected records, then the records' floats as
+native doubles: the two ends of the pipe are one machine.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import base64
 import json
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any, BinaryIO
 
 from consumers.deserializer import MessageLike, RecordDecoder
@@ -97,6 +98,27 @@ def _pack_headers(headers: Sequence[tuple[str, bytes | None]]) -> list[Any] | No
     return [[k, None if v is None else base64.b64encode(v).decode()] for k, v in headers]
 
 
+Getter = Callable[[tuple[Any, ...]], tuple[Any, ...]]
+
+
+def _getters(types: tuple[type, ...]) -> tuple[Getter, Getter]:
+    """Two C-speed pickers for a schema: its float values, and its other values, in order."""
+
+    def picker(positions: list[int]) -> Getter:
+        if len(positions) > 1:
+            return itemgetter(*positions)
+        if positions:
+            (i,) = positions
+            return lambda held: (held[i],)
+        return lambda held: ()
+
+    is_float = [t is float for t in types]
+    return (
+        picker([i for i, f in enumerate(is_float) if f]),
+        picker([i for i, f in enumerate(is_float) if not f]),
+    )
+
+
 def pack_polled(
     decoder: RecordDecoder,
     polled: Sequence[tuple[str, int, Sequence[MessageLike]]],
@@ -114,34 +136,37 @@ def pack_polled(
     """
     chunks: list[bytes] = []  # keys and original bytes of the records, in row order
     rejected_chunks: list[bytes] = []  # then those of the rejected records
-    records: list[Any] = []
+    parts: list[Any] = []
     values: list[Any] = []
     rejected: list[Any] = []
-    schema_ids: dict[tuple[tuple[str, ...], tuple[bool, ...]], int] = {}
+    # (field names, value types) -> (schema id, float getter, other getter)
+    plans: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[int, Getter, Getter]] = {}
     floats = array("d")
     accept_plain = decoder.accept_plain
     for topic, partition, messages in polled:
+        rows: list[Any] = []
+        parts.append([topic, partition, rows])
         for m in messages:
             item: Record | RejectedRecord
             kept = accept_plain(m.value)
             if kept is not None:
                 key_len = _pack_bytes(m.key, chunks)
                 raw_len = _pack_bytes(m.value, chunks)
-                held = list(kept.values())
-                mask = tuple([type(v) is float for v in held])
-                schema = (tuple(kept), mask)
-                sid = schema_ids.get(schema)
-                if sid is None:
-                    sid = schema_ids[schema] = len(schema_ids)
-                floats.extend([v for v, f in zip(held, mask, strict=True) if f])
-                values.append([v for v, f in zip(held, mask, strict=True) if not f])
-                records.append([topic, partition, m.offset, m.timestamp, key_len, raw_len, sid])
+                held = tuple(kept.values())
+                schema = (tuple(kept), tuple(map(type, held)))
+                plan = plans.get(schema)
+                if plan is None:
+                    plan = plans[schema] = (len(plans), *_getters(schema[1]))
+                sid, float_values, other_values = plan
+                floats.extend(float_values(held))
+                values.append(other_values(held))
+                rows.append([m.offset, m.timestamp, key_len, raw_len, sid])
                 continue
             item = decoder.decode_message(m)
             if isinstance(item, Record):
                 key_len = _pack_bytes(item.key, chunks)
                 raw_len = _pack_bytes(item.raw, chunks)
-                records.append([topic, partition, m.offset, m.timestamp, key_len, raw_len, -1])
+                rows.append([m.offset, m.timestamp, key_len, raw_len, -1])
                 values.append(item.value)
                 continue
             key_len = _pack_bytes(item.key, rejected_chunks)
@@ -163,10 +188,10 @@ def pack_polled(
     chunks += rejected_chunks
     chunks.append(floats.tobytes())
     fields = {
-        "records": records,
+        "records": parts,
         "values": values,
         "rejected": rejected,
-        "schemas": [[list(names), list(mask)] for names, mask in schema_ids],
+        "schemas": [[list(names), [t is float for t in types]] for names, types in plans],
         "floats": len(floats),
         "next_offsets": next_offsets,
     }
@@ -195,17 +220,20 @@ def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
 
     batch = SourceBatch(next_offsets={k: int(v) for k, v in header["next_offsets"].items()})
     records = batch.records
-    for (topic, partition, offset, timestamp, key_len, raw_len, sid), held in zip(
-        header["records"], header["values"], strict=True
-    ):
-        key = take(key_len)
-        raw = take(raw_len)
-        if sid >= 0:
-            names, mask = schemas[sid]
-            others = iter(held)
-            pairs = zip(names, mask, strict=True)
-            held = {k: next(floats) if f else next(others) for k, f in pairs}
-        records.append(Record(held, key, topic, partition, offset, timestamp, raw))
+    values = iter(header["values"])
+    for topic, partition, rows in header["records"]:
+        for offset, timestamp, key_len, raw_len, sid in rows:
+            key = take(key_len)
+            raw = take(raw_len)
+            held = next(values)
+            if sid >= 0:
+                names, mask = schemas[sid]
+                others = iter(held)
+                pairs = zip(names, mask, strict=True)
+                held = {k: next(floats) if f else next(others) for k, f in pairs}
+            records.append(Record(held, key, topic, partition, offset, timestamp, raw))
+    if next(values, None) is not None:
+        raise FrameError("batch frame: more values than records")
     for row in header["rejected"]:
         reason, detail, value, topic, partition, offset, timestamp, key_len, raw_len, hs = row
         key = take(key_len)

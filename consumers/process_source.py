@@ -276,7 +276,7 @@ class ProcessKafkaSource(ClosableSource):
         lag = {k: int(v) for k, v in self._command("lag").items()}
         if self._arrived is not None:
             header = self._arrived[0]
-            rows = [(r[0], r[1]) for r in header.get("records", ())]
+            rows = [(t, p) for t, p, part in header.get("records", ()) for _ in part]
             rows += [(r[3], r[4]) for r in header.get("rejected", ())]
             for topic, partition in rows:
                 key = partition_key(topic, partition)
@@ -290,7 +290,7 @@ class ProcessKafkaSource(ClosableSource):
         answer = bool(self._command("caught_up", end_offsets=dict(end_offsets_at_start)))
         if self._arrived is not None:
             header = self._arrived[0]
-            if header.get("records") or header.get("rejected"):
+            if any(part for _t, _p, part in header.get("records", ())) or header.get("rejected"):
                 return False
         return answer
 

@@ -1,6 +1,29 @@
-"""The long-lived service behind ``stream-trainer run`` (:mod:`stream_trainer.service.runner`)."""
+"""The long-lived service behind ``stream-trainer run`` (:mod:`stream_trainer.service.runner`).
 
-from stream_trainer.service.config import ServiceConfig, load_service_config
-from stream_trainer.service.runner import TrainerService
+The names below load on first use: the Kafka consumer process imports
+:mod:`stream_trainer.service.logs` from here and must not pay for torch, which the runner needs.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stream_trainer.service.config import ServiceConfig, load_service_config
+    from stream_trainer.service.runner import TrainerService
 
 __all__ = ["ServiceConfig", "TrainerService", "load_service_config"]
+
+_HOMES = {
+    "ServiceConfig": "stream_trainer.service.config",
+    "load_service_config": "stream_trainer.service.config",
+    "TrainerService": "stream_trainer.service.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(home), name)

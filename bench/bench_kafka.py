@@ -1,8 +1,10 @@
-"""End-to-end throughput from Kafka through ``KafkaRecordSource``, beside a plain consumer.
+"""End-to-end throughput from Kafka through the record source, beside a plain consumer.
 
-For ``max_batch_records`` in 1, 8, 64, 512: samples/s of ``KafkaRecordSource.poll_batch`` (decode,
-checks, optional trainer step) reading a pre-filled topic, and the raw samples/s of a plain
-kafka-python consumer that only ``json.loads`` the same messages, measured in the same run. Each
+For ``max_batch_records`` in 1, 8, 64, 512: samples/s of ``poll_batch`` (decode, checks, optional
+trainer step) reading a pre-filled topic, with the consumer in the reading process
+(``KafkaRecordSource``) and in a child process (``ProcessKafkaSource``, the service's default), the
+trainer alone on the same batches held in memory, and the raw samples/s of a plain kafka-python
+consumer that only ``json.loads`` the same messages, all measured in the same run. Each
 figure is the median of ``--repeats`` runs; the clock starts at the first non-empty batch (group
 join and the first fetch are not counted) and the samples of that first batch are not counted
 either.

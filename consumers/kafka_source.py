@@ -26,6 +26,8 @@ at ``auto_offset_reset``. On revocation (and on :meth:`close`) ``on_revoke(parti
 so the service can checkpoint before another member takes over. Both callbacks run on
 kafka-python's IO thread, which also drives heartbeats: they must return promptly (well under
 ``session_timeout_ms``). An exception raised by either is re-raised by the next :meth:`poll_batch`.
+With the consumer in a child process (:mod:`consumers.process_source`, the service's default) they
+run in the service's thread instead, while kafka-python's IO thread waits for them.
 
 .. note::
    ``max_poll_interval_ms`` bounds the time between two :meth:`poll_batch` calls, i.e. one

@@ -98,24 +98,25 @@ def _pack_headers(headers: Sequence[tuple[str, bytes | None]]) -> list[Any] | No
     return [[k, None if v is None else base64.b64encode(v).decode()] for k, v in headers]
 
 
-Getter = Callable[[tuple[Any, ...]], tuple[Any, ...]]
+Getter = Callable[[Sequence[Any]], tuple[Any, ...]]
+
+
+def _picker(positions: list[int]) -> Getter:
+    """``held -> tuple(held[i] for i in positions)`` at C speed (``itemgetter``)."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    if positions:
+        (i,) = positions
+        return lambda held: (held[i],)
+    return lambda held: ()
 
 
 def _getters(types: tuple[type, ...]) -> tuple[Getter, Getter]:
-    """Two C-speed pickers for a schema: its float values, and its other values, in order."""
-
-    def picker(positions: list[int]) -> Getter:
-        if len(positions) > 1:
-            return itemgetter(*positions)
-        if positions:
-            (i,) = positions
-            return lambda held: (held[i],)
-        return lambda held: ()
-
+    """Two pickers for a schema: its float values, and its other values, in order."""
     is_float = [t is float for t in types]
     return (
-        picker([i for i, f in enumerate(is_float) if f]),
-        picker([i for i, f in enumerate(is_float) if not f]),
+        _picker([i for i, f in enumerate(is_float) if f]),
+        _picker([i for i, f in enumerate(is_float) if not f]),
     )
 
 
@@ -198,6 +199,15 @@ def pack_polled(
     return fields, b"".join(chunks)
 
 
+def _merge_plan(names: list[str], is_float: list[bool]) -> tuple[tuple[str, ...], int, Getter]:
+    """For a schema: its names, its float count, and the picker that puts ``floats + others``
+    back in field order."""
+    float_at = [i for i, f in enumerate(is_float) if f]
+    other_at = [i for i, f in enumerate(is_float) if not f]
+    source = {field: k for k, field in enumerate(float_at + other_at)}
+    return tuple(names), len(float_at), _picker([source[i] for i in range(len(names))])
+
+
 def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
     """The inverse of :func:`pack_polled`. Raises :class:`FrameError` when the rows do not account
     for the blob exactly."""
@@ -207,8 +217,8 @@ def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
         raise FrameError(f"batch frame: {n_floats} floats announced, {len(blob)} bytes sent")
     doubles = array("d")
     doubles.frombytes(blob[floats_at:])
-    floats = iter(doubles.tolist())
-    schemas = [(tuple(names), tuple(mask)) for names, mask in header["schemas"]]
+    floats = doubles.tolist()
+    plans = [_merge_plan(names, mask) for names, mask in header["schemas"]]
     at = 0
 
     def take(n: int) -> bytes | None:
@@ -221,19 +231,20 @@ def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
     batch = SourceBatch(next_offsets={k: int(v) for k, v in header["next_offsets"].items()})
     records = batch.records
     values = iter(header["values"])
+    used = 0  # floats taken so far
     for topic, partition, rows in header["records"]:
         for offset, timestamp, key_len, raw_len, sid in rows:
             key = take(key_len)
             raw = take(raw_len)
             held = next(values)
             if sid >= 0:
-                names, mask = schemas[sid]
-                others = iter(held)
-                pairs = zip(names, mask, strict=True)
-                held = {k: next(floats) if f else next(others) for k, f in pairs}
+                names, n_float, pick = plans[sid]
+                merged = floats[used : used + n_float] + held
+                used += n_float
+                held = dict(zip(names, pick(merged), strict=True))
             records.append(Record(held, key, topic, partition, offset, timestamp, raw))
-    if next(values, None) is not None:
-        raise FrameError("batch frame: more values than records")
+    if next(values, None) is not None or used != n_floats:
+        raise FrameError("batch frame: values and floats do not match the records")
     for row in header["rejected"]:
         reason, detail, value, topic, partition, offset, timestamp, key_len, raw_len, hs = row
         key = take(key_len)
@@ -253,6 +264,6 @@ def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
                 headers,  # type: ignore[arg-type]
             )
         )
-    if at != floats_at or next(floats, None) is not None:
+    if at != floats_at:
         raise FrameError(f"batch frame: rows account for {at} bytes, the blob has {len(blob)}")
     return batch

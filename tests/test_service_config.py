@@ -167,6 +167,7 @@ def test_environment_values_are_parsed_as_the_field_types():
         "STREAM_TRAINER_TRAINER__NORM_OPTIONS": '{"batch_renorm": {"momentum": 0.05}}',
         "STREAM_TRAINER_KAFKA__CREATE_TOPIC": "on",
         "STREAM_TRAINER_KAFKA__CONNECT_RETRIES": "5",
+        "STREAM_TRAINER_KAFKA__CONSUMER_PROCESS": "false",
     }
     config = load_service_config(environ=environ)
     assert config.checkpoint_every_records == 50
@@ -176,7 +177,7 @@ def test_environment_values_are_parsed_as_the_field_types():
     assert config.trainer.grad_clip == 1.5
     assert config.trainer.weight_standardization is True
     assert config.trainer.norm_options == {"batch_renorm": {"momentum": 0.05}}
-    assert config.kafka == {"create_topic": True, "connect_retries": 5}
+    assert config.kafka == {"create_topic": True, "connect_retries": 5, "consumer_process": False}
 
 
 def test_a_norm_from_the_environment_is_the_same_setting_as_from_a_flag():
@@ -215,6 +216,7 @@ def test_environment_values_of_the_wrong_type_are_clear_errors(name, text, expec
         ('[trainer]\nhidden = "64"\n', r"\[trainer\] hidden in .* must be tuple\[int, \.\.\.\]"),
         ('[kafka]\nsession_timeout_ms = "45s"\n', "session_timeout_ms must be int, got '45s'"),
         ("[kafka]\nsasl_plain_password = 12345\n", r"password must be str \| None, got \*\*\*"),
+        ('[kafka]\nconsumer_process = "yes"\n', "consumer_process must be bool, got 'yes'"),
     ],
 )  # fmt: skip
 def test_toml_values_of_the_wrong_type_are_clear_errors(tmp_path, text, expected):

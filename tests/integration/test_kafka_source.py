@@ -68,6 +68,28 @@ def test_config_keeps_secrets_out_of_repr_and_describe() -> None:
     assert kwargs["max_poll_records"] == config.max_batch_records
 
 
+def test_config_round_trips_through_its_json_mapping_secrets_included() -> None:
+    """The consumer process gets its settings this way (as JSON over its stdin)."""
+    config = KafkaSourceConfig(
+        ("a:1", "b:2"),
+        ("t1", "t2"),
+        features=("x",),
+        check_crcs=False,
+        consumer_process=False,
+        security=KafkaSecurity(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="PLAIN",
+            sasl_plain_username="svc",
+            sasl_plain_password="hunter2",
+        ),
+    )
+    mapping = json.loads(json.dumps(config.to_mapping()))
+    assert mapping["security"]["sasl_plain_password"] == "hunter2"
+    assert KafkaSourceConfig.from_mapping(mapping) == config
+    with pytest.raises(ConfigError, match="consumer_process must be true or false, got 'yes'"):
+        KafkaSourceConfig("h:1", "t", consumer_process="yes")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [

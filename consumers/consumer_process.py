@@ -164,6 +164,12 @@ class ConsumerWorker:
                 raise SourceError(f"unknown command {kind!r}")
         except (SourceError, ValueError) as exc:
             self.send({"type": "reply", "error": error_payload(exc)})
+        except Exception as exc:  # a bug here must not take the service's consumer down unseen
+            log.exception("consumer process: %s failed", kind)
+            failure = SourceError(
+                f"{kind} failed in the consumer process: {type(exc).__name__}: {exc}"
+            )
+            self.send({"type": "reply", "error": error_payload(failure)})
         else:
             self.send({"type": "reply", "result": result, "rebalancing": source.rebalancing})
 
@@ -225,6 +231,8 @@ class ConsumerWorker:
                 else:
                     self._run_command(item[0])
         finally:
+            if self._gone.is_set():
+                log.warning("the service went away without closing its source: leaving the group")
             self.source.close()  # calls on_revoke: the service answers it while it waits below
         if not self._gone.is_set():
             self.send({"type": "closed"})

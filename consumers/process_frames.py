@@ -51,13 +51,17 @@ class FrameError(EOFError):
 
 
 def write_frame(stream: BinaryIO, header: dict[str, Any], blob: bytes = b"") -> None:
-    """Write one frame and flush it."""
+    """Write one frame, all of it (an unbuffered pipe may take a write in parts), and flush."""
     # NaN and infinities only appear in a rejected record's value (they are why it was rejected);
     # both sides are Python's json, which reads back what it writes.
     head = json.dumps(header, separators=(",", ":")).encode()
-    stream.write(_LENGTHS.pack(len(head), len(blob)) + head)
-    if blob:
-        stream.write(blob)
+    for part in (_LENGTHS.pack(len(head), len(blob)) + head, blob):
+        view = memoryview(part)
+        while view:
+            written = stream.write(view)
+            if not written:  # only a non-blocking pipe does this, and ours block
+                raise BlockingIOError("the pipe took none of the frame")
+            view = view[written:]
     stream.flush()
 
 

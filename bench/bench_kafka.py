@@ -62,15 +62,20 @@ def _load_broker_script() -> Any:
     return module
 
 
+def bench_value(rng: random.Random, i: int, features: int) -> bytes:
+    """Record ``i`` of the benchmark stream: ``features`` floats, one category, a binary label."""
+    value: dict[str, object] = {f"f{j}": rng.random() for j in range(features)}
+    value["cat"] = f"c{i % 7}"
+    value["y"] = i % 2
+    return json.dumps(value).encode()
+
+
 def fill_topic(bootstrap: str, topic: str, n: int, partitions: int, features: int) -> None:
     create_topic(bootstrap, topic, partitions)
     rng = random.Random(0)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
     for i in range(n):
-        value = {f"f{j}": rng.random() for j in range(features)}
-        value["cat"] = f"c{i % 7}"
-        value["y"] = i % 2
-        producer.send(topic, json.dumps(value).encode(), partition=i % partitions)
+        producer.send(topic, bench_value(rng, i, features), partition=i % partitions)
     producer.flush()
     producer.close()
 

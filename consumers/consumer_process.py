@@ -41,7 +41,6 @@ from typing import Any, BinaryIO
 
 from kafka.structs import TopicPartition
 
-from consumers.deserializer import RecordDecoder
 from consumers.kafka_source import (
     KafkaRecordSource,
     KafkaSourceConfig,
@@ -87,7 +86,6 @@ class ConsumerWorker:
         self._gone = threading.Event()  # the service closed the pipe
         self._event_id = 0
         self.config = config
-        self._decoder = RecordDecoder(config.target, config.features, config.max_record_bytes)
         self.source: KafkaRecordSource | None = None
 
     # -- pipes ----------------------------------------------------------------------------------
@@ -204,7 +202,7 @@ class ConsumerWorker:
         except SourceError as exc:
             self.send({"type": "batch", "error": error_payload(exc)})
             return
-        fields, blob = pack_polled(self._decoder, polled, next_offsets)
+        fields, blob = pack_polled(source.decoder, polled, next_offsets)
         self.send({"type": "batch", "rebalancing": source.rebalancing, **fields}, blob)
 
     def serve(self) -> int:

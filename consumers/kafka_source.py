@@ -485,7 +485,8 @@ class KafkaRecordSource(ClosableSource):
         self._on_lost = on_lost
         self._retry = retry if retry is not None else _default_retry(config)
         self._consumer_factory = consumer_factory
-        self._decoder = RecordDecoder(config.target, config.features, config.max_record_bytes)
+        # Public: the consumer process decodes with it too (consumers.process_frames.pack_polled).
+        self.decoder = RecordDecoder(config.target, config.features, config.max_record_bytes)
         self._pending_error: BaseException | None = None
         self._committed_here: dict[str, int] = {}
         self._closed = False
@@ -666,7 +667,7 @@ class KafkaRecordSource(ClosableSource):
         """Wait up to ``max_wait_ms`` for records; return what arrived (at most
         ``max_batch_records`` messages), split into accepted and rejected records."""
         polled, next_offsets = self.poll_messages()
-        return decode_batch(self._decoder, polled, next_offsets)
+        return decode_batch(self.decoder, polled, next_offsets)
 
     def poll_messages(
         self, timeout_ms: int | None = None

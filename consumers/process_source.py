@@ -1,10 +1,11 @@
 """The Kafka record source with its consumer in a child process, so that Kafka overlaps training.
 
-Why: kafka-python parses every record in Python (about 12 us a record here, plus about 0.3 ms a
-``poll``), and in one process that work and the training step run one after the other. With the
-consumer in :mod:`consumers.consumer_process`, the child fetches, parses, decodes and checks batch
-``k + 1`` on the other core while the service trains batch ``k``; the service reads the decoded
-batch back with one ``json.loads``.
+Why: kafka-python parses every record in Python, and in one process that work, the decoding and
+the training step run one after the other (the Kafka section of BENCHMARKS.md,
+``python bench/bench_kafka.py``). With the consumer in :mod:`consumers.consumer_process`, the child
+fetches, parses, decodes and checks batch ``k + 1`` on the other core while the service trains
+batch ``k``; the service only rebuilds the decoded batch from its frame (about 3 us a record,
+``python bench/bench_frames.py``).
 
 :class:`ProcessKafkaSource` has the interface of :class:`~consumers.kafka_source.KafkaRecordSource`
 (``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``lag``, ``caught_up``,

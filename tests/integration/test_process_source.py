@@ -78,7 +78,7 @@ def test_reads_what_the_in_process_source_reads(kafka_bootstrap: str, kafka_topi
         with ProcessKafkaSource(config) as source:
             got = _drain(source, total)  # type: ignore[arg-type]
             assert source._proc.poll() is None  # the child is alive while the source is open
-            # ... and light: it never loads torch (about 2 s and 500 MB).
+            # ... and light: it never loads torch, which it has no use for.
             assert "libtorch" not in Path(f"/proc/{source.pid}/maps").read_text()
         assert _contents(got) == _contents(expected)
         assert len([r for b in got for r in b.rejected]) == len(MALFORMED)

@@ -1,0 +1,103 @@
+"""What a batch costs on each side of the consumer process's pipe (no broker needed).
+
+For batches of the Kafka benchmark's records (10 floats, 1 category, 1 label), microseconds per
+record, median of ``--repeats`` timings of ``--loops`` calls each:
+
+- *one process*: ``decode_batch``, what ``KafkaRecordSource.poll_batch`` does after polling;
+- *child*: ``pack_polled`` plus the JSON header, what the consumer process does after polling;
+- *service*: reading the header back and ``unpack_batch``, all the service does per batch;
+- *JSON values*: writing the decoded values as JSON and reading them back, the wire the frames do
+  not use (floats travel as raw doubles instead).
+
+    python bench/bench_frames.py            # writes bench/results/frames.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import RESULTS, md_table, meta_lines, run_meta  # noqa: E402
+from bench.bench_kafka import bench_value  # noqa: E402
+from consumers.deserializer import RecordDecoder, _Message  # noqa: E402
+from consumers.kafka_source import decode_batch  # noqa: E402
+from consumers.process_frames import pack_polled, unpack_batch  # noqa: E402
+
+
+def _per_record_us(action: Callable[[], object], records: int, loops: int, repeats: int) -> float:
+    times = timeit.repeat(action, number=loops, repeat=repeats)
+    return statistics.median(times) / loops / records * 1e6
+
+
+def measure(size: int, loops: int, repeats: int) -> dict[str, float]:
+    rng = random.Random(0)
+    messages = [
+        _Message(bench_value(rng, i, 10), None, "bench", 0, i, 1_700_000_000_000, [])
+        for i in range(size)
+    ]
+    polled = [("bench", 0, messages)]
+    decoder = RecordDecoder("y")
+    ends = {"bench:0": size}
+
+    def child() -> str:
+        fields, _ = pack_polled(decoder, polled, ends)
+        return json.dumps({"type": "batch", **fields})
+
+    fields, blob = pack_polled(decoder, polled, ends)
+    text = json.dumps({"type": "batch", **fields})
+    values = [r.value for r in decode_batch(decoder, polled, ends).records]
+
+    def timed(action: Callable[[], object]) -> float:
+        return _per_record_us(action, size, loops, repeats)
+
+    return {
+        "one process: decode_batch": timed(lambda: decode_batch(decoder, polled, ends)),
+        "child: pack_polled + header": timed(child),
+        "service: header + unpack_batch": timed(lambda: unpack_batch(json.loads(text), blob)),
+        "JSON values: dumps + loads": timed(lambda: json.loads(json.dumps(values))),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,512")
+    parser.add_argument("--loops", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS / "frames.md")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = {size: measure(size, args.loops, args.repeats) for size in sizes}
+    names = list(next(iter(results.values())))
+    shown = sys.argv[1:] if argv is None else argv
+    meta = run_meta(argv, command=" ".join(["python bench/bench_frames.py", *shown]).strip())
+    lines = [
+        "# Consumer-process frames: cost per record on each side of the pipe",
+        "",
+        *meta_lines(meta),
+        f"- 10 floats + 1 category + label per record; median of {args.repeats} timings of "
+        f"{args.loops} calls; µs per record",
+        "",
+        md_table(
+            ["step", *(f"batch {s}" for s in sizes)],
+            [[name, *(f"{results[s][name]:.2f}" for s in sizes)] for name in names],
+        ),
+    ]
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

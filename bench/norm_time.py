@@ -6,7 +6,10 @@ Each norm layer's forward is wrapped in a ``record_function`` range by forward h
 the serving forward of the step as well as the training one); its backward is the autograd
 functions whose forward ops ran inside those ranges (matched on the profiler's ``sequence_nr``).
 The share is (norm forward + norm backward) / (profiled step time). The profiler adds a fixed cost
-per op, so layers made of many small ops (ours) look somewhat more expensive than unprofiled.
+per op, so layers made of many small ops (ours) look somewhat more expensive than unprofiled. The
+trainer runs its PyTorch path (``trainer.numpy_step = False``): the numpy step of the default MLP
+(:mod:`stream_trainer.model.numpy_step`) calls no module, and ``python -m bench throughput``
+measures it.
 
 **Layer microbenchmark**: forward + backward of one layer alone, ``(N, 64)`` input in training
 mode, median over ``--repeats`` timings of a loop, for each of our layers beside
@@ -61,6 +64,7 @@ def _profile_share(norm: str, size: int, steps: int) -> dict[str, float]:
 
     spec, target = STREAM
     trainer = IncrementalTrainer(TrainerConfig(target=target, norm=norm, seed=0))
+    trainer.numpy_step = False  # the PyTorch modules are what this measures
     source = open_source(spec, target=target)
     warm = 5
     records = (r for r in source if isinstance(r, Record))

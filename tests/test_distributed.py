@@ -89,6 +89,7 @@ def _reference(
     norm: str, batches: list[list[Record]], optimizer: str = "adam"
 ) -> IncrementalTrainer:
     trainer = IncrementalTrainer(_config(norm, optimizer))
+    trainer.numpy_step = False  # bit for bit: the distributed trainer runs the PyTorch path
     for batch in batches:
         trainer.step(batch)
     return trainer

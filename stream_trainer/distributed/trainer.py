@@ -26,7 +26,9 @@ A batch that is empty on every replica is skipped by all (the step counter does 
 trainer's own RNG state is broadcast from rank 0 after a step that drew from it (dropout), so
 later growth draws the same numbers everywhere.
 
-With ``LocalCollectives`` (world of one) a step is exactly :meth:`IncrementalTrainer.step`.
+With ``LocalCollectives`` (world of one) a step is exactly :meth:`IncrementalTrainer.step` on the
+trainer's PyTorch path (its distributed hooks are set, so the single-process numpy step of
+:mod:`stream_trainer.model.numpy_step`, equal to rounding, is not used).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ cannot blow up a step; missing values become 0 (the running mean).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,9 @@ class RunningStandardizer:
         self.count = np.zeros(n_columns, dtype=np.float64)
         self.mean = np.zeros(n_columns, dtype=np.float64)
         self.m2 = np.zeros(n_columns, dtype=np.float64)
+        # std() and the (m2, count) arrays it was computed from: the state arrays are replaced,
+        # never changed in place, so an identity check tells whether it is current.
+        self._std: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def n_columns(self) -> int:
@@ -49,7 +53,15 @@ class RunningStandardizer:
             self.m2 = np.concatenate([self.m2, pad])
 
     def update(self, x: np.ndarray) -> None:
-        """Fold a batch ``x`` of shape ``(N, n_columns)`` (NaN = missing) into the statistics."""
+        """Fold a batch ``x`` of shape ``(N, n_columns)`` (NaN = missing) into the statistics.
+
+        A batch without missing values (the common case) takes a shorter path with the same
+        formulas in the same order, hence the same bits."""
+        if x.shape[0] == 0:
+            return
+        if not math.isnan(np.add.reduce(x, axis=None)):
+            self._update_complete(x)
+            return
         present = ~np.isnan(x)
         n_b = present.sum(axis=0).astype(np.float64)
         seen = n_b > 0
@@ -66,16 +78,43 @@ class RunningStandardizer:
         self.m2 = self.m2 + m2_b + delta * delta * self.count * ratio
         self.count = n
 
+    def _update_complete(self, x: np.ndarray) -> None:
+        """:meth:`update` for a batch in which every value is present (``n_b = N``). The state
+        arrays are replaced, not changed in place (:meth:`std` relies on it)."""
+        rows = x.shape[0]
+        n = self.count + float(rows)
+        ratio = float(rows) / n
+        if rows == 1:  # m2_b = 0 (m2 + 0.0 is m2)
+            delta = x[0] - self.mean
+            m2 = self.m2
+        else:
+            mu_b = np.add.reduce(x, axis=0) / float(rows)
+            dev = x - mu_b
+            m2 = self.m2 + np.add.reduce(dev * dev, axis=0)
+            delta = mu_b - self.mean
+        self.mean = self.mean + delta * ratio
+        self.m2 = m2 + delta * delta * self.count * ratio
+        self.count = n
+
     def std(self) -> np.ndarray:
+        """Per-column biased standard deviation; 1 where it is not above ``eps`` or a column
+        has fewer than 2 values."""
+        cached = self._std
+        if cached is not None and cached[0] is self.m2 and cached[1] is self.count:
+            return cached[2]
         var = np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 1)
         std = np.sqrt(var)
-        return np.where(std > self.eps, std, 1.0)
+        std = np.where(std > self.eps, std, 1.0)
+        self._std = (self.m2, self.count, std)
+        return std
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardize ``x`` (NaN = missing -> 0) with the current statistics."""
-        z = (x - self.mean) / self.std()
-        z = np.nan_to_num(z, nan=0.0)
-        return np.clip(z, -self.clip, self.clip, out=z)
+        z = x - self.mean
+        z /= self.std()
+        np.copyto(z, 0.0, where=np.isnan(z))
+        np.minimum(z, self.clip, out=z)
+        return np.maximum(z, -self.clip, out=z)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,13 @@ from torch import Tensor, nn
 from stream_trainer.norms import StreamNorm
 from stream_trainer.norms.base import ManualBackward
 
-__all__ = ["ManualMLP", "ManualTape", "cross_entropy_with_grad", "mse_with_grad"]
+__all__ = [
+    "ManualMLP",
+    "ManualTape",
+    "cross_entropy_with_grad",
+    "mse_with_grad",
+    "plain_mlp_blocks",
+]
 
 Activation = Callable[[Tensor], Tensor]
 ActivationBackward = Callable[[Tensor, Tensor, Tensor], Tensor]  # (dy, input, output) -> dx
@@ -110,6 +116,35 @@ def _plain(module: nn.Module) -> bool:
     )
 
 
+def plain_mlp_blocks(model: nn.Module) -> list[tuple[nn.Linear, StreamNorm, nn.Module]] | None:
+    """``(linear, norm, activation)`` per hidden block of a :class:`StreamMLP`, or ``None`` when
+    the structure is not a plain one a hand-written step can follow: a layer other than a plain
+    ``Linear``, a ``StreamNorm`` and an activation per block (no dropout, no weight
+    standardization), a head or skip other than plain ``Linear``, parametrized or hooked modules,
+    frozen parameters."""
+    body = getattr(model, "body", None)
+    head = getattr(model, "head", None)
+    if not isinstance(body, nn.Sequential) or type(head) is not nn.Linear:
+        return None
+    skip = getattr(model, "skip", None)
+    if skip is not None and type(skip) is not nn.Linear:
+        return None
+    modules = list(body)
+    if len(modules) % 3 or any(isinstance(m, nn.Dropout) for m in modules):
+        return None
+    blocks = []
+    for i in range(0, len(modules), 3):
+        linear, norm, act = modules[i : i + 3]
+        if type(linear) is not nn.Linear or not isinstance(norm, StreamNorm):
+            return None
+        blocks.append((linear, norm, act))
+    if not all(_plain(m) for m in model.modules()):
+        return None
+    if any(not p.requires_grad for p in model.parameters()):
+        return None
+    return blocks
+
+
 class ManualMLP:
     """Training forward and hand-written backward of one :class:`StreamMLP` (module doc).
 
@@ -126,32 +161,18 @@ class ManualMLP:
 
     @classmethod
     def build(cls, model: nn.Module) -> ManualMLP | None:
-        """The manual step for ``model``, or ``None`` when its structure is not covered (a layer
-        other than plain ``Linear``, a ``StreamNorm`` and a supported activation per block;
-        dropout; parametrized or hooked modules)."""
-        body = getattr(model, "body", None)
-        head = getattr(model, "head", None)
-        if not isinstance(body, nn.Sequential) or type(head) is not nn.Linear:
-            return None
-        skip = getattr(model, "skip", None)
-        if skip is not None and type(skip) is not nn.Linear:
-            return None
-        modules = list(body)
-        if len(modules) % 3 or any(isinstance(m, nn.Dropout) for m in modules):
+        """The manual step for ``model``, or ``None`` when its structure is not covered
+        (:func:`plain_mlp_blocks`)."""
+        found = plain_mlp_blocks(model)
+        if found is None:
             return None
         blocks = []
-        for i in range(0, len(modules), 3):
-            linear, norm, act = modules[i : i + 3]
+        for linear, norm, act in found:
             pair = _activation(act)
-            if type(linear) is not nn.Linear or not isinstance(norm, StreamNorm) or pair is None:
+            if pair is None:
                 return None
             blocks.append(_Block(linear, norm, *pair))
-        if not all(_plain(m) for m in model.modules()):
-            return None
-        step = cls(model, blocks)
-        if any(not p.requires_grad for p in step.params):
-            return None
-        return step
+        return cls(model, blocks)
 
     def applies(self, x: Tensor) -> bool:
         """Whether this input can take the manual path: a CPU float32/float64 tensor of the

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from stream_trainer.norms._moments import MomentReducer, identity_moment_reducer
+from stream_trainer.norms._numpy import NumpyNormKernel
 from stream_trainer.norms._options import check_bool, check_num_features
 
 __all__ = ["LEGACY_SAMPLES_SEEN", "ManualBackward", "StreamNorm"]
@@ -117,6 +118,14 @@ class StreamNorm(nn.Module):
         (:mod:`stream_trainer.model.manual_backward`). The gradients are those of autograd
         through ``forward``, to rounding. Only where :meth:`manual_forward_applies`."""
         raise NotImplementedError(f"{type(self).__name__} has no manual forward")
+
+    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> NumpyNormKernel | None:
+        """This layer's numpy kernel for ``(N, C)`` input (:mod:`stream_trainer.norms._numpy`),
+        sharing memory with its buffers and parameters, with its parameter gradients written into
+        ``grad_weight`` / ``grad_bias`` (numpy arrays, or ``None`` for a layer without them); or
+        ``None`` where the layer has none (the default) or its kernel would not compute what
+        ``forward`` computes (e.g. a distributed moment reducer)."""
+        return None
 
     # ----------------------------------------------------------------- forward helpers
     def _check_input(self, x: Tensor) -> None:

@@ -41,6 +41,7 @@ from stream_trainer.norms._moments import (
     sample_weight,
     sample_weight_value,
 )
+from stream_trainer.norms._numpy import EMABatchKernel
 from stream_trainer.norms._options import (
     check_bool,
     check_momentum,
@@ -345,6 +346,14 @@ class EMABatchNorm(_RunningStatsNorm):
         a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
         args = (weight, bias, running_mean, running_var, seen, a_n, self.eps)
         return ema_batch_norm_forward, args
+
+    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> EMABatchKernel | None:
+        running_mean, _, _, weight, _ = self._state_tensors()
+        probe = running_mean.new_empty((1, self.num_features))
+        reducer = self.moment_reducer
+        if not (self.fused and fused_path_applies(probe, running_mean, weight, reducer)):
+            return None
+        return EMABatchKernel(self, grad_weight, grad_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

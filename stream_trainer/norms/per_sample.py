@@ -11,11 +11,14 @@ batch, so batch size 1 is a non-event. For ``(N, C, L)`` input, :class:`LayerNor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.norms._numpy import IdentityKernel, LayerKernel
 from stream_trainer.norms._options import check_bool, check_positive
 from stream_trainer.norms.base import ManualBackward, StreamNorm
 
@@ -54,6 +57,9 @@ class LayerNorm(StreamNorm):
     def manual_forward_applies(self, x: Tensor) -> bool:
         weight = self.weight
         return x.dim() == 2 and (weight is None or weight.dtype == x.dtype)
+
+    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> LayerKernel:
+        return LayerKernel(self, grad_weight, grad_bias)
 
     def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
         """``torch.native_layer_norm`` and its backward kernel (what autograd runs for it)."""
@@ -182,6 +188,9 @@ class NoNorm(StreamNorm):
 
     def manual_forward_applies(self, x: Tensor) -> bool:
         return True
+
+    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> IdentityKernel:
+        return IdentityKernel()
 
     def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
         return x, _pass_through

@@ -46,6 +46,7 @@ class ClassificationMetrics:
         self._ring = np.zeros(self.window, dtype=np.int8)
         self._ring_pos = 0
         self._ring_fill = 0
+        self._ring_hits = 0  # sum of the ring: the hits among the last `window` samples
 
     def _grow(self, n_classes: int) -> None:
         k = self.confusion.shape[0]
@@ -63,6 +64,9 @@ class ClassificationMetrics:
         """
         n = int(y_true.shape[0])
         if n == 0:
+            return
+        if n == 1 and proba is not None and proba.shape[1] > 0:
+            self._update_one(int(y_true[0]), proba[0])
             return
         if proba is None or proba.shape[1] == 0:
             k = 0
@@ -84,32 +88,56 @@ class ClassificationMetrics:
         np.add.at(self.confusion, (y_true[valid], y_pred[valid]), 1)
         self._push(hits)
 
+    def _update_one(self, y_true: int, proba: np.ndarray) -> None:
+        """:meth:`update` for one sample with a prediction, in Python scalars (batch size 1)."""
+        k = proba.shape[0]
+        y_pred = int(proba.argmax())
+        if y_true < k:
+            p_true = min(max(float(proba[y_true]), _EPS), 1.0 - _EPS)
+            self.log_loss_sum -= math.log(p_true)
+        hit = int(y_pred == y_true)
+        self.n += 1
+        self.correct += hit
+        if max(y_true + 1, k) > self.confusion.shape[0]:
+            self._grow(max(y_true + 1, k))
+        self.confusion[y_true, y_pred] += 1
+        pos = self._ring_pos
+        self._ring_hits += hit - int(self._ring[pos])
+        self._ring[pos] = hit
+        self._ring_pos = (pos + 1) % self.window
+        self._ring_fill = min(self.window, self._ring_fill + 1)
+
     def _push(self, hits: np.ndarray) -> None:
         for start in range(0, hits.shape[0], self.window):
             chunk = hits[start : start + self.window]
             m = chunk.shape[0]
             end = self._ring_pos + m
+            self._ring_hits += int(chunk.sum())
             if end <= self.window:
+                self._ring_hits -= int(self._ring[self._ring_pos : end].sum())
                 self._ring[self._ring_pos : end] = chunk
             else:
                 first = self.window - self._ring_pos
+                self._ring_hits -= int(self._ring[self._ring_pos :].sum())
+                self._ring_hits -= int(self._ring[: m - first].sum())
                 self._ring[self._ring_pos :] = chunk[:first]
                 self._ring[: m - first] = chunk[first:]
             self._ring_pos = end % self.window
             self._ring_fill = min(self.window, self._ring_fill + m)
 
     def kappa(self) -> float:
-        total = self.confusion.sum()
+        rows = np.add.reduce(self.confusion, axis=1)
+        total = int(np.add.reduce(rows))
         if total == 0:
             return 0.0
-        p_o = np.trace(self.confusion) / total
-        p_e = float((self.confusion.sum(axis=0) * self.confusion.sum(axis=1)).sum()) / total**2
-        return 0.0 if p_e >= 1.0 else float((p_o - p_e) / (1.0 - p_e))
+        p_o = int(np.trace(self.confusion)) / total
+        p_e = float(rows @ np.add.reduce(self.confusion, axis=0)) / total**2
+        return 0.0 if p_e >= 1.0 else (p_o - p_e) / (1.0 - p_e)
 
     def report(self) -> dict[str, float]:
         if self.n == 0:
             return {"accuracy": 0.0, "rolling_accuracy": 0.0, "log_loss": 0.0, "kappa": 0.0}
-        rolling = float(self._ring[: self._ring_fill].mean()) if self._ring_fill else 0.0
+        rolling = self._ring_hits / self._ring_fill if self._ring_fill else 0.0
         return {
             "accuracy": self.correct / self.n,
             "rolling_accuracy": rolling,

@@ -57,6 +57,7 @@ from stream_trainer.model.manual_backward import (
     cross_entropy_with_grad,
     mse_with_grad,
 )
+from stream_trainer.model.numpy_step import NumpyMLPStep, softmax64
 from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
@@ -181,6 +182,11 @@ class IncrementalTrainer:
         # False: always autograd. The two agree to float rounding, not bit for bit.
         self.manual_backward = True
         self._manual: ManualMLP | None = None
+        # Run the whole step of the default MLP in numpy where it is covered
+        # (model/numpy_step.py); False: the PyTorch paths above. Equal to float rounding.
+        self.numpy_step = True
+        self._numpy: NumpyMLPStep | None = None
+        self._numpy_tried = False
         # Set by _predict when its forward pass (with its graph, or with the tape of the manual
         # path) can serve as the training forward.
         self._shared_out: torch.Tensor | None = None
@@ -211,6 +217,7 @@ class IncrementalTrainer:
         self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
         self._params = list(self.model.parameters())
         self._manual = ManualMLP.build(self.model) if self.manual_backward else None
+        self._numpy, self._numpy_tried = None, False  # built at first use (after a restore)
         if self.moment_reducer is not None:  # distributed hook: synchronized batch statistics
             for _, layer in self.model.norm_layers():
                 layer.moment_reducer = self.moment_reducer
@@ -336,6 +343,15 @@ class IncrementalTrainer:
             return
         if x.shape[1] != model.in_features:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
+        step = self._numpy_for(x)
+        if step is not None:
+            out_np = step.serve(x)
+            if self.task == "regression":
+                mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
+                report.values = out_np[:, 0].astype(np.float64) * std + mean
+            else:
+                report.proba = softmax64(out_np)
+            return
         inputs = torch.from_numpy(x)
         rows = self._learn_rows
         manual = self._manual_for(inputs) if model.mode_independent else None
@@ -357,6 +373,21 @@ class IncrementalTrainer:
             report.values = out[:, 0].double().numpy() * std + mean
         else:
             report.proba = torch.softmax(out.double(), dim=1).numpy()
+
+    def _numpy_for(self, x: np.ndarray) -> NumpyMLPStep | None:
+        """The numpy step when it covers this model and input (single process only), else
+        ``None``; built on first use and again after the model grew."""
+        if not self.numpy_step or self.gradient_sync is not None or self.moment_reducer is not None:
+            return None
+        step = self._numpy
+        if step is not None and not step.current():
+            step, self._numpy_tried = None, False
+        if step is None and not self._numpy_tried and self.model is not None:
+            assert self.optimizer is not None
+            self._numpy_tried = True
+            step = NumpyMLPStep.build(self.model, self.optimizer)
+        self._numpy = step
+        return step if step is not None and step.applies(x) else None
 
     def _manual_for(self, x: torch.Tensor) -> ManualMLP | None:
         """The hand-differentiated step when it covers this model and input, else ``None``."""
@@ -387,6 +418,14 @@ class IncrementalTrainer:
                 model.grow(in_features=x_np.shape[1], out_features=width, optimizer=optimizer)
             shared = None  # the output layer changed: the served logits lack the new classes
         c = self.config
+        step = self._numpy_for(x_np)
+        if step is not None:
+            regression = self.task == "regression"
+            target = self.y_scaler.transform(y[:, None]).astype(x_np.dtype) if regression else y
+            self._schedule(optimizer, y.shape[0])
+            value = step.learn(x_np, target, regression=regression, max_norm=c.grad_clip)
+            self.last_loss = value
+            return value
         inputs = torch.from_numpy(x_np)
         manual = self._manual_for(inputs)
         if shared is not None:
@@ -422,6 +461,16 @@ class IncrementalTrainer:
             rows = self.gradient_sync(self._params, rows)
         if c.grad_clip is not None:
             _clip_grad_norm_([p.grad for p in self._params if p.grad is not None], c.grad_clip)
+        self._schedule(optimizer, rows)
+        optimizer.step()
+        value = loss.item()
+        self.last_loss = value
+        return value
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, rows: int) -> None:
+        """Set this step's learning rate and Adam's beta1 in the optimizer's groups, for ``rows``
+        labelled samples (see :meth:`_learn`)."""
+        c = self.config
         if c.lr_scaling != "none" or c.lr_decay_samples is not None:
             lr = c.lr
             if c.lr_scaling != "none":
@@ -434,10 +483,6 @@ class IncrementalTrainer:
                 group["lr"] = lr
         if c.momentum_in_samples and c.optimizer != "sgd":
             _set_beta1(optimizer, max(1.0, rows / c.lr_reference_batch))
-        optimizer.step()
-        value = loss.item()
-        self.last_loss = value
-        return value
 
     def learn_many(self, records: Sequence[Record]) -> None:
         """Learn from a batch (a prequential :meth:`step` whose report is discarded)."""

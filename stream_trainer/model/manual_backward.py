@@ -36,6 +36,10 @@ hence differentiated by autograd as before (:func:`ManualMLP.build` returns ``No
 manual forward (``batch``, ``group``, ``rms``, ``online``, plug-ins), a norm whose fused path does
 not apply (a distributed moment reducer, ``fused = False``), non-CPU or non-float32/64 tensors,
 parametrized modules.
+
+Where it covers the model, the trainer runs :mod:`stream_trainer.model.numpy_step` instead (the
+same formulas in numpy, cheaper again at small batches); this module serves what that one does not
+cover (``batch_renorm``, distributed training, ``trainer.numpy_step = False``).
 """
 
 from __future__ import annotations

@@ -167,6 +167,7 @@ def test_the_trainer_learns_the_same_with_and_without_it(norm: str, task: str) -
     for manual in (True, False):
         trainer = IncrementalTrainer(TrainerConfig(target="y", task=task, norm=norm, seed=3))
         trainer.manual_backward = manual
+        trainer.numpy_step = False  # the numpy step has its own tests (test_numpy_step.py)
         trainers.append(trainer)
     sizes = [1, 3, 40, 1, 1, 8, 2, 33, 5, 1, 16] * 10
     pos = 0

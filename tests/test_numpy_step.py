@@ -20,7 +20,9 @@ from stream_trainer.training import IncrementalTrainer, TrainerConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZES = [1, 2, 5, 1, 64, 3, 1, 17, 1, 1]
-NORMS = ["ema_batch", "layer", "none"]
+NORMS = ["ema_batch", "batch_renorm", "layer", "none"]
+# batch_renorm's clip limits warm up within the test's first 40 samples, so r and d take effect
+RENORM = {"batch_renorm": {"warmup_start_samples": 0, "warmup_end_samples": 40}}
 ACTIVATIONS = ["relu", "gelu", "tanh", "silu"]
 TOL = {
     torch.float32: {"rtol": 2e-4, "atol": 2e-5},
@@ -30,7 +32,9 @@ TOL = {
 
 def _model(norm: str, activation: str, skip: bool, dtype: torch.dtype, out: int) -> StreamMLP:
     torch.manual_seed(0)
-    model = StreamMLP(6, out, hidden=(16, 8), norm=norm, activation=activation, skip=skip)
+    model = StreamMLP(
+        6, out, hidden=(16, 8), norm=norm, norm_options=RENORM, activation=activation, skip=skip
+    )
     model = model.to(dtype)
     with torch.no_grad():  # non-trivial affine parameters and a non-zero skip path
         for p in model.parameters():
@@ -68,11 +72,28 @@ def _batch(gen: torch.Generator, n: int, dtype: torch.dtype, regression: bool) -
     return x, torch.randint(0, 3, (n,), generator=gen)
 
 
+def _sync(model: StreamMLP, opt: Any, ref: StreamMLP, ref_opt: Any) -> None:
+    """Copy the reference's parameters, buffers and Adam state into ``model`` in place."""
+    model.load_state_dict(ref.state_dict())
+    for p, p_ref in zip(model.parameters(), ref.parameters(), strict=True):
+        for key, value in ref_opt.state[p_ref].items():
+            opt.state[p][key].copy_(value)
+
+
 def _assert_same_state(
-    model: StreamMLP, opt: torch.optim.Optimizer, ref: StreamMLP, ref_opt: Any, tol: Any, at: str
+    model: StreamMLP,
+    opt: torch.optim.Optimizer,
+    ref: StreamMLP,
+    ref_opt: Any,
+    tol: Any,
+    at: str,
+    noise_driven: tuple[str, ...] = (),
 ) -> None:
+    """Parameters, gradients, Adam state and buffers equal to ``tol``; a parameter in
+    ``noise_driven`` (gradient zero in exact arithmetic) only to one Adam step (lr 0.01)."""
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.detach(), p_ref.detach(), **tol, msg=f"{name} {at}")
+        ptol = {"rtol": 0.0, "atol": 0.0101} if name in noise_driven else tol
+        torch.testing.assert_close(p.detach(), p_ref.detach(), **ptol, msg=f"{name} {at}")
         assert p.grad is not None and p_ref.grad is not None
         torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=f"grad {name} {at}")
         state, ref_state = opt.state[p], ref_opt.state[p_ref]
@@ -96,7 +117,13 @@ def test_serve_and_learn_equal_the_pytorch_step(
     """Over batch sizes 1 to 64: the served output equals the eval-mode forward, and after each
     learn step the parameters, gradients (clipped), Adam moments and step, and running
     statistics equal those of autograd + ``clip_grad_norm_`` + fused Adam, to rounding. The
-    optimizer state existed before the step was built (two PyTorch steps first)."""
+    optimizer state existed before the step was built (two PyTorch steps first).
+
+    ``batch_renorm`` starts each step from the reference's state, and the biases of the linear
+    layers before it are compared to one Adam step: they have a zero gradient in exact arithmetic
+    at batch sizes >= 2 (the batch mean is subtracted), so each side's rounding noise there goes
+    through Adam's division by its own magnitude (as for the hand-differentiated PyTorch step,
+    ``tests/test_manual_backward.py``). Their gradients still agree to ``tol``."""
     ref = _model(norm, activation, skip, dtype, 3)
     ref_opt = _adam(ref, "adam", 0.0)
     gen = torch.Generator().manual_seed(1)
@@ -110,6 +137,8 @@ def test_serve_and_learn_equal_the_pytorch_step(
     tol = TOL[dtype]
     for i, n in enumerate(SIZES):
         x, y = _batch(gen, n, dtype, False)
+        if norm == "batch_renorm":
+            _sync(model, opt, ref, ref_opt)
         ref.eval()
         with torch.no_grad():
             served = ref(x)
@@ -120,7 +149,8 @@ def test_serve_and_learn_equal_the_pytorch_step(
         loss_ref = _reference_step(ref, ref_opt, x, y, False, 0.5)
         loss = step.learn(x.numpy(), y.numpy(), regression=False, max_norm=0.5)
         assert loss == pytest.approx(loss_ref, rel=1e-5 if dtype == torch.float32 else 1e-12)
-        _assert_same_state(model, opt, ref, ref_opt, tol, f"step {i} (n={n})")
+        noisy = ("body.0.bias", "body.3.bias") if norm == "batch_renorm" and n > 1 else ()
+        _assert_same_state(model, opt, ref, ref_opt, tol, f"step {i} (n={n})", noisy)
 
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
@@ -136,10 +166,13 @@ def test_regression_weight_decay_and_fresh_optimizer_state(norm: str, kind: str)
     gen = torch.Generator().manual_seed(2)
     for i, n in enumerate(SIZES):
         x, z = _batch(gen, n, torch.float64, True)
+        if norm == "batch_renorm" and i > 0:
+            _sync(model, opt, ref, ref_opt)
         loss_ref = _reference_step(ref, ref_opt, x, z, True, None)
         loss = step.learn(x.numpy(), z.numpy(), regression=True, max_norm=None)
         assert loss == pytest.approx(loss_ref, rel=1e-12)
-        _assert_same_state(model, opt, ref, ref_opt, TOL[torch.float64], f"step {i}")
+        noisy = ("body.0.bias", "body.3.bias") if norm == "batch_renorm" and n > 1 else ()
+        _assert_same_state(model, opt, ref, ref_opt, TOL[torch.float64], f"step {i}", noisy)
 
 
 def test_the_flat_layout_keeps_values_and_state_and_shares_memory() -> None:
@@ -181,7 +214,6 @@ def test_softmax64_equals_torch() -> None:
     ("kwargs", "optimizer"),
     [
         ({"norm": "batch"}, "adam"),
-        ({"norm": "batch_renorm"}, "adam"),
         ({"norm": "group"}, "adam"),
         ({"norm": "rms"}, "adam"),
         ({"norm": "online"}, "adam"),
@@ -256,7 +288,8 @@ def _run(trainer: IncrementalTrainer, records: list[Record], sizes: list[int]) -
 def test_the_trainer_learns_the_same_with_and_without_it(norm: str, task: str) -> None:
     """Whole prequential runs (batch sizes 1 to 40, a missing label, new classes and features
     mid-stream, so the step is rebuilt after each growth): the same metrics and weights as the
-    PyTorch paths, to float32 rounding accumulated over the run."""
+    PyTorch paths, to float32 rounding accumulated over the run (``batch_renorm``: as closely as
+    its PyTorch paths agree with each other, ``tests/test_manual_backward.py``)."""
     records = _stream(400, regression=task == "regression")
     records[50] = Record({k: v for k, v in records[50].value.items() if k != "y"})
     sizes = [1, 3, 40, 1, 1, 8, 2, 33, 5, 1, 16] * 10
@@ -272,13 +305,20 @@ def test_the_trainer_learns_the_same_with_and_without_it(norm: str, task: str) -
     if task == "classification":
         assert fast.classes == slow.classes and len(fast.classes) >= 3
     assert fast.samples_trained == slow.samples_trained == 399
+    close = norm != "batch_renorm"  # its noise-driven biases (see the test above) drift apart
     for key, value in slow.metrics().items():
-        assert fast.metrics()[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+        tol = 1e-3 if close else 0.01
+        assert fast.metrics()[key] == pytest.approx(value, rel=tol, abs=tol), key
     tf, ts = fast.state_tensors(), slow.state_tensors()
     assert tf.keys() == ts.keys()
     for key in ts:
-        if key.startswith(("model.", "optim.")):
+        if not key.startswith(("model.", "optim.") if close else "model."):
+            continue
+        if close:
             torch.testing.assert_close(tf[key], ts[key], rtol=1e-3, atol=1e-4, msg=key)
+        else:  # as tests/test_manual_backward.py measures it for the PyTorch paths
+            scale = float(ts[key].abs().max()) + 1e-12
+            assert float((tf[key] - ts[key]).abs().max()) / scale < 0.08, key
 
 
 def test_a_restored_trainer_continues_bit_for_bit() -> None:

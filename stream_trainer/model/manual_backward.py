@@ -39,7 +39,7 @@ parametrized modules.
 
 Where it covers the model, the trainer runs :mod:`stream_trainer.model.numpy_step` instead (the
 same formulas in numpy, cheaper again at small batches); this module serves what that one does not
-cover (``batch_renorm``, distributed training, ``trainer.numpy_step = False``).
+cover (distributed training, SGD, ``trainer.numpy_step = False``).
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ statistics, optimizer state and whole prequential runs together).
 
 **Covered** (else :meth:`NumpyMLPStep.build` returns ``None`` and the trainer uses the PyTorch
 paths): the plain MLP structure of :func:`~stream_trainer.model.manual_backward.plain_mlp_blocks`
-(no dropout, no weight standardization); norms with a numpy kernel (``ema_batch``, ``layer``,
-``none``); activations ``relu``, ``gelu`` (exact, erf), ``tanh``, ``silu``; CPU float32 or float64
-parameters of one dtype; Adam or AdamW with one parameter group (no amsgrad, maximize,
-capturable or differentiable); a single process (the trainer does not use it with distributed
-hooks). The buffers are laid out once: after the model grows (new features or classes) the
-trainer builds the step again.
+(no dropout, no weight standardization); norms with a numpy kernel (``ema_batch``,
+``batch_renorm``, ``layer``, ``none``); activations ``relu``, ``gelu`` (exact, erf), ``tanh``,
+``silu``; CPU float32 or float64 parameters of one dtype; Adam or AdamW with one parameter group
+(no amsgrad, maximize, capturable or differentiable); a single process (the trainer does not use it
+with distributed hooks). The buffers are laid out once: after the model grows (new features or
+classes) the trainer builds the step again.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ Each kernel has
 The formulas are those of the PyTorch paths they stand for and are not repeated here:
 ``ema_batch`` is :func:`stream_trainer.norms._fused.ema_batch_norm_forward` and
 :func:`~stream_trainer.norms._fused.norm_backward` (statistics relative to the first row, the
-mixture update, the gradient scaled by the batch weight :math:`a`); ``layer`` is
+mixture update, the gradient scaled by the batch weight :math:`a`); ``batch_renorm`` is
+:func:`~stream_trainer.norms._fused.batch_renorm_forward` (detached :math:`r, d` from the running
+moments before the update, the warm-up of their limits, the running moments at batch size 1) with
+the same backward; ``layer`` is
 ``torch.nn.functional.layer_norm`` with its exact gradient; ``none`` is the identity. They agree
 with the PyTorch paths to float rounding (``tests/test_numpy_step.py``).
 """
@@ -33,6 +36,7 @@ import numpy as np
 from stream_trainer.norms._moments import sample_weight_value
 
 __all__ = [
+    "BatchRenormKernel",
     "EMABatchKernel",
     "IdentityKernel",
     "LayerKernel",
@@ -102,8 +106,9 @@ class _Affine(NumpyNormKernel):
         return column_sum(dy * xhat, self.grad_weight), column_sum(dy, self.grad_bias)
 
 
-class EMABatchKernel(_Affine):
-    """``ema_batch`` (:class:`~stream_trainer.norms.batch.EMABatchNorm`), single process."""
+class _RunningKernel(_Affine):
+    """The running-moment layers: serving with the running moments, the sample-counted mixture
+    update (:mod:`stream_trainer.norms._fused`), and the batch-norm style backward."""
 
     def __init__(self, layer: Any, grad_weight: Array | None, grad_bias: Array | None) -> None:
         super().__init__(layer, grad_weight, grad_bias)
@@ -124,43 +129,68 @@ class EMABatchKernel(_Affine):
             y += self.bias
         return y
 
-    def train(self, z: Array) -> tuple[Array, Any]:
-        n = z.shape[0]
+    def _batch_weight(self, n: int) -> float:
         t = int(self.samples_seen) if self.warm_start else 0
-        a = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
-        keep = 1.0 - a
-        mean, var = self.running_mean, self.running_var
-        if n == 1:  # x - mu' = (1 - a)(x - old mean)
-            x0 = z[0]
-            diff = x0 - mean
-            np.subtract(x0, keep * diff, out=mean)
-            var += a * diff * diff
-            var *= keep
-            invstd = 1.0 / np.sqrt(var + self.eps)
-            xhat = (diff * invstd * keep)[None, :]
-        else:  # moments relative to the first row, two-pass variance
-            first = z[0]
-            xs = z - first
-            mean_s = xs.mean(axis=0)
-            dev = xs - mean_s
-            var_b = np.mean(dev * dev, axis=0)
-            delta = mean_s - (mean - first)
-            center = mean_s - keep * delta
-            var += a * delta * delta
-            var *= keep
-            var += a * var_b
-            np.add(first, center, out=mean)
-            invstd = 1.0 / np.sqrt(var + self.eps)
-            xs -= center
-            xs *= invstd
-            xhat = xs
+        return sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+
+    def _update_single(self, x0: Array, a: float) -> Array:
+        """The mixture update for one sample; returns ``x0`` minus the old running mean."""
+        mean, var, keep = self.running_mean, self.running_var, 1.0 - a
+        diff = x0 - mean
+        np.subtract(x0, keep * diff, out=mean)
+        var += a * diff * diff
+        var *= keep
+        return diff
+
+    def _update_batch(self, z: Array, a: float) -> tuple[Array, Array, Array, Array, Array]:
+        """The mixture update for ``n >= 2`` rows, with the moments taken relative to the first
+        row; returns ``(x_s, mean_s, var_b, delta, center)``: the shifted rows, their mean, the
+        biased batch variance, the batch mean minus the old running mean, and the new running
+        mean minus the first row."""
+        mean, var, keep = self.running_mean, self.running_var, 1.0 - a
+        first = z[0]
+        xs = z - first
+        mean_s = np.add.reduce(xs, axis=0) / float(z.shape[0])
+        dev = xs - mean_s
+        var_b = np.add.reduce(dev * dev, axis=0) / float(z.shape[0])
+        delta = mean_s - (mean - first)
+        center = mean_s - keep * delta
+        var += a * delta * delta
+        var *= keep
+        var += a * var_b
+        np.add(first, center, out=mean)
+        return xs, mean_s, var_b, delta, center
+
+    def _output(
+        self, xhat: Array, invstd: Array, a: float, n: int, r: Array | None, d: Array | None
+    ) -> tuple[Array, Any]:
+        r""":math:`y = \gamma(r\hat x + d) + \beta` and the tape of :meth:`backward`."""
         self.samples_seen += n
-        factor = invstd if self.weight is None else invstd * self.weight
-        return self._affine(xhat), (xhat, factor, a, n)
+        w = self.weight
+        scale = w if r is None else (r if w is None else w * r)
+        offset = self.bias
+        if d is not None:
+            shift = d if w is None else d * w
+            offset = shift if offset is None else offset + shift
+        if scale is None:  # xhat stays on the tape: never changed in place
+            y = xhat.copy() if offset is None else xhat + offset
+        else:
+            y = xhat * scale
+            if offset is not None:
+                y += offset
+        factor = invstd if scale is None else invstd * scale
+        return y, (xhat, factor, r, d, a, n)
 
     def backward(self, tape: Any, dy: Array, need_x: bool) -> Array | None:
-        xhat, factor, a, n = tape
-        sum_gx, sum_g = self._parameter_grads(dy, xhat)
+        xhat, factor, r, d, a, n = tape
+        sum_gx, sum_g = column_sum(dy * xhat), column_sum(dy)
+        if self.grad_weight is not None:
+            gw = sum_gx if r is None else sum_gx * r
+            if d is not None:
+                gw = gw + d * sum_g
+            self.grad_weight[...] = gw
+        if self.grad_bias is not None:
+            self.grad_bias[...] = sum_g
         if not need_x:
             return None
         if a == 0.0:
@@ -171,6 +201,57 @@ class EMABatchKernel(_Affine):
         dx -= k * sum_g
         dx *= factor
         return dx
+
+
+class EMABatchKernel(_RunningKernel):
+    """``ema_batch`` (:class:`~stream_trainer.norms.batch.EMABatchNorm`), single process:
+    :func:`~stream_trainer.norms._fused.ema_batch_norm_forward`."""
+
+    def train(self, z: Array) -> tuple[Array, Any]:
+        n = z.shape[0]
+        a = self._batch_weight(n)
+        if n == 1:  # x - mu' = (1 - a)(x - old mean)
+            diff = self._update_single(z[0], a)
+            invstd = 1.0 / np.sqrt(self.running_var + self.eps)
+            xhat = (diff * invstd * (1.0 - a))[None, :]
+        else:
+            xs, _, _, _, center = self._update_batch(z, a)
+            invstd = 1.0 / np.sqrt(self.running_var + self.eps)
+            xs -= center
+            xs *= invstd
+            xhat = xs
+        return self._output(xhat, invstd, a, n, None, None)
+
+
+class BatchRenormKernel(_RunningKernel):
+    """``batch_renorm`` (:class:`~stream_trainer.norms.batch.BatchRenorm`), single process:
+    :func:`~stream_trainer.norms._fused.batch_renorm_forward`, with the layer's warm-up of the
+    clip limits."""
+
+    def __init__(self, layer: Any, grad_weight: Array | None, grad_bias: Array | None) -> None:
+        super().__init__(layer, grad_weight, grad_bias)
+        self.clip_limits = layer._clip_limit_values
+
+    def train(self, z: Array) -> tuple[Array, Any]:
+        n = z.shape[0]
+        t = int(self.samples_seen)
+        a = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
+        inv_old = 1.0 / np.sqrt(self.running_var + self.eps)  # before the update
+        if n == 1:  # the old running moments, gradient through x only
+            diff = self._update_single(z[0], a)
+            return self._output((diff * inv_old)[None, :], inv_old, 0.0, n, None, None)
+        rmax, dmax = self.clip_limits(t)
+        xs, mean_s, var_b, delta, _ = self._update_batch(z, a)
+        var_eps = var_b + self.eps
+        invstd = 1.0 / np.sqrt(var_eps)
+        r = d = None
+        if rmax != 1.0:
+            r = np.clip(np.sqrt(var_eps) * inv_old, 1.0 / rmax, rmax)
+        if dmax != 0.0:
+            d = np.clip(delta * inv_old, -dmax, dmax)
+        xs -= mean_s
+        xs *= invstd
+        return self._output(xs, invstd, 1.0, n, r, d)
 
 
 class LayerKernel(_Affine):

@@ -41,7 +41,7 @@ from stream_trainer.norms._moments import (
     sample_weight,
     sample_weight_value,
 )
-from stream_trainer.norms._numpy import EMABatchKernel
+from stream_trainer.norms._numpy import BatchRenormKernel, EMABatchKernel
 from stream_trainer.norms._options import (
     check_bool,
     check_momentum,
@@ -133,6 +133,18 @@ class _RunningStatsNorm(StreamNorm):
 
     def manual_forward_applies(self, x: Tensor) -> bool:
         return self._fused_call(x) is not None
+
+    _numpy_kernel: type[EMABatchKernel] | type[BatchRenormKernel] | None = None
+
+    def numpy_kernel(
+        self, grad_weight: Any, grad_bias: Any
+    ) -> EMABatchKernel | BatchRenormKernel | None:
+        """The numpy form of the fused training path (:mod:`stream_trainer.norms._numpy`), where
+        that path applies to a ``(N, C)`` input of the layer's dtype."""
+        probe = self._state_tensors()[0].new_empty((1, self.num_features))
+        if self._numpy_kernel is None or self._fused_call(probe) is None:
+            return None
+        return self._numpy_kernel(self, grad_weight, grad_bias)
 
     def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
         call = self._fused_call(x)
@@ -323,6 +335,7 @@ class EMABatchNorm(_RunningStatsNorm):
     fused: bool = True
     """Use the fused training path of :mod:`stream_trainer.norms._fused` where it applies (set to
     ``False`` on an instance for the reference path, e.g. to differentiate twice)."""
+    _numpy_kernel = EMABatchKernel
 
     def __init__(
         self,
@@ -346,14 +359,6 @@ class EMABatchNorm(_RunningStatsNorm):
         a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
         args = (weight, bias, running_mean, running_var, seen, a_n, self.eps)
         return ema_batch_norm_forward, args
-
-    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> EMABatchKernel | None:
-        running_mean, _, _, weight, _ = self._state_tensors()
-        probe = running_mean.new_empty((1, self.num_features))
-        reducer = self.moment_reducer
-        if not (self.fused and fused_path_applies(probe, running_mean, weight, reducer)):
-            return None
-        return EMABatchKernel(self, grad_weight, grad_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -429,6 +434,7 @@ class BatchRenorm(_RunningStatsNorm):
 
     fused: bool = True
     """As :attr:`EMABatchNorm.fused`."""
+    _numpy_kernel = BatchRenormKernel
 
     def __init__(
         self,

@@ -33,12 +33,12 @@ the default MLP is differentiated by hand (:mod:`stream_trainer.model.manual_bac
 graph; gradients equal autograd's to float rounding; ``trainer.manual_backward = False`` turns it
 off, and models it does not cover use autograd).
 
-Cheaper still, and the default where it covers the model (``ema_batch``, ``layer`` or ``none``
-norms, any of the four activations, no dropout, Adam or AdamW, CPU float32/float64, a single
-process), the whole step of serving, learning and the optimizer runs in numpy on memory shared with
-the PyTorch model and optimizer (:mod:`stream_trainer.model.numpy_step`; equal to the PyTorch paths
-to float rounding; ``trainer.numpy_step = False`` turns it off). With distributed hooks the PyTorch
-paths run.
+Cheaper still, and the default where it covers the model (``ema_batch``, ``batch_renorm``,
+``layer`` or ``none`` norms, any of the four activations, no dropout, Adam or AdamW, CPU
+float32/float64, a single process), the whole step of serving, learning and the optimizer runs in
+numpy on memory shared with the PyTorch model and optimizer
+(:mod:`stream_trainer.model.numpy_step`; equal to the PyTorch paths to float rounding;
+``trainer.numpy_step = False`` turns it off). With distributed hooks the PyTorch paths run.
 """
 
 from __future__ import annotations

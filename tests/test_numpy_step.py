@@ -30,10 +30,17 @@ TOL = {
 }
 
 
-def _model(norm: str, activation: str, skip: bool, dtype: torch.dtype, out: int) -> StreamMLP:
+def _model(
+    norm: str,
+    activation: str,
+    skip: bool,
+    dtype: torch.dtype,
+    out: int,
+    options: dict[str, dict[str, Any]] = RENORM,
+) -> StreamMLP:
     torch.manual_seed(0)
     model = StreamMLP(
-        6, out, hidden=(16, 8), norm=norm, norm_options=RENORM, activation=activation, skip=skip
+        6, out, hidden=(16, 8), norm=norm, norm_options=options, activation=activation, skip=skip
     )
     model = model.to(dtype)
     with torch.no_grad():  # non-trivial affine parameters and a non-zero skip path
@@ -114,6 +121,34 @@ def _assert_same_state(
 def test_serve_and_learn_equal_the_pytorch_step(
     norm: str, activation: str, skip: bool, dtype: torch.dtype
 ) -> None:
+    _check_against_the_pytorch_step(norm, activation, skip, dtype, RENORM)
+
+
+@pytest.mark.parametrize(
+    ("norm", "options"),
+    [
+        ("ema_batch", {"affine": False}),
+        ("batch_renorm", {"affine": False, "warmup_start_samples": 0, "warmup_end_samples": 0}),
+        ("batch_renorm", {"rmax": 1.0, "dmax": 0.0}),
+        ("layer", {"affine": False}),
+        ("layer", {"bias": False}),
+        ("ema_batch", {"warm_start": False, "momentum": 0.1}),
+    ],
+    ids=lambda v: str(v),
+)
+def test_norm_options_are_followed(norm: str, options: dict[str, Any]) -> None:
+    """Layers without affine parameters or bias, renorm at full clip limits from the start and
+    without them, ema_batch without warm start: the same agreement."""
+    _check_against_the_pytorch_step(norm, "gelu", True, torch.float64, {norm: options})
+
+
+def _check_against_the_pytorch_step(
+    norm: str,
+    activation: str,
+    skip: bool,
+    dtype: torch.dtype,
+    options: dict[str, dict[str, Any]],
+) -> None:
     """Over batch sizes 1 to 64: the served output equals the eval-mode forward, and after each
     learn step the parameters, gradients (clipped), Adam moments and step, and running
     statistics equal those of autograd + ``clip_grad_norm_`` + fused Adam, to rounding. The
@@ -124,7 +159,7 @@ def test_serve_and_learn_equal_the_pytorch_step(
     at batch sizes >= 2 (the batch mean is subtracted), so each side's rounding noise there goes
     through Adam's division by its own magnitude (as for the hand-differentiated PyTorch step,
     ``tests/test_manual_backward.py``). Their gradients still agree to ``tol``."""
-    ref = _model(norm, activation, skip, dtype, 3)
+    ref = _model(norm, activation, skip, dtype, 3, options)
     ref_opt = _adam(ref, "adam", 0.0)
     gen = torch.Generator().manual_seed(1)
     for n in (3, 1):

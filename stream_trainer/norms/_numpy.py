@@ -95,7 +95,10 @@ class _Affine(NumpyNormKernel):
         self.eps = float(layer.eps)
 
     def _affine(self, xhat: Array) -> Array:
-        y = xhat if self.weight is None else np.multiply(xhat, self.weight)
+        r""":math:`\gamma \hat x + \beta`, a new array (``xhat`` stays on the tape)."""
+        if self.weight is None:
+            return xhat.copy() if self.bias is None else xhat + self.bias
+        y = xhat * self.weight
         if self.bias is not None:
             y += self.bias
         return y

@@ -19,7 +19,8 @@ from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SIZES = [1, 2, 5, 1, 64, 3, 1, 17, 1, 1]
+# 300 x 16 hidden units reaches the PyTorch kernels of GELU and SiLU (numpy_step._TORCH_ELEMENTWISE)
+SIZES = [1, 2, 5, 1, 64, 3, 1, 300, 17, 1, 1]
 NORMS = ["ema_batch", "batch_renorm", "layer", "none"]
 # batch_renorm's clip limits warm up within the test's first 40 samples, so r and d take effect
 RENORM = {"batch_renorm": {"warmup_start_samples": 0, "warmup_end_samples": 40}}

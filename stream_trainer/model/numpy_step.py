@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.special import erf, expit
 from torch import nn
 
@@ -81,8 +82,16 @@ def _relu_backward(dy: Array, z: Array, a: Array) -> Array:
     return np.where(a > 0.0, dy, 0.0).astype(dy.dtype, copy=False)
 
 
+# From this many elements on, GELU and SiLU run PyTorch's vectorized kernels on zero-copy views
+# (they cost ~25 µs a call whatever the size; scipy's erf ~7 ns an element): at 64 x 64 the two
+# are even, at 512 x 64 PyTorch's is 8x faster (``python -m bench throughput`` at 512).
+_TORCH_ELEMENTWISE = 4096
+
+
 def _gelu(z: Array) -> Array:
     r""":math:`z\,\Phi(z) = \tfrac12 z (1 + \operatorname{erf}(z/\sqrt2))` (``F.gelu``, exact)."""
+    if z.size >= _TORCH_ELEMENTWISE:
+        return F.gelu(torch.from_numpy(z)).numpy()
     cdf = erf(z * _SQRT1_2)
     cdf += 1.0
     cdf *= 0.5
@@ -92,6 +101,8 @@ def _gelu(z: Array) -> Array:
 
 def _gelu_backward(dy: Array, z: Array, a: Array) -> Array:
     r""":math:`g\,(\Phi(z) + z\,\varphi(z))`."""
+    if z.size >= _TORCH_ELEMENTWISE:
+        return torch.ops.aten.gelu_backward(torch.from_numpy(dy), torch.from_numpy(z)).numpy()
     cdf = erf(z * _SQRT1_2)
     cdf += 1.0
     cdf *= 0.5
@@ -108,11 +119,15 @@ def _tanh_backward(dy: Array, z: Array, a: Array) -> Array:
 
 
 def _silu(z: Array) -> Array:
+    if z.size >= _TORCH_ELEMENTWISE:
+        return F.silu(torch.from_numpy(z)).numpy()
     return z * expit(z)
 
 
 def _silu_backward(dy: Array, z: Array, a: Array) -> Array:
     r""":math:`g\,s(1 + z(1 - s))`, :math:`s = \sigma(z)`."""
+    if z.size >= _TORCH_ELEMENTWISE:
+        return torch.ops.aten.silu_backward(torch.from_numpy(dy), torch.from_numpy(z)).numpy()
     s = expit(z)
     out = 1.0 - s
     out *= z

@@ -46,10 +46,10 @@ def build_report() -> str:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
         "## End to end: Kafka source and checkpoints\n\n"
-        "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py` and "
-        "`bench/bench_checkpoint.py`.\n"
+        "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py`, "
+        "`bench/bench_checkpoint.py` and `bench/bench_step_paths.py`.\n"
     )
-    for name in ("kafka", "frames", "checkpoint"):
+    for name in ("kafka", "frames", "checkpoint", "step_paths"):
         quoted = RESULTS / f"{name}.md"
         if quoted.exists():
             parts.append(_demote(quoted.read_text().strip()) + "\n")

@@ -154,3 +154,14 @@ def test_sweep_tiny(tmp_results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = sweep.run(_args(sweep, argv), argv)
     assert data["summary"][0]["width"] == 8 and data["summary"][0]["lr"] == 0.01
     assert "| `layer` | 1:64 | 0.01 | 8 |" in sweep.render(data)
+
+
+def test_step_paths_tiny(tmp_path: Path) -> None:
+    import bench.bench_step_paths as sp
+
+    out = tmp_path / "step_paths.md"
+    argv = ["--records", "200", "--sizes", "1,8", "--repeats", "1", "--out", str(out)]
+    assert sp.main(argv) == 0
+    text = out.read_text()
+    assert "| 8 |" in text and "PyTorch F.gelu on a view" in text
+    assert sp.trainer_rate(sp._records(100), 4, True) > 0

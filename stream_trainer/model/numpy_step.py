@@ -285,8 +285,9 @@ class NumpyMLPStep:
         return cls(model, optimizer, blocks, flat)
 
     def current(self) -> bool:
-        """Whether every parameter still lives in this step's flat buffer (growing a layer gives
-        it new storage)."""
+        """Whether the model still has the layout this step was built for: the weights of the
+        layers that can grow (first layer, head, skip) still live in the flat buffer (growing a
+        layer gives its parameters new storage)."""
         return all(p.data_ptr() == ptr for p, ptr in self._layout)
 
     def applies(self, x: Array) -> bool:

@@ -175,3 +175,18 @@ def set_single_thread() -> None:
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
+
+
+def write_script_result(
+    script: str, argv: Sequence[str] | None, out: Path, title: str, body: list[str]
+) -> str:
+    """Write the Markdown result of a standalone bench script (``python bench/NAME.py``): the
+    title, the run's command, date and machine (:func:`meta_lines`), then ``body``; print it too.
+    ``argv`` is what ``main`` was given (``None``: the command line)."""
+    shown = sys.argv[1:] if argv is None else argv
+    meta = run_meta(argv, command=" ".join([f"python {script}", *shown]).strip())
+    text = "\n".join([f"# {title}", "", *meta_lines(meta), *body]) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return text

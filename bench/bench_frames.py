@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import RESULTS, md_table, meta_lines, run_meta  # noqa: E402
+from bench._common import RESULTS, md_table, write_script_result  # noqa: E402
 from bench.bench_kafka import bench_value  # noqa: E402
 from consumers.deserializer import RecordDecoder, _Message  # noqa: E402
 from consumers.kafka_source import decode_batch  # noqa: E402
@@ -78,24 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {size: measure(size, args.loops, args.repeats) for size in sizes}
     names = list(next(iter(results.values())))
-    shown = sys.argv[1:] if argv is None else argv
-    meta = run_meta(argv, command=" ".join(["python bench/bench_frames.py", *shown]).strip())
-    lines = [
-        "# Consumer-process frames: cost per record on each side of the pipe",
-        "",
-        *meta_lines(meta),
-        f"- 10 floats + 1 category + label per record; median of {args.repeats} timings of "
-        f"{args.loops} calls; µs per record",
-        "",
-        md_table(
-            ["step", *(f"batch {s}" for s in sizes)],
-            [[name, *(f"{results[s][name]:.2f}" for s in sizes)] for name in names],
-        ),
-    ]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_script_result(
+        "bench/bench_frames.py",
+        argv,
+        args.out,
+        "Consumer-process frames: cost per record on each side of the pipe",
+        [
+            f"- 10 floats + 1 category + label per record; median of {args.repeats} timings of "
+            f"{args.loops} calls; µs per record",
+            "",
+            md_table(
+                ["step", *(f"batch {s}" for s in sizes)],
+                [[name, *(f"{results[s][name]:.2f}" for s in sizes)] for name in names],
+            ),
+        ],
+    )
     return 0
 
 

@@ -26,7 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import RESULTS, md_table, meta_lines, run_meta, set_single_thread  # noqa: E402
+from bench._common import (  # noqa: E402
+    RESULTS,
+    md_table,
+    set_single_thread,
+    write_script_result,
+)
 
 SOURCE = ("/work/shared/data/weather.csv", "target")
 
@@ -96,31 +101,29 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([str(size), f"{fast:,.0f}", f"{slow:,.0f}", f"{fast / slow:.2f}"])
     gelu = {r: gelu_costs(r, 7) for r in (1, 64, 512)}
     names = list(gelu[1])
-    shown = sys.argv[1:] if argv is None else argv
-    meta = run_meta(argv, command=" ".join(["python bench/bench_step_paths.py", *shown]).strip())
-    lines = [
-        "# The numpy step against the PyTorch step",
-        "",
-        *meta_lines(meta),
-        f"- trainer alone: `TrainerConfig()` defaults on {SOURCE[0]} (first {args.records} "
-        f"records, 1,500 at batch size 1), median of {args.repeats} interleaved runs; "
-        "one torch thread",
-        "",
-        md_table(
-            ["batch", "numpy step samples/s", "PyTorch step samples/s", "numpy ÷ PyTorch"], rows
-        ),
-        "",
-        "GELU kernels, µs per call on `(rows, 64)` float32 (median of 7 timings):",
-        "",
-        md_table(
-            ["kernel", *(f"{r} x 64" for r in gelu)],
-            [[n, *(f"{gelu[r][n]:.1f}" for r in gelu)] for n in names],
-        ),
-    ]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_script_result(
+        "bench/bench_step_paths.py",
+        argv,
+        args.out,
+        "The numpy step against the PyTorch step",
+        [
+            f"- trainer alone: `TrainerConfig()` defaults on {SOURCE[0]} (first {args.records} "
+            f"records, 1,500 at batch size 1), median of {args.repeats} interleaved runs; "
+            "one torch thread",
+            "",
+            md_table(
+                ["batch", "numpy step samples/s", "PyTorch step samples/s", "numpy ÷ PyTorch"],
+                rows,
+            ),
+            "",
+            "GELU kernels, µs per call on `(rows, 64)` float32 (median of 7 timings):",
+            "",
+            md_table(
+                ["kernel", *(f"{r} x 64" for r in gelu)],
+                [[n, *(f"{gelu[r][n]:.1f}" for r in gelu)] for n in names],
+            ),
+        ],
+    )
     return 0
 
 

@@ -2,10 +2,10 @@ r"""Numpy kernels of the norm layers, for the small-batch training step of
 :mod:`stream_trainer.model.numpy_step`.
 
 At batch size 1 a training step costs the number of array operations, and a numpy operation on 64
-values costs about a third of a PyTorch one here (~1 µs against ~3 µs, ``python -m bench
-throughput``). A kernel works on ``(N, C)`` arrays that *share memory* with its layer's buffers
-and affine parameters (``Tensor.numpy()`` views), so the running statistics it updates are the
-layer's, and checkpoints, ``state_dict`` and the PyTorch forward see them at once.
+values costs a fraction of a PyTorch call (``python bench/bench_step_paths.py``). A kernel works on
+``(N, C)`` arrays that *share memory* with its layer's buffers and affine parameters
+(``Tensor.numpy()`` views), so the running statistics it updates are the layer's, and checkpoints,
+``state_dict`` and the PyTorch forward see them at once.
 
 Each kernel has
 

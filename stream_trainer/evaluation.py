@@ -74,7 +74,9 @@ def evaluate_stream(
 
     ``limit`` bounds the number of source items read (rejected ones included). The report has the
     fields of ``evaluate --report-json``: samples, accuracy, rolling_accuracy, log_loss, kappa (or
-    mae, rmse, r2), samples_per_second, rejected (count by reason), predicted_only, steps, plus
+    mae, rmse, r2), samples_per_second, rejected (count by reason), predicted_only, unscored
+    (labelled samples that came before the model existed, so had no prediction and are in no
+    metric: river's prequential protocol, :mod:`stream_trainer.training.metrics`), steps, plus
     ``describe`` (norm, batch_size, model, source...).
     """
     stream = itertools.islice(items, limit) if limit is not None else iter(items)
@@ -111,6 +113,7 @@ def evaluate_stream(
         "elapsed_seconds": elapsed,
         "records_read": seen,
         "predicted_only": learner.predicted_only,
+        "unscored": learner.unscored,
         "rejected": dict(sorted(rejected.items())),
         "rejected_total": sum(rejected.values()),
         "steps": learner.steps,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stream_trainer.cli import main
+from stream_trainer.sources import BatchSizes
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +54,7 @@ def test_evaluate_writes_report_and_plot(
         "batch_size",
         "model",
         "predicted_only",
+        "unscored",
     ):
         assert key in report, key
     assert report["model"] == "mlp" and report["norm"] == "layer" and report["batch_size"] == "1:16"
@@ -61,6 +63,9 @@ def test_evaluate_writes_report_and_plot(
     assert report["rejected"] == {"non_finite": 2, "wrong_type": 1}
     assert report["predicted_only"] == 1
     assert report["samples"] == 301
+    # The first batch came before the model: unscored (river's protocol), the rest scored.
+    first_size = next(BatchSizes.parse("1:16").sizes(1))
+    assert report["unscored"] == first_size
     assert report["accuracy"] > 0.7
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
@@ -76,6 +81,7 @@ def test_evaluate_river_baseline_on_a_bundled_dataset(tmp_path: Path) -> None:
     assert code == 0
     report = json.loads(report_path.read_text())
     assert report["model"] == "river:LogisticRegression" and report["samples"] == 200
+    assert report["unscored"] == 4  # the first batch, before river's model existed
     assert report["batch_size"] == "4" and report["accuracy"] > 0.6
 
 
@@ -87,6 +93,7 @@ def test_evaluate_regression_report(tmp_path: Path) -> None:
                  "--report-json", str(report_path)]) == 0  # fmt: skip
     report = json.loads(report_path.read_text())
     assert report["task"] == "regression" and {"mae", "rmse", "r2"} <= set(report)
+    assert report["unscored"] == 1  # batch size 1: only the very first record had no model
 
 
 @pytest.mark.parametrize(

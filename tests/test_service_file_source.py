@@ -94,6 +94,8 @@ def test_resumes_from_the_checkpoint_offsets_without_training_again(
     assert second["records_trained"] == 400 - first["samples"]
     assert second["samples"] == 400
     assert second["next_offsets"] == {f"{csv_source}:0": 400}
+    # The first batch had no model to predict it: unscored, a count the checkpoint carries over.
+    assert second["unscored"] == first["unscored"] > 0
 
     # Nothing left: a third run trains nothing and keeps the model as it was.
     third = TrainerService(config).run()

@@ -47,9 +47,9 @@ def test_step_predicts_scores_then_learns() -> None:
     trainer = IncrementalTrainer(TrainerConfig(target="y", hidden=(8,), seed=0))
     records = _records(3)
     first = trainer.step(records)
-    assert first.proba is None  # no model before the first labelled batch
+    assert first.proba is None  # no model before the first labelled batch: unscored
     assert first.trained == 3 and trainer.samples_trained == 3
-    assert trainer.metrics()["accuracy"] == 0.0
+    assert trainer.metrics()["accuracy"] == 0.0 and trainer.unscored == 3
     second = trainer.step(_records(2, seed=1))
     assert second.proba is not None and second.proba.shape == (2, 2)
     np.testing.assert_allclose(second.proba.sum(axis=1), 1.0)
@@ -76,8 +76,10 @@ def test_records_without_label_are_predicted_not_learned() -> None:
     # A mixed batch learns from the labelled records only.
     mixed = trainer.step([*_records(3, seed=2), Record({"x1": 0.0, "x2": 0.0, "c": "a", "y": ""})])
     assert (mixed.trained, mixed.predicted_only) == (3, 1)
-    assert trainer.metrics()["accuracy"] * 13 == pytest.approx(
-        round(trainer.metrics()["accuracy"] * 13)
+    # The first 10 had no model to predict them (unscored): 3 labelled records are scored.
+    assert trainer.unscored == 10 and trainer.cls_metrics.n == 3
+    assert trainer.metrics()["accuracy"] * 3 == pytest.approx(
+        round(trainer.metrics()["accuracy"] * 3)
     )
 
 

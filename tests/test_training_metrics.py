@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
+from river import datasets, evaluate, tree, utils
 from river import metrics as rm
-from river import utils
 
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 
@@ -90,16 +91,49 @@ def test_multiclass_metrics_equal_river_with_a_late_class() -> None:
     assert ours.confusion.shape == (k, k)
 
 
-def test_no_prediction_counts_as_wrong_and_stays_out_of_kappa() -> None:
+def test_no_prediction_is_unscored_and_in_no_metric() -> None:
     ours = ClassificationMetrics(10)
     ours.update(np.array([0, 0, 1]), None)  # the first batch: no model yet
-    assert ours.report()["accuracy"] == 0.0
+    assert (ours.n, ours.unscored) == (0, 3)
+    assert ours.report() == {
+        "accuracy": 0.0,
+        "rolling_accuracy": 0.0,
+        "log_loss": 0.0,
+        "kappa": 0.0,
+    }
     assert ours.confusion.sum() == 0
-    assert ours.report()["log_loss"] == 0.0  # river: a class not predicted adds nothing
-    ours.update(np.array([1]), np.array([[0.2, 0.8]]))
-    assert ours.report()["accuracy"] == 0.25
-    assert ours.report()["log_loss"] == pytest.approx(-np.log(0.8) / 4)
-    assert ours.report()["rolling_accuracy"] == 0.25
+    ours.update(np.array([1, 0]), np.array([[0.2, 0.8], [0.3, 0.7]]))
+    ours.update(np.array([1]), np.empty((1, 0)))  # no column: no prediction either
+    report = ours.report()
+    assert (ours.n, ours.unscored) == (2, 4)
+    assert report["accuracy"] == 0.5 and report["rolling_accuracy"] == 0.5
+    assert report["log_loss"] == pytest.approx(-(np.log(0.8) + np.log(0.3)) / 2)
+    assert ours.confusion.sum() == 2
+    assert ClassificationMetrics.from_state(json.loads(json.dumps(ours.state()))).unscored == 4
+    legacy = ours.state()
+    del legacy["unscored"]  # a checkpoint written before the count was kept
+    assert ClassificationMetrics.from_state(legacy).unscored == 0
+
+    regression = RegressionMetrics()
+    regression.update(np.array([1.0, 2.0]), None)
+    regression.update(np.array([3.0]), np.array([2.5]))
+    assert (regression.n, regression.unscored) == (1, 2)
+    assert regression.report()["mae"] == 0.5
+
+
+def test_abstentions_follow_rivers_progressive_validation() -> None:
+    """river's ``progressive_val_score`` scores a sample only when the model predicts something;
+    our metrics, fed the same predictions (``None`` where the model abstains), agree."""
+    stream = list(itertools.islice(datasets.Phishing(), 300))
+    theirs = evaluate.progressive_val_score(stream, tree.HoeffdingTreeClassifier(), rm.Accuracy())
+    model, ours = tree.HoeffdingTreeClassifier(), ClassificationMetrics(1000)
+    for x, y in stream:
+        proba = model.predict_proba_one(x)
+        row = np.array([[proba.get(False, 0.0), proba.get(True, 0.0)]]) if proba else None
+        ours.update(np.array([int(y)]), row)
+        model.learn_one(x, y)
+    assert ours.unscored == 1  # the tree abstains before its first sample
+    assert ours.report()["accuracy"] == pytest.approx(theirs.get(), abs=1e-12)
 
 
 def test_regression_metrics_equal_river() -> None:

@@ -74,7 +74,7 @@ def print_summary(result: EvaluationResult, out: Any = None) -> None:
     )
     print("  " + "  ".join(f"{k}={r[k]:.4f}" for k in keys), file=out)
     print(
-        f"  samples={r['samples']} predicted_only={r['predicted_only']}"
+        f"  samples={r['samples']} unscored={r['unscored']} predicted_only={r['predicted_only']}"
         f" rejected={r['rejected_total']}"
         f" {r['rejected'] or ''} samples/s={r['samples_per_second']:.0f}",
         file=out,

@@ -186,10 +186,11 @@ class DistributedTrainer:
         target: np.ndarray
         if t.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
+            # Every replica has the model or none has (lock-step): without it, unscored.
             served = report.values if report.values is not None else np.zeros(len(accepted))
             served = served if idx is None else served[idx]
             rows = comm.all_gather_rows(np.stack([y, served], axis=1), n_labelled)
-            t.reg_metrics.update(rows[:, 0], rows[:, 1])
+            t.reg_metrics.update(rows[:, 0], rows[:, 1] if t.model is not None else None)
             t.y_scaler.update(y[:, None])
             target = y
         else:

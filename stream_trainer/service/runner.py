@@ -581,6 +581,7 @@ class TrainerService:
             "elapsed_seconds": elapsed,
             "records_trained": trained_now,
             "predicted_only": t.predicted_only,
+            "unscored": t.unscored,
             "dead_lettered": dict(sorted(self.dead_lettered.items())),
             "rejected": dict(sorted(self.dead_lettered.items())),
             "rejected_total": sum(self.dead_lettered.values()),

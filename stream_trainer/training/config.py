@@ -89,9 +89,11 @@ class TrainerConfig:
     # - a separate lr for head + skip: 1e-2 or 3e-2 -1 to -6 points at 1:64; 1e-3 mixed.
     # - lr 2e-3 / 5e-3 / 6e-3 with the above: mixed, within noise.
     # - batch_renorm warm-up over 200..2,000 samples instead of 1,000..10,000: no change.
-    # Still short (seed 0): Phishing 1:64, .872/.878/.874 (LR .872, ARF .881, target .89). Learning
-    # every row one at a time but predicting whole batches (the protocol) gives only .879/.874/.867:
-    # the 1:64 protocol itself costs about 2 points against batch size 1 (.900/.897/.898).
+    # Phishing 1:64 (seed 0) scored the whole first batch (34 rows, no model yet) as wrong until
+    # 2026-11-28: .872/.878/.874 then; river's protocol leaves such rows unscored (see
+    # stream_trainer.training.metrics), which gives .896/.903/.898 (seeds 1, 2: .885/.884/.883,
+    # .892/.887/.891). Experience replay of past records (16 replayed per new one) added under a
+    # point at 1:64 for 16x the learning cost: not a default.
     # Tried on top of momentum_in_samples, all within noise on Phishing 1:64: lr 2e-3 / 5e-3, beta2
     # .98, eps 1e-6, early micro-batches of 8/4/1, an extra pass below 1,000 samples, lr x2 early,
     # reference batch 4 or 16, no clipping, no lr scaling.

@@ -2,7 +2,14 @@
 
 Each batch is scored *before* the model learns from it (test-then-train), so every metric is an
 honest estimate of performance on unseen data. The definitions are river's, checked against
-``river.metrics`` in the tests on the same predictions:
+``river.metrics`` in the tests on the same predictions.
+
+A sample the learner could not predict at all (no model yet: before the first labelled batch the
+trainer knows no class, so the whole first batch has no prediction) is *unscored*: it enters no
+metric and is counted in ``unscored``. This is river's prequential protocol
+(``river.evaluate.progressive_val_score`` updates its metric only when ``y_pred`` is neither
+``None`` nor ``{}``). A prediction that exists but misses, a class never seen before included, is
+scored as wrong.
 
 Classification (classes are indices into the trainer's growing label list):
 
@@ -11,8 +18,7 @@ Classification (classes are indices into the trainer's growing label list):
   (``river.utils.Rolling(river.metrics.Accuracy(), window)``).
 - ``log_loss``: mean of ``-log(clip(p_true, 1e-15, 1 - 1e-15))`` (``river.metrics.CrossEntropy``,
   which for two classes is ``river.metrics.LogLoss``). As in river, a sample whose true class is not
-  among the predicted ones (a class never seen before, or no prediction at all: the very first
-  batch) adds 0 to the sum but counts in the mean.
+  among the predicted ones (a class never seen before) adds 0 to the sum but counts in the mean.
 - ``kappa``: Cohen's kappa from the running confusion matrix, ``(p_o - p_e) / (1 - p_e)``
   (``river.metrics.CohenKappa``; 0 when ``p_e == 1``).
 
@@ -39,7 +45,8 @@ class ClassificationMetrics:
 
     def __init__(self, window: int = 1000) -> None:
         self.window = int(window)
-        self.n = 0
+        self.n = 0  # scored samples
+        self.unscored = 0  # samples without a prediction (module docstring)
         self.correct = 0
         self.log_loss_sum = 0.0
         self.confusion = np.zeros((0, 0), dtype=np.int64)
@@ -58,34 +65,31 @@ class ClassificationMetrics:
     def update(self, y_true: np.ndarray, proba: np.ndarray | None) -> None:
         """Score a batch: ``y_true`` class indices ``(n,)``, ``proba`` ``(n, K)`` or None.
 
-        ``proba is None`` means the model could not predict yet (no class seen): every sample counts
-        as wrong. Classes ``>= K`` (new in this batch) count as wrong too. Neither adds to the log
-        loss sum (river's convention, module docstring).
+        ``proba is None`` (or no column) means the model could not predict yet: the samples are
+        *unscored* (counted in ``unscored``, in no metric; module docstring). Classes ``>= K``
+        (new in this batch) count as wrong and add nothing to the log loss sum (river's
+        convention).
         """
         n = int(y_true.shape[0])
         if n == 0:
             return
-        if n == 1 and proba is not None and proba.shape[1] > 0:
+        if proba is None or proba.shape[1] == 0:
+            self.unscored += n
+            return
+        if n == 1:
             self._update_one(int(y_true[0]), proba[0])
             return
-        if proba is None or proba.shape[1] == 0:
-            k = 0
-            y_pred = np.full(n, -1, dtype=np.int64)
-            loss_sum = 0.0
-        else:
-            k = proba.shape[1]
-            y_pred = proba.argmax(axis=1)
-            known = y_true < k
-            p_true = proba[np.arange(n), np.minimum(y_true, k - 1)]
-            losses = -np.log(np.clip(p_true, _EPS, 1.0 - _EPS))
-            loss_sum = float(np.where(known, losses, 0.0).sum())
+        k = proba.shape[1]
+        y_pred = proba.argmax(axis=1)
+        known = y_true < k
+        p_true = proba[np.arange(n), np.minimum(y_true, k - 1)]
+        losses = -np.log(np.clip(p_true, _EPS, 1.0 - _EPS))
         hits = (y_pred == y_true).astype(np.int8)
         self.n += n
         self.correct += int(hits.sum())
-        self.log_loss_sum += loss_sum
+        self.log_loss_sum += float(np.where(known, losses, 0.0).sum())
         self._grow(max(int(y_true.max()) + 1, k))
-        valid = y_pred >= 0  # kappa counts only samples the model made a prediction for
-        np.add.at(self.confusion, (y_true[valid], y_pred[valid]), 1)
+        np.add.at(self.confusion, (y_true, y_pred), 1)
         self._push(hits)
 
     def _update_one(self, y_true: int, proba: np.ndarray) -> None:
@@ -154,6 +158,7 @@ class ClassificationMetrics:
         return {
             "window": self.window,
             "n": self.n,
+            "unscored": self.unscored,
             "correct": self.correct,
             "log_loss_sum": self.log_loss_sum,
             "confusion": self.confusion.tolist(),
@@ -164,6 +169,7 @@ class ClassificationMetrics:
     def from_state(cls, state: dict[str, Any]) -> ClassificationMetrics:
         obj = cls(state["window"])
         obj.n, obj.correct = int(state["n"]), int(state["correct"])
+        obj.unscored = int(state.get("unscored", 0))  # states written before it was kept: 0
         obj.log_loss_sum = float(state["log_loss_sum"])
         k = len(state["confusion"])
         obj.confusion = np.asarray(state["confusion"], dtype=np.int64).reshape(k, k)
@@ -172,18 +178,24 @@ class ClassificationMetrics:
 
 
 class RegressionMetrics:
-    """MAE, RMSE and R2 over the stream."""
+    """MAE, RMSE and R2 over the stream; samples without a prediction are only counted
+    (``unscored``, module docstring)."""
 
     def __init__(self) -> None:
-        self.n = 0
+        self.n = 0  # scored samples
+        self.unscored = 0
         self.abs_sum = 0.0
         self.sq_sum = 0.0
         self.y_mean = 0.0
         self.y_m2 = 0.0
 
-    def update(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+    def update(self, y_true: np.ndarray, y_pred: np.ndarray | None) -> None:
+        """Score a batch of targets against predictions; ``y_pred is None``: unscored."""
         n_b = int(y_true.shape[0])
         if n_b == 0:
+            return
+        if y_pred is None:
+            self.unscored += n_b
             return
         err = y_true - y_pred
         self.abs_sum += float(np.abs(err).sum())
@@ -208,5 +220,5 @@ class RegressionMetrics:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RegressionMetrics:
         obj = cls()
-        obj.__dict__.update(state)
+        obj.__dict__.update(state)  # a state written before ``unscored`` was kept leaves it 0
         return obj

@@ -10,7 +10,9 @@ A step takes whatever records arrived (1 or 500) and, in this order:
    no label, so the prequential estimate stays honest);
 3. **predicts** all of them with the model in *serving* mode (``eval()``, no gradient): this is the
    prediction that is scored and, in the service, published;
-4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`);
+4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`); before the
+   first labelled batch there is no model and so no prediction: those records are *unscored*
+   (counted in :attr:`IncrementalTrainer.unscored`, in no metric), as in river's protocol;
 5. **learns** from the labelled ones: new classes grow the output layer first, then one optimizer
    step on the mean loss of the batch (cross-entropy, or MSE on the standardized target), with
    optional gradient-norm clipping, learning-rate scaling with the batch size and a learning rate
@@ -315,8 +317,8 @@ class IncrementalTrainer:
         target: np.ndarray
         if self.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
-            served = report.values if report.values is not None else np.zeros(len(accepted))
-            self.reg_metrics.update(y, served if idx is None else served[idx])
+            served = report.values  # None before the model exists: unscored
+            self.reg_metrics.update(y, served if idx is None or served is None else served[idx])
             self.y_scaler.update(y[:, None])
             target = y
         else:
@@ -552,6 +554,11 @@ class IncrementalTrainer:
         if self.task == "regression":
             return self.reg_metrics.report()
         return self.cls_metrics.report()
+
+    @property
+    def unscored(self) -> int:
+        """Labelled samples that had no prediction (no model yet), so entered no metric."""
+        return self.cls_metrics.unscored + self.reg_metrics.unscored
 
     def norm_snapshot(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Running mean and variance of every stateful norm layer (for drift telemetry)."""

@@ -45,11 +45,12 @@ def build_report() -> str:
         else:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
-        "## End to end: Kafka source and checkpoints\n\n"
+        "## Standalone bench scripts: Kafka, frames, checkpoints, step paths, baselines\n\n"
         "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py`, "
-        "`bench/bench_checkpoint.py` and `bench/bench_step_paths.py`.\n"
+        "`bench/bench_checkpoint.py`, `bench/bench_step_paths.py` and "
+        "`bench/bench_baselines.py`.\n"
     )
-    for name in ("kafka", "frames", "checkpoint", "step_paths"):
+    for name in ("kafka", "frames", "checkpoint", "step_paths", "baselines"):
         quoted = RESULTS / f"{name}.md"
         if quoted.exists():
             parts.append(_demote(quoted.read_text().strip()) + "\n")

@@ -165,3 +165,17 @@ def test_step_paths_tiny(tmp_path: Path) -> None:
     text = out.read_text()
     assert "| 8 |" in text and "PyTorch F.gelu on a view" in text
     assert sp.trainer_rate(sp._records(100), 4, True) > 0
+
+
+def test_baselines_tiny(tmp_path: Path) -> None:
+    import bench.bench_baselines as bl
+
+    out = tmp_path / "baselines.md"
+    argv = ["--streams", "Phishing", "--sizes", "4", "--limit", "60", "--workers", "1"]
+    assert bl.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| Phishing | 4 |" in text and "cells." in text
+    ours, seconds = bl.accuracy("river:Phishing", 60, "4", "mlp")
+    assert 0.0 < ours <= 1.0 and seconds > 0
+    with pytest.raises(SystemExit):
+        bl.main(["--streams", "Nope"])

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             )
     under = sum(1 for r in rows if r[-1].startswith("**"))
+    wall = {lr: sum(t for (_, _, name), (_, t) in results.items() if name == lr) for lr in LEARNERS}
     limits = ", ".join(
         f"{n}: {STREAMS[n][0]}" + (f" (first {STREAMS[n][1]})" if STREAMS[n][1] else "")
         for n in names
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             md_table(["stream", "batch", "ours", "LR", "ARF", "ours - LR"], rows),
             "",
             f"Ours is under river's LogisticRegression in {under} of {len(rows)} cells.",
+            "",
+            "Wall time over all cells, s (one process each, two at a time): "
+            + ", ".join(f"{lr} {wall[lr]:.0f}" for lr in LEARNERS)
+            + ".",
         ],
     )
     return 0

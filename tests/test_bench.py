@@ -174,7 +174,7 @@ def test_baselines_tiny(tmp_path: Path) -> None:
     argv = ["--streams", "Phishing", "--sizes", "4", "--limit", "60", "--workers", "1"]
     assert bl.main([*argv, "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| Phishing | 4 |" in text and "cells." in text
+    assert "| Phishing | 4 |" in text and "cells." in text and "Wall time" in text
     ours, seconds = bl.accuracy("river:Phishing", 60, "4", "mlp")
     assert 0.0 < ours <= 1.0 and seconds > 0
     with pytest.raises(SystemExit):

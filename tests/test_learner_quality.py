@@ -1,10 +1,13 @@
 """Prequential accuracy of the default MLP against the issue's targets (slow; runs in CI).
 
 Target: with the defaults (seed 0), accuracy >= river's LogisticRegression on the same stream and
-batching, and >= 0.89 on river's Phishing, >= 0.77 on the weather stream. Combinations that do not
-reach it yet are ``xfail(strict=True)`` with the measured numbers, so that the day they pass the
-mark must go. The runs go to two single-threaded worker processes (about 1m45s on a 2-core CI box,
-weather at batch size 1 being most of it).
+batching, and >= 0.89 on river's Phishing, >= 0.77 on the weather stream. Beside those two, the
+first 5,000 records of four of river's generators with a linear concept (SEA, SEA with a drift,
+Hyperplane, LED with a drift), where an MLP alone stays under a logistic regression and the
+trainer's linear expert (:mod:`stream_trainer.training.mixture`) must close the gap. Combinations
+that do not reach it yet are ``xfail(strict=True)`` with the measured numbers, so that the day they
+pass the mark must go. The runs go to two single-threaded worker processes (about 2m30s on a
+2-core CI box, weather at batch size 1 being the longest).
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from stream_trainer.training.river_baselines import RiverLearner
 pytestmark = pytest.mark.slow
 
 WEATHER = Path("/work/shared/data/weather.csv")
-STREAMS = {"river:Phishing": 0.89, str(WEATHER): 0.77}
+# source -> (accuracy target or None: only "at least LogisticRegression", records read or None)
+STREAMS: dict[str, tuple[float | None, int | None]] = {
+    "river:Phishing": (0.89, None),
+    str(WEATHER): (0.77, None),
+    "synth:sea": (None, 5000),
+    "synth:sea_drift?position=2500&width=500": (None, 5000),
+    "synth:hyperplane": (None, 5000),
+    "synth:led_drift": (None, 5000),
+}
 NORMS = ("ema_batch", "batch_renorm", "layer")
 SIZES = ("1", "1:64")
 
@@ -50,6 +61,7 @@ def _accuracy(source: str, sizes: str, model: str, norm: str = "ema_batch") -> f
         learner,
         batch_sizes=BatchSizes.parse(sizes),
         seed=0,
+        limit=STREAMS[source][1],
         progress=False,
     )
     return float(result.report["accuracy"])
@@ -97,4 +109,6 @@ def test_default_mlp_reaches_the_targets(
     baseline = accuracies[(source, sizes, "LogisticRegression", "ema_batch")].result()
     print(f"{source} {norm} {sizes}: mlp {ours:.4f} logistic regression {baseline:.4f}")
     assert ours >= baseline, f"{ours:.4f} < LogisticRegression {baseline:.4f}"
-    assert ours >= STREAMS[source], f"{ours:.4f} < target {STREAMS[source]}"
+    target = STREAMS[source][0]
+    if target is not None:
+        assert ours >= target, f"{ours:.4f} < target {target}"

@@ -63,6 +63,13 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         help="a linear shortcut from the standardized inputs to the output (default on)",
     )
     g.add_argument(
+        "--linear-expert",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.linear_expert,
+        help="serve a mixture of the MLP and an online logistic (or linear) regression, weighted"
+        " by their recent errors (default on)",
+    )
+    g.add_argument(
         "--lr-scale-min",
         type=float,
         default=_DEFAULTS.lr_scale_min,
@@ -99,6 +106,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         dropout=args.dropout,
         weight_standardization=args.weight_standardization,
         skip=args.skip,
+        linear_expert=args.linear_expert,
         lr_scale_min=args.lr_scale_min,
         optimizer=args.optimizer,
         lr=args.lr,

@@ -30,6 +30,7 @@ _TRAINER_FLAGS = {
     "dropout": "dropout",
     "weight_standardization": "weight_standardization",
     "skip": "skip",
+    "linear_expert": "linear_expert",
     "lr_scale_min": "lr_scale_min",
     "optimizer": "optimizer",
     "lr": "lr",

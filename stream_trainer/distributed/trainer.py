@@ -184,15 +184,25 @@ class DistributedTrainer:
             return report
 
         target: np.ndarray
+        # the labelled inputs travel with the targets when there is a linear expert to step
+        x_mine = (x if idx is None else x[idx]).astype(np.float64)
+        if not t.config.linear_expert:
+            x_mine = x_mine[:, :0]
+        experts = t.expert is not None and t.model is not None  # scored and served: lock-step
         if t.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
             # Every replica has the model or none has (lock-step): without it, unscored.
             served = report.values if report.values is not None else np.zeros(len(accepted))
             served = served if idx is None else served[idx]
-            rows = comm.all_gather_rows(np.stack([y, served], axis=1), n_labelled)
+            losses = self._expert_losses(y, idx) if experts else np.zeros((len(labelled), 0))
+            rows = comm.all_gather_rows(
+                np.concatenate([np.stack([y, served], axis=1), losses, x_mine], axis=1),
+                n_labelled,
+            )
             t.reg_metrics.update(rows[:, 0], rows[:, 1] if t.model is not None else None)
             t.y_scaler.update(y[:, None])
             target = y
+            global_target, rest = rows[:, 0], rows[:, 2:]
         else:
             for label in (c for e in everyone for c in e["classes"]):
                 if label not in t.class_index:
@@ -204,10 +214,20 @@ class DistributedTrainer:
             served_p = np.zeros((len(labelled), width))
             if proba is not None and labelled:
                 served_p = proba if idx is None else proba[idx]
+            losses = self._expert_losses(target, idx) if experts else np.zeros((len(labelled), 0))
             rows = comm.all_gather_rows(
-                np.concatenate([target[:, None].astype(np.float64), served_p], axis=1), n_labelled
+                np.concatenate(
+                    [target[:, None].astype(np.float64), served_p, losses, x_mine], axis=1
+                ),
+                n_labelled,
             )
-            t.cls_metrics.update(rows[:, 0].astype(np.int64), rows[:, 1:] if width else None)
+            global_target = rows[:, 0].astype(np.int64)
+            t.cls_metrics.update(global_target, rows[:, 1 : 1 + width] if width else None)
+            rest = rows[:, 1 + width :]
+        if experts:  # the mixture's weights from the whole batch's expert losses
+            t.mixture.observe(rest[:, : losses.shape[1]].sum(axis=0), total_labelled)
+        t._expert_outputs = None
+        global_x = rest[:, losses.shape[1] :]
 
         # 6. learn, in lock-step
         t1 = time.perf_counter()
@@ -216,11 +236,23 @@ class DistributedTrainer:
                 report.loss = t._learn(x if idx is None else x[idx], target)
         else:
             self._placeholder_learn()
+        # every replica steps the linear expert through the whole batch: one process's steps
+        t._learn_expert(global_x, global_target)
         report.learn_seconds = time.perf_counter() - t1
         t.samples_trained += total_labelled
         if t.model is not None and t.model.uses_rng:
             t._rng_state = comm.broadcast_(t._rng_state.clone(), src=0)
         return report
+
+    def _expert_losses(self, y: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+        """This replica's per-row expert losses on its labelled rows (none: zero rows)."""
+        t = self.trainer
+        outputs = t._expert_outputs
+        if outputs is None:  # no accepted row here this step
+            return np.zeros((len(y), 2))
+        if idx is not None:
+            outputs = (outputs[0][idx], outputs[1][idx])
+        return t._expert_losses(outputs, y)
 
     def _agree_on_task(self, records: Sequence[Record]) -> str | None:
         t = self.trainer

@@ -35,7 +35,7 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 # without them ran with. A restored state gets these values; the fingerprint leaves a setting out
 # while it has this value, so a checkpoint written before the setting existed still matches a
 # configuration that asks for the old behaviour (e.g. ``--no-momentum-in-samples``).
-LATER_SETTINGS: Mapping[str, Any] = {"momentum_in_samples": False}
+LATER_SETTINGS: Mapping[str, Any] = {"momentum_in_samples": False, "linear_expert": False}
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class TrainerConfig:
     """Everything that defines a trainer; the constructor signature *is* the configuration.
 
     ``skip`` adds a linear shortcut from the standardized inputs to the logits (wide & deep, see
-    :class:`~stream_trainer.model.StreamMLP`). ``lr_scaling`` scales the learning rate with the
+    :class:`~stream_trainer.model.StreamMLP`). ``linear_expert`` runs an online logistic (or
+    linear) regression beside the MLP and serves the two mixed by their recent errors
+    (:mod:`stream_trainer.training.mixture`). ``lr_scaling`` scales the learning rate with the
     number of labelled samples ``n`` in the step: ``lr * n / lr_reference_batch`` (linear) or
     ``lr * sqrt(n / lr_reference_batch)`` (sqrt); the factor is at least ``lr_scale_min`` (1:
     batches under the reference one keep ``lr``). ``lr_decay_samples`` ``t0`` then multiplies the
@@ -97,6 +99,10 @@ class TrainerConfig:
     # Tried on top of momentum_in_samples, all within noise on Phishing 1:64: lr 2e-3 / 5e-3, beta2
     # .98, eps 1e-6, early micro-batches of 8/4/1, an extra pass below 1,000 samples, lr x2 early,
     # reference batch 4 or 16, no clipping, no lr scaling.
+    # linear_expert (2026-11-28): on linear concepts (river's SEA, Hyperplane, LED) the MLP alone
+    # stayed 1 to 3 points under river's LogisticRegression (bench/bench_baselines.py); a per-record
+    # Adagrad logistic regression served in a mixture weighted by recent errors closes that (see
+    # stream_trainer/model/linear_expert.py and training/mixture.py for what was tried).
     hidden: tuple[int, ...] = (64, 64)
     norm: str | tuple[str, ...] = "ema_batch"
     norm_options: Mapping[str, Mapping[str, Any]] = field(
@@ -106,6 +112,7 @@ class TrainerConfig:
     dropout: float = 0.0
     weight_standardization: bool | None = None
     skip: bool = True
+    linear_expert: bool = True
     optimizer: str = "adam"
     lr: float = 3e-3
     weight_decay: float = 0.0

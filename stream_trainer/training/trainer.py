@@ -8,15 +8,20 @@ A step takes whatever records arrived (1 or 500) and, in this order:
    reaches the model;
 2. **encodes** the accepted records (the feature statistics learn from the batch first; they carry
    no label, so the prequential estimate stays honest);
-3. **predicts** all of them with the model in *serving* mode (``eval()``, no gradient): this is the
-   prediction that is scored and, in the service, published;
+3. **predicts** all of them with the model in *serving* mode (``eval()``, no gradient) and, with
+   ``linear_expert`` (the default), with an online linear model beside it
+   (:mod:`stream_trainer.model.linear_expert`), and serves the mixture of the two weighted by their
+   recent accuracy (:mod:`stream_trainer.training.mixture`): this is the prediction that is scored
+   and, in the service, published;
 4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`); before the
    first labelled batch there is no model and so no prediction: those records are *unscored*
    (counted in :attr:`IncrementalTrainer.unscored`, in no metric), as in river's protocol;
-5. **learns** from the labelled ones: new classes grow the output layer first, then one optimizer
-   step on the mean loss of the batch (cross-entropy, or MSE on the standardized target), with
-   optional gradient-norm clipping, learning-rate scaling with the batch size and a learning rate
-   that decays with the samples learned (to a floor).
+5. **learns** from the labelled ones: each expert is scored first (its own prediction, before
+   learning: the mixture's weights), new classes grow the output layer, then one optimizer step on
+   the mean loss of the batch (cross-entropy, or MSE on the standardized target), with optional
+   gradient-norm clipping, learning-rate scaling with the batch size and a learning rate that
+   decays with the samples learned (to a floor); the linear expert then takes its Adagrad steps
+   record by record.
 
 Records without a label are predicted only. Everything is deterministic under ``seed``: the model
 init, new output rows and dropout draw from the trainer's *own* torch generator state (seeded with
@@ -60,6 +65,7 @@ from torch import nn
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
 from stream_trainer.model import StreamMLP
+from stream_trainer.model.linear_expert import LinearExpert
 from stream_trainer.model.manual_backward import (
     ManualMLP,
     ManualTape,
@@ -72,6 +78,11 @@ from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
 from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
+from stream_trainer.training.mixture import (
+    ExpertMixture,
+    classification_losses,
+    regression_losses,
+)
 
 __all__ = ["GradientSync", "IncrementalTrainer", "StepReport"]
 
@@ -179,6 +190,13 @@ class IncrementalTrainer:
         self.y_scaler = RunningStandardizer(1, clip=1e9)
         self.model: StreamMLP | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        # The online linear model served in a mixture with the MLP (config.linear_expert; see
+        # stream_trainer.training.mixture); built with the model.
+        self.expert: LinearExpert | None = None
+        self.mixture = ExpertMixture()
+        # Each expert's served output for the rows of the current step (probabilities, or
+        # standardized values), kept by _predict for scoring the experts.
+        self._expert_outputs: tuple[np.ndarray, np.ndarray] | None = None
         self.cls_metrics = ClassificationMetrics(config.rolling_window)
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
@@ -227,6 +245,9 @@ class IncrementalTrainer:
         self._params = list(self.model.parameters())
         self._manual = ManualMLP.build(self.model) if self.manual_backward else None
         self._numpy, self._numpy_tried = None, False  # built at first use (after a restore)
+        if c.linear_expert:
+            regression = self.task == "regression"
+            self.expert = LinearExpert(in_features, out_features, regression=regression)
         if self.moment_reducer is not None:  # distributed hook: synchronized batch statistics
             for _, layer in self.model.norm_layers():
                 layer.moment_reducer = self.moment_reducer
@@ -319,6 +340,7 @@ class IncrementalTrainer:
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
             served = report.values  # None before the model exists: unscored
             self.reg_metrics.update(y, served if idx is None or served is None else served[idx])
+            self._observe_experts(y, idx)
             self.y_scaler.update(y[:, None])
             target = y
         else:
@@ -332,9 +354,12 @@ class IncrementalTrainer:
             self.cls_metrics.update(
                 target, None if proba is None else (proba if idx is None else proba[idx])
             )
+            self._observe_experts(target, idx)
 
         t1 = time.perf_counter()
-        report.loss = self._learn(x if idx is None else x[idx], target)
+        x_learn = x if idx is None else x[idx]
+        report.loss = self._learn(x_learn, target)
+        self._learn_expert(x_learn, target)
         report.learn_seconds = time.perf_counter() - t1
         self.samples_trained += len(labelled)
         return report
@@ -347,19 +372,17 @@ class IncrementalTrainer:
         graph and :meth:`_learn` reuses it (``_shared_out``): same numbers, one pass fewer.
         """
         self._shared_out = self._shared_tape = None
+        self._expert_outputs = None
         model = self.model
         if model is None:
             return
         if x.shape[1] != model.in_features:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
+            if self.expert is not None:
+                self.expert.grow(x.shape[1], self.expert.out_features)
         step = self._numpy_for(x)
         if step is not None:
-            out_np = step.serve(x)
-            if self.task == "regression":
-                mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
-                report.values = out_np[:, 0].astype(np.float64) * std + mean
-            else:
-                report.proba = softmax64(out_np)
+            self._set_served(x, step.serve(x), report)
             return
         inputs = torch.from_numpy(x)
         rows = self._learn_rows
@@ -377,11 +400,62 @@ class IncrementalTrainer:
             model.set_training(False)
             with torch.no_grad():
                 out = model(inputs)
+        self._set_served(x, out.detach().numpy(), report)
+
+    def _set_served(self, x: np.ndarray, out: np.ndarray, report: StepReport) -> None:
+        """Put the served predictions for MLP outputs ``out`` on ``x`` into ``report`` and keep
+        each expert's output for :meth:`_observe_experts`."""
+        served, self._expert_outputs = self._combine(x, out)
         if self.task == "regression":
-            mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
-            report.values = out[:, 0].double().numpy() * std + mean
+            report.values = served
         else:
-            report.proba = torch.softmax(out.double(), dim=1).numpy()
+            report.proba = served
+
+    def _combine(
+        self, x: np.ndarray, out: np.ndarray
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The served output (class probabilities, or de-standardized values) for MLP outputs
+        ``out`` on inputs ``x``, mixed with the linear expert's when there is one
+        (:mod:`stream_trainer.training.mixture`); and the two experts' own outputs (probabilities,
+        or standardized values as a column), or ``None`` without an expert."""
+        expert = self.expert
+        experts: tuple[np.ndarray, np.ndarray] | None = None
+        if self.task == "regression":
+            z = out[:, :1].astype(np.float64)
+            if expert is not None:
+                experts = (z, expert.logits(x))
+                z = self.mixture.mix(list(experts))
+            mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
+            return z[:, 0] * std + mean, experts
+        proba = softmax64(out)
+        if expert is not None:
+            experts = (proba, softmax64(expert.logits(x)))
+            proba = self.mixture.mix(list(experts))
+        return proba, experts
+
+    def _expert_losses(self, outputs: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
+        """Per labelled row, each expert's loss (columns in the order of
+        :data:`~stream_trainer.training.mixture.EXPERTS`); ``y`` class indices or raw targets,
+        standardized with the target statistics the prediction used."""
+        losses = np.empty((y.shape[0], len(outputs)))
+        if self.task == "regression":
+            z = self.y_scaler.transform(y[:, None])[:, 0].astype(np.float64)
+            for k, out in enumerate(outputs):
+                losses[:, k] = regression_losses(out[:, 0], z)
+        else:
+            for k, out in enumerate(outputs):
+                losses[:, k] = classification_losses(out, y)
+        return losses
+
+    def _observe_experts(self, y: np.ndarray, idx: np.ndarray | None) -> None:
+        """Score each expert on the labelled rows (``idx`` into the step's rows; ``None``: all)
+        before they learn from them, and fold the losses into the mixture's weights."""
+        outputs, self._expert_outputs = self._expert_outputs, None
+        if outputs is None:
+            return
+        if idx is not None:
+            outputs = (outputs[0][idx], outputs[1][idx])
+        self.mixture.observe(self._expert_losses(outputs, y).sum(axis=0), y.shape[0])
 
     def _numpy_for(self, x: np.ndarray) -> NumpyMLPStep | None:
         """The numpy step when it covers this model and input (single process only), else
@@ -476,6 +550,18 @@ class IncrementalTrainer:
         self.last_loss = value
         return value
 
+    def _learn_expert(self, x: np.ndarray, y: np.ndarray) -> None:
+        """The linear expert's steps on the labelled rows (``y`` as for :meth:`_learn`; the
+        regression target standardized with the same, updated, statistics)."""
+        expert = self.expert
+        if expert is None:
+            return
+        expert.grow(x.shape[1], self._out_width())
+        if self.task == "regression":
+            expert.learn(x, self.y_scaler.transform(y[:, None])[:, 0])
+        else:
+            expert.learn(x, y)
+
     def _schedule(self, optimizer: torch.optim.Optimizer, rows: int) -> None:
         """Set this step's learning rate and Adam's beta1 in the optimizer's groups, for ``rows``
         labelled samples (see :meth:`_learn`)."""
@@ -503,10 +589,9 @@ class IncrementalTrainer:
         metrics are untouched."""
         if self.task == "regression":
             raise ConfigError("predict_proba_many is for classification; use predict_many")
-        out, ok = self._serve_forward(records)
+        proba, ok = self._serve(records)
         result: list[dict[str, float] | None] = [None] * len(records)
-        if out is not None:
-            proba = torch.softmax(out.double(), dim=1).numpy()
+        if proba is not None:
             for pos, row in zip(ok, proba, strict=True):
                 result[pos] = dict(zip(self.classes, map(float, row), strict=False))
         return result
@@ -514,16 +599,16 @@ class IncrementalTrainer:
     def predict_many(self, records: Sequence[Record]) -> list[Any]:
         """Served predictions (class label or float; ``None`` for a record that fails the checks,
         or before the model exists), without learning anything (see :meth:`predict_proba_many`)."""
-        out, ok = self._serve_forward(records)
+        served, ok = self._serve(records)
         result: list[Any] = [None] * len(records)
-        if out is None:
+        if served is None:
             return result
         if self.task == "regression":
-            mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
-            values: list[Any] = [float(v) * std + mean for v in out[:, 0].double()]
+            values: list[Any] = [float(v) for v in served]
         else:
             values = [
-                self.classes[i] if i < len(self.classes) else None for i in out.argmax(1).tolist()
+                self.classes[i] if i < len(self.classes) else None
+                for i in served.argmax(1).tolist()
             ]
         for pos, value in zip(ok, values, strict=True):
             result[pos] = value
@@ -538,7 +623,9 @@ class IncrementalTrainer:
         x = self.encoder.transform([records[i].value for i in ok])
         return torch.from_numpy(x[:, : self.model.in_features]), ok
 
-    def _serve_forward(self, records: Sequence[Record]) -> tuple[torch.Tensor | None, list[int]]:
+    def _serve(self, records: Sequence[Record]) -> tuple[np.ndarray | None, list[int]]:
+        """Served output of the records that pass the checks (class probabilities, or values;
+        mixed with the linear expert's, see :meth:`_combine`) and their positions."""
         x, ok = self._serve_inputs(records)
         if x is None or self.model is None:
             return None, ok
@@ -546,7 +633,8 @@ class IncrementalTrainer:
             x = nn.functional.pad(x, (0, self.model.in_features - x.shape[1]))
         self.model.set_training(False)
         with torch.no_grad():
-            return self.model(x), ok
+            out = self.model(x)
+        return self._combine(x.numpy(), out.numpy())[0], ok
 
     # ------------------------------------------------------------------ reporting
     def metrics(self) -> dict[str, float]:
@@ -623,6 +711,9 @@ class IncrementalTrainer:
             for key, value in self.optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"optim.{i}.{key}"] = value.detach().clone().contiguous()
+        if self.expert is not None:
+            for name, value in self.expert.state_tensors().items():
+                tensors[f"expert.{name}"] = value
         return tensors
 
     def state_json(self) -> dict[str, Any]:
@@ -656,6 +747,7 @@ class IncrementalTrainer:
             if self.model is None
             else [self.model.in_features, self.model.out_features],
             "optimizer_groups": groups,
+            "mixture": self.mixture.state(),
         }
 
     @classmethod
@@ -684,6 +776,8 @@ class IncrementalTrainer:
         trainer.predicted_only = int(state["predicted_only"])
         trainer.steps = int(state["steps"])
         trainer.rejected = Counter(state["rejected"])
+        if "mixture" in state:
+            trainer.mixture = ExpertMixture.from_state(state["mixture"])
         if state["model_dims"] is not None:
             trainer._build_model(*state["model_dims"])
             assert trainer.model is not None and trainer.optimizer is not None
@@ -702,6 +796,13 @@ class IncrementalTrainer:
                 if "betas" in g:
                     g["betas"] = tuple(g["betas"])
             trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            if trainer.config.linear_expert:
+                expert_state = {
+                    k[len("expert.") :]: v for k, v in tensors.items() if k.startswith("expert.")
+                }
+                trainer.expert = LinearExpert.from_state(
+                    expert_state, regression=trainer.task == "regression"
+                )
         if "rng.torch" in tensors:
             trainer._rng_state = tensors["rng.torch"].clone()
         return trainer

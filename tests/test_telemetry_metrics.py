@@ -55,6 +55,7 @@ def test_every_series_carries_run_model_norm():
     metrics.set_consumer_lag({"t:0": 1})
     metrics.checkpoint_saved(duration_seconds=0.1, size_bytes=10, version=1, step=2)
     metrics.set_norm_health("l0", drift=0.1, train_serve_gap=0.2)
+    metrics.set_expert_weights({"mlp": 0.5, "linear": 0.5})
     names = set()
     for family in registry.collect():
         for sample in family.samples:
@@ -283,6 +284,18 @@ def test_norm_health_per_layer():
         key("stream_trainer_norm_running_stats_drift", layer="layers.1.norm"): 0.5,
         key("stream_trainer_norm_train_serve_gap", layer="layers.1.norm"): math.inf,
     }
+
+
+def test_expert_weights_per_expert():
+    registry, _, metrics = make()
+    before = samples(registry)
+    metrics.set_expert_weights({"mlp": 0.25, "linear": 0.75})
+    assert changed(before, samples(registry)) == {
+        key("stream_trainer_expert_weight", expert="mlp"): 0.25,
+        key("stream_trainer_expert_weight", expert="linear"): 0.75,
+    }
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        metrics.set_expert_weights({"mlp": 1.5})
 
 
 def test_set_info_adds_labels_and_refuses_contradicting_the_series_labels():

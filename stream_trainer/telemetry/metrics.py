@@ -252,6 +252,12 @@ class ServiceMetrics:
             ("layer",),
         )
         self._norm: dict[str, tuple[Gauge, Gauge]] = {}
+        self._expert_family = gauge(
+            "expert_weight",
+            "Weight of each expert (mlp, linear) in the served mixture; the weights sum to 1.",
+            ("expert",),
+        )
+        self._experts: dict[str, Gauge] = {}
 
         self._build = Info(
             _PREFIX + "build", "Build and configuration of the service.", _BASE_LABELS,
@@ -405,6 +411,19 @@ class ServiceMetrics:
             )
         children[0].set(drift)
         children[1].set(train_serve_gap)
+
+    def set_expert_weights(self, weights: Mapping[str, float]) -> None:
+        """Report the mixture weight of each expert (see ``stream_trainer.training.mixture``):
+        which model the served predictions follow. Each weight must be in [0, 1]."""
+        for expert, weight in weights.items():
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"expert weight must be in [0, 1], got {expert}={weight!r}")
+            child = self._experts.get(expert)
+            if child is None:
+                child = self._experts[expert] = self._expert_family.labels(
+                    **self._labels, expert=expert
+                )
+            child.set(weight)
 
     def set_info(self, **kv: object) -> None:
         """Add key/values to ``stream_trainer_build_info`` (``version`` and ``task`` are preset).

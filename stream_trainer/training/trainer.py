@@ -79,6 +79,7 @@ from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
 from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 from stream_trainer.training.mixture import (
+    EXPERTS,
     ExpertMixture,
     classification_losses,
     regression_losses,
@@ -642,6 +643,13 @@ class IncrementalTrainer:
         if self.task == "regression":
             return self.reg_metrics.report()
         return self.cls_metrics.report()
+
+    def expert_weights(self) -> dict[str, float]:
+        """The mixture weight of each expert (``mlp``, ``linear``), or ``{}`` without a linear
+        expert (the MLP alone is served)."""
+        if not self.config.linear_expert:
+            return {}
+        return dict(zip(EXPERTS, self.mixture.weights().tolist(), strict=True))
 
     @property
     def unscored(self) -> int:

@@ -67,6 +67,8 @@ class Feed:
         m.set_consumer_lag({f"phishing:{p}": rng.randint(0, 50) for p in range(3)})
         for layer in LAYERS:
             m.set_norm_health(layer, drift=rng.uniform(0, 0.1), train_serve_gap=rng.uniform(0, 1))
+        linear = rng.uniform(0, 1)
+        m.set_expert_weights({"mlp": 1 - linear, "linear": linear})
         self.checkpoints += 1
         m.checkpoint_saved(
             duration_seconds=rng.uniform(0.005, 0.2),

@@ -286,6 +286,12 @@ def test_per_layer_and_per_partition_series_exist(scraped):
             for s in prometheus.query(f"stream_trainer_consumer_lag_records{sel}")
         }
         assert partitions == {"0", "1", "2"}
+        weights = {
+            s["metric"]["expert"]: float(s["value"][1])
+            for s in prometheus.query(f"stream_trainer_expert_weight{sel}")
+        }
+        assert set(weights) == {"mlp", "linear"}, weights
+        assert math.isclose(sum(weights.values()), 1.0, rel_tol=1e-9), weights
         assert prometheus.value(f"stream_trainer_checkpoint_size_bytes{sel}") > 0
         assert 0 <= prometheus.value(f"stream_trainer_checkpoint_age_seconds{sel}") < 60
         assert prometheus.value(f"stream_trainer_checkpoint_duration_seconds_count{sel}") >= 1

@@ -50,7 +50,15 @@ def build_report() -> str:
         "`bench/bench_checkpoint.py`, `bench/bench_step_paths.py` and "
         "`bench/bench_baselines.py`.\n"
     )
-    for name in ("kafka", "frames", "checkpoint", "step_paths", "baselines"):
+    for name in (
+        "kafka",
+        "frames",
+        "checkpoint",
+        "step_paths",
+        "baselines",
+        "baselines_seed1",
+        "baselines_seed2",
+    ):
         quoted = RESULTS / f"{name}.md"
         if quoted.exists():
             parts.append(_demote(quoted.read_text().strip()) + "\n")

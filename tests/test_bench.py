@@ -174,8 +174,12 @@ def test_baselines_tiny(tmp_path: Path) -> None:
     argv = ["--streams", "Phishing", "--sizes", "4", "--limit", "60", "--workers", "1"]
     assert bl.main([*argv, "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| Phishing | 4 |" in text and "cells." in text and "Wall time" in text
+    assert "| Phishing | 4 |" in text and "cells (the MLP alone:" in text and "Wall time" in text
+    assert "| ARF |" in text and "seed 0 " in text
     ours, seconds = bl.accuracy("river:Phishing", 60, "4", "mlp")
     assert 0.0 < ours <= 1.0 and seconds > 0
+    assert bl.main([*argv, "--no-arf", "--seed", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| ARF |" not in text and "seed 2 " in text and "| MLP alone |" in text
     with pytest.raises(SystemExit):
         bl.main(["--streams", "Nope"])

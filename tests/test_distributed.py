@@ -10,6 +10,7 @@ The workers exchange nothing pickled: each writes its tensors with safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
@@ -154,6 +155,29 @@ def test_world_of_one_is_the_single_process_trainer(norm: str) -> None:
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert dt.trainer.state_json() == ref.state_json()
+
+
+def test_world_of_one_regression_with_the_linear_expert() -> None:
+    """Regression through the distributed step (the gathered rows carry the experts' losses and
+    the inputs the linear expert steps on): exactly the single-process trainer."""
+    batches = [
+        [Record({**r.value, "y": 2.5 * math.sin(j) + r.value["x2"]}) for j, r in enumerate(batch)]
+        for batch in _global_batches()
+    ]
+    config = dataclasses.replace(_config("ema_batch"), task="regression")
+    ref = IncrementalTrainer(config)
+    ref.numpy_step = False  # bit for bit: the distributed trainer runs the PyTorch path
+    dt = DistributedTrainer(IncrementalTrainer(config), LocalCollectives())
+    for batch in batches:
+        ref.step(batch)
+        dt.step(batch)
+    assert dt.trainer.task == "regression" and dt.trainer.expert is not None
+    got, want = dt.trainer.state_tensors(), ref.state_tensors()
+    assert got.keys() == want.keys() and "expert.weight" in got
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert dt.trainer.state_json() == ref.state_json()
+    assert dt.trainer.mixture.losses.sum() > 0
 
 
 def test_unsynchronizable_batch_norm_is_refused() -> None:

@@ -270,3 +270,18 @@ def test_states_without_the_expert_restore_without_it() -> None:
     a, b = old.step(records[32:]), restored.step(records[32:])
     assert a.proba is not None and b.proba is not None
     np.testing.assert_array_equal(a.proba, b.proba)
+
+
+def test_the_fingerprint_of_a_checkpoint_from_before_the_expert() -> None:
+    """A configuration saved before ``linear_expert`` existed (no key) hashes like one that turns
+    it off: a service resumes it with ``--no-linear-expert``, and the new default is refused
+    (``differs in: linear_expert``) rather than silently changing the served model."""
+    import hashlib
+    import json
+
+    old = TrainerConfig(target="y", linear_expert=False)
+    data = old.to_dict()
+    del data["linear_expert"]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    assert old.fingerprint() == hashlib.sha256(text.encode()).hexdigest()
+    assert TrainerConfig(target="y").fingerprint() != old.fingerprint()

@@ -17,10 +17,13 @@ calls it once per turn, with whatever its consumer polled (possibly nothing):
 4. *encode*: the feature statistics (a :class:`SynchronizedStandardizer`) fold in the global batch;
 5. *predict* the local rows (serving mode, no collective) and *score*: the labelled rows' targets
    and served predictions are all-gathered, so every replica's prequential metrics are those of
-   the concatenated batch;
+   the concatenated batch (with each expert's errors, for the mixture's weights, and the labelled
+   inputs, for the linear expert);
 6. *learn* when any replica has a labelled row: a replica without one runs a one-row placeholder
    batch whose loss, batch statistics and gradient weigh zero, so the collectives of the forward
-   (synchronized batch statistics), of the backward and of the gradient all-reduce line up.
+   (synchronized batch statistics), of the backward and of the gradient all-reduce line up;
+   then every replica steps the linear expert through the gathered rows in rank order, as one
+   process would through the concatenated batch.
 
 A batch that is empty on every replica is skipped by all (the step counter does not move). The
 trainer's own RNG state is broadcast from rank 0 after a step that drew from it (dropout), so

@@ -25,7 +25,7 @@ from stream_trainer.norms import (
     build_norm,
     norm_wants_weight_standardization,
 )
-from stream_trainer.norms._moments import mixture_update, sample_weight
+from stream_trainer.norms._moments import mixture_update, sample_weight, sample_weight_value
 from stream_trainer.norms.online import control_process
 
 C = 5
@@ -200,8 +200,17 @@ def test_warm_start_gives_exact_cumulative_moments(sizes: list[int], seed: int) 
         for n in sizes:
             layer(rows[start : start + n])
             start += n
-        torch.testing.assert_close(layer.running_mean, rows.mean(0))
-        torch.testing.assert_close(layer.running_var, rows.var(0, unbiased=False))
+        # pooled moments; a lone first sample is pooled half and half with the initial (0, 1)
+        weights = torch.ones(total, dtype=DT)
+        prior = 0.0
+        if sizes[0] == 1:
+            weights[0], prior = 0.5, 0.5
+        mean = (weights[:, None] * rows).sum(0) / total
+        second = ((weights[:, None] * rows * rows).sum(0) + prior) / total
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, second - mean * mean)
+        if sizes[0] > 1:  # exactly the cumulative moments
+            torch.testing.assert_close(layer.running_var, rows.var(0, unbiased=False))
         assert int(layer.samples_seen) == total
 
 
@@ -211,7 +220,12 @@ def test_sample_weight_counts_samples() -> None:
     a4 = sample_weight(count, seen, 0.1, warm_start=True)
     torch.testing.assert_close(a4, torch.full((C,), 1 - 0.9**4, dtype=DT))
     a1 = sample_weight(count / 4, torch.tensor(0), 0.1, warm_start=True)
-    torch.testing.assert_close(a1, torch.ones(C, dtype=DT))  # first sample: its own moments
+    torch.testing.assert_close(a1, torch.full((C,), 0.5, dtype=DT))  # a lone first sample
+    first4 = sample_weight(count, torch.tensor(0), 0.1, warm_start=True)
+    torch.testing.assert_close(first4, torch.ones(C, dtype=DT))  # a first batch: its own moments
+    assert sample_weight_value(1, 0, 0.1, warm_start=True) == 0.5
+    assert sample_weight_value(4, 0, 0.1, warm_start=True) == 1.0
+    assert sample_weight_value(1, 1, 0.1, warm_start=True) == 0.5
     mean, var = mixture_update(
         torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT), torch.tensor([2.0], dtype=DT),
         torch.zeros(1, dtype=DT), torch.tensor([0.1], dtype=DT),

@@ -15,8 +15,9 @@ and :class:`~stream_trainer.norms.online.OnlineNorm`:
   when the reducer is the identity: it takes shifted two-pass moments in the input dtype.)
 * :func:`sample_weight` turns a per-sample momentum :math:`m` into the weight of a batch of
   :math:`n` samples, :math:`a_n = 1 - (1 - m)^n`, optionally raised to :math:`n / (t + n)` (warm
-  start, :math:`t` = samples seen so far); :func:`sample_weight_value` is the same for one count
-  as a Python float.
+  start, :math:`t` = samples seen so far; :math:`1/2` for a first batch of one sample, see
+  :func:`sample_weight`); :func:`sample_weight_value` is the same for one count as a Python
+  float.
 * :func:`mixture_update` merges the running moments with the batch moments as a two-component
   mixture:
 
@@ -108,7 +109,12 @@ def sample_weight(
     count: Tensor, samples_seen: Tensor, momentum: float, *, warm_start: bool
 ) -> Tensor:
     r"""Weight of a batch of ``count`` samples: :math:`a = 1 - (1 - m)^n`, or with ``warm_start``
-    :math:`a = \max(1 - (1 - m)^n,\ n / (t + n))`.
+    :math:`a = \max(1 - (1 - m)^n,\ n / (t + n))`, except that a *first batch of one sample*
+    (:math:`t = 0, n = 1`) gets :math:`a = 1/2`: a variance estimated from one value is 0, and
+    the next serving forward would divide by :math:`\sqrt\epsilon` (a regression stream served
+    one record at a time predicted the second record thousands of units off). So a lone first
+    sample is mixed half and half with the initial moments (mean 0, variance 1); from then on
+    the two share one sample's weight, :math:`1/t` after :math:`t` samples.
 
     ``count`` is float64 ``(C,)``, ``samples_seen`` (:math:`t`) an int64 scalar tensor. Computed as
     ``-expm1(n * log1p(-m))`` so that tiny momenta keep their precision; ``m = 1`` gives ``a = 1``.
@@ -118,7 +124,8 @@ def sample_weight(
     else:
         a = -torch.expm1(count * torch.log1p(torch.tensor(-momentum, dtype=torch.float64)))
     if warm_start:
-        a = torch.maximum(a, count / (samples_seen.to(count.dtype) + count))
+        seen = samples_seen.to(count.dtype)
+        a = torch.maximum(a, count / (seen + count + (seen == 0) * (count == 1)))
     return a
 
 
@@ -129,7 +136,8 @@ def sample_weight_value(
     float64 formula, with :mod:`math` instead of tensors)."""
     a = 1.0 if momentum >= 1.0 else -math.expm1(count * math.log1p(-momentum))
     if warm_start:
-        a = max(a, count / (float(samples_seen) + count))
+        lone_first = samples_seen == 0 and count == 1
+        a = max(a, count / (float(samples_seen) + count + lone_first))
     return a
 
 

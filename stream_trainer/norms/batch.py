@@ -304,8 +304,10 @@ class EMABatchNorm(_RunningStatsNorm):
         **Warm start** (default): while :math:`t + n \lesssim 1/m`, :math:`n/(t+n)` is the larger
         weight and the running moments are the exact cumulative mean and *biased* variance of every
         sample seen (Chan et al.'s merge), with no pull towards the initial 0 / 1. The very first
-        batch sets them to its own moments; a single first sample gives variance 0 (and output
-        :math:`\beta`, since it is its own mean).
+        batch sets them to its own moments, unless it is a single sample: a variance from one
+        value would be 0, so that sample is mixed half and half with the initial moments (weight
+        :math:`1/2`, :func:`~stream_trainer.norms._moments.sample_weight`); the two then share
+        one sample's weight in the cumulative moments.
 
     Default ``momentum=0.01``: one sample moves the statistics by 1 %, a window of about 100
     samples, which with the service's batches of 1 to 8 is 12 to 100 steps, comparable to

@@ -49,8 +49,9 @@ def test_learn_is_per_record_adagrad(regression: bool, classes: int) -> None:
     expert = LinearExpert(5, classes, regression=regression)
     expert.learn(x, y)
     ref = _torch_adagrad_reference(x, y, classes, regression)
-    np.testing.assert_allclose(expert.weight.numpy(), ref.weight.detach().numpy(), rtol=1e-10)
-    np.testing.assert_allclose(expert.bias.numpy(), ref.bias.detach().numpy(), rtol=1e-10)
+    state = expert.state_tensors()
+    np.testing.assert_allclose(state["weight"].numpy(), ref.weight.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(state["bias"].numpy(), ref.bias.detach().numpy(), rtol=1e-10)
     np.testing.assert_allclose(
         expert.logits(x), ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-9, atol=1e-12
     )
@@ -92,9 +93,10 @@ def test_a_large_batch_steps_in_chunks(regression: bool) -> None:
         per_row = dz[:, :, None] * r[:, None, :]
         acc += (per_row**2).sum(axis=0)
         theta -= EXPERT_LR * per_row.sum(axis=0) / (np.sqrt(acc) + 1e-8)
-    np.testing.assert_allclose(expert.weight.numpy(), theta[:, :4], rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(expert.bias.numpy(), theta[:, 4], rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(expert.sum_sq_weight.numpy(), acc[:, :4], rtol=1e-10)
+    state = expert.state_tensors()
+    np.testing.assert_allclose(state["weight"].numpy(), theta[:, :4], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(state["bias"].numpy(), theta[:, 4], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(state["sum_sq_weight"].numpy(), acc[:, :4], rtol=1e-10)
 
 
 def test_it_learns_a_linear_concept() -> None:
@@ -118,11 +120,12 @@ def test_growth_keeps_old_logits_and_starts_new_ones_at_zero() -> None:
     after = expert.logits(wider)
     np.testing.assert_array_equal(after[:, :2], before)
     np.testing.assert_array_equal(after[:, 2:], 0.0)
-    assert expert.sum_sq_weight.shape == (4, 5) and float(expert.sum_sq_weight[2:].sum()) == 0.0
+    sum_sq = expert.state_tensors()["sum_sq_weight"]
+    assert sum_sq.shape == (4, 5) and float(sum_sq[2:].sum()) == 0.0
     # narrower input rows read the missing columns as zero; wider ones are cut
     np.testing.assert_array_equal(expert.logits(x), after)
     expert.grow(2, 1)  # never shrinks
-    assert tuple(expert.weight.shape) == (4, 5)
+    assert tuple(expert.state_tensors()["weight"].shape) == (4, 5)
 
 
 def test_state_round_trip_and_bad_state() -> None:

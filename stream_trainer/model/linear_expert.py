@@ -68,7 +68,8 @@ class LinearExpert:
 
     The bias is stored as the last column of one float64 matrix ``[W | b]`` (and Adagrad's sums
     of squares likewise), so a record's step is one outer product and one update; ``weight``,
-    ``bias``, ``sum_sq_weight`` and ``sum_sq_bias`` are copies as torch tensors.
+    ``bias``, ``sum_sq_weight`` and ``sum_sq_bias`` come out as torch tensors through
+    :meth:`state_tensors`.
     """
 
     def __init__(self, in_features: int, out_features: int, *, regression: bool) -> None:
@@ -85,22 +86,6 @@ class LinearExpert:
     @property
     def out_features(self) -> int:
         return self._theta.shape[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.from_numpy(self._theta[:, :-1].copy())
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return torch.from_numpy(self._theta[:, -1].copy())
-
-    @property
-    def sum_sq_weight(self) -> torch.Tensor:
-        return torch.from_numpy(self._sum_sq[:, :-1].copy())
-
-    @property
-    def sum_sq_bias(self) -> torch.Tensor:
-        return torch.from_numpy(self._sum_sq[:, -1].copy())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """:math:`x W^\\top + b` in float64 for rows ``x`` (columns beyond the model's are
@@ -192,8 +177,13 @@ class LinearExpert:
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The parameters and Adagrad's accumulators (copies)."""
-        return {name: getattr(self, name) for name in _STATE}
+        """``weight``, ``bias`` and Adagrad's ``sum_sq_weight``, ``sum_sq_bias`` (copies, split off
+        the stored ``[W | b]`` matrices)."""
+        out = {}
+        for prefix, store in (("", self._theta), ("sum_sq_", self._sum_sq)):
+            out[f"{prefix}weight"] = torch.from_numpy(store[:, :-1].copy())
+            out[f"{prefix}bias"] = torch.from_numpy(store[:, -1].copy())
+        return out
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], *, regression: bool) -> LinearExpert:

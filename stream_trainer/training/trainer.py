@@ -379,8 +379,8 @@ class IncrementalTrainer:
             return
         if x.shape[1] != model.in_features:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
-            if self.expert is not None:
-                self.expert.grow(x.shape[1], self.expert.out_features)
+            # the linear expert grows when it learns: until then its logits ignore the new
+            # columns, which is what their zero weights would give
         step = self._numpy_for(x)
         if step is not None:
             self._set_served(x, step.serve(x), report)

@@ -3,11 +3,13 @@
 For batches of the Kafka benchmark's records (10 floats, 1 category, 1 label), microseconds per
 record, median of ``--repeats`` timings of ``--loops`` calls each:
 
-- *one process*: ``decode_batch``, what ``KafkaRecordSource.poll_batch`` does after polling;
-- *child*: ``pack_polled`` plus the JSON header, what the consumer process does after polling;
-- *service*: reading the header back and ``unpack_batch``, all the service does per batch;
-- *JSON values*: writing the decoded values as JSON and reading them back, the wire the frames do
-  not use (floats travel as raw doubles instead).
+- *one process*: ``decode_batch``, what ``KafkaRecordSource.poll_batch`` does after polling (the
+  fast path, ``RecordDecoder.accept_plain``, reads with orjson);
+- *reference decode*: the same records through the reference path
+  (``decode_json_record`` + ``check_values``, Python's ``json``), every record's exact checks;
+  the same-run baseline for the fast path;
+- *child*: ``pack_polled`` and ``write_frame``, what the consumer process does after polling;
+- *service*: ``read_frame`` and ``unpack_batch``, all the service does per batch.
 
     python bench/bench_frames.py            # writes bench/results/frames.md
 """
@@ -15,7 +17,7 @@ record, median of ``--repeats`` timings of ``--loops`` calls each:
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import random
 import statistics
 import sys
@@ -31,7 +33,12 @@ from bench._common import RESULTS, md_table, write_script_result  # noqa: E402
 from bench.bench_kafka import bench_value  # noqa: E402
 from consumers.deserializer import RecordDecoder, _Message  # noqa: E402
 from consumers.kafka_source import decode_batch  # noqa: E402
-from consumers.process_frames import pack_polled, unpack_batch  # noqa: E402
+from consumers.process_frames import (  # noqa: E402
+    pack_polled,
+    read_frame,
+    unpack_batch,
+    write_frame,
+)
 
 
 def _per_record_us(action: Callable[[], object], records: int, loops: int, repeats: int) -> float:
@@ -49,22 +56,31 @@ def measure(size: int, loops: int, repeats: int) -> dict[str, float]:
     decoder = RecordDecoder("y")
     ends = {"bench:0": size}
 
-    def child() -> str:
-        fields, _ = pack_polled(decoder, polled, ends)
-        return json.dumps({"type": "batch", **fields})
+    def reference() -> list[object]:
+        check = decoder._decode_checked
+        return [
+            check(m.value, m.key, m.topic, m.partition, m.offset, m.timestamp, ()) for m in messages
+        ]
 
-    fields, blob = pack_polled(decoder, polled, ends)
-    text = json.dumps({"type": "batch", **fields})
-    values = [r.value for r in decode_batch(decoder, polled, ends).records]
+    def child() -> bytes:
+        fields, blob = pack_polled(decoder, polled, ends)
+        pipe = io.BytesIO()
+        write_frame(pipe, {"type": "batch", **fields}, blob)
+        return pipe.getvalue()
+
+    frame = child()
+
+    def service() -> object:
+        return unpack_batch(*read_frame(io.BytesIO(frame)))
 
     def timed(action: Callable[[], object]) -> float:
         return _per_record_us(action, size, loops, repeats)
 
     return {
         "one process: decode_batch": timed(lambda: decode_batch(decoder, polled, ends)),
-        "child: pack_polled + header": timed(child),
-        "service: header + unpack_batch": timed(lambda: unpack_batch(json.loads(text), blob)),
-        "JSON values: dumps + loads": timed(lambda: json.loads(json.dumps(values))),
+        "reference decode (json, every check)": timed(reference),
+        "child: pack_polled + write_frame": timed(child),
+        "service: read_frame + unpack_batch": timed(service),
     }
 
 

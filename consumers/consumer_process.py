@@ -11,7 +11,8 @@ Threads
 - the **main thread** runs commands in order: ``poll`` (one batch), ``commit``, ``end_offsets``,
   ``committed_offsets``, ``lag``, ``caught_up``, ``assignment``, ``close``. While a ``poll`` waits
   for records it polls in slices of :data:`POLL_SLICE_MS` and runs the other commands between
-  slices, so a command never waits for ``max_wait_ms``;
+  slices, so a command never waits for ``max_wait_ms`` (a ``poll`` that comes meanwhile is
+  counted and answered after it: the service keeps several asked for, to read ahead);
 - a **reader thread** reads stdin and routes each frame: answers to rebalance events go to the
   waiting callback, everything else to the main thread's queue. Had the main thread read them, a
   command needing kafka-python's IO thread (a commit) would wait for that thread while the IO
@@ -85,6 +86,8 @@ class ConsumerWorker:
         self._answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._gone = threading.Event()  # the service closed the pipe
         self._event_id = 0
+        self._polls_due = 0  # polls asked for while another ran: answered in order, one by one
+        self._closing = False  # a close (or the end of the pipe) is queued: answer no more polls
         self.config = config
         self.source: KafkaRecordSource | None = None
 
@@ -172,8 +175,9 @@ class ConsumerWorker:
             self.send({"type": "reply", "result": result, "rebalancing": source.rebalancing})
 
     def _run_pending_commands(self) -> bool:
-        """Run the commands already queued; False (and the item left queued) at a ``close`` or
-        at the end of the pipe, which end the poll in progress."""
+        """Run the commands already queued (a ``poll`` is counted, to run after this one); False
+        (and the item left queued) at a ``close`` or at the end of the pipe, which end the poll in
+        progress and the polls due."""
         while True:
             try:
                 item = self._commands.get_nowait()
@@ -181,8 +185,12 @@ class ConsumerWorker:
                 return True
             if item is None or item[0]["type"] == "close":
                 self._commands.put(item)
+                self._closing = True
                 return False
-            self._run_command(item[0])
+            if item[0]["type"] == "poll":
+                self._polls_due += 1
+            else:
+                self._run_command(item[0])
 
     def _poll(self) -> None:
         """Answer one ``poll``: slices until records arrive or ``max_wait_ms`` is over, running
@@ -221,6 +229,10 @@ class ConsumerWorker:
         self.send({"type": "ready", "pid": os.getpid()})
         try:
             while True:
+                if self._polls_due and not self._closing:
+                    self._polls_due -= 1
+                    self._poll()
+                    continue
                 item = self._commands.get()
                 if item is None or item[0]["type"] == "close":
                     break

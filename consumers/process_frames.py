@@ -8,15 +8,29 @@ Everything crosses a pair of pipes as *frames*, and nothing on them is pickled: 
 message keys and values exactly as the broker returned them, so that a record the service sets
 aside (dead letter) keeps its original bytes.
 
+A batch's header (:func:`pack_polled`) with no rejected record is written by ``orjson``, at about
+a tenth of ``json``'s cost each way (``python bench/bench_frames.py``): every float in it is
+finite (the decoder checked them), and orjson refuses what it could not write back as it was (an
+integer beyond 64 bits, a lone surrogate). Every other header, and one that orjson refuses, is
+written by Python's ``json``, which reads back what it writes, NaN included (orjson would write a
+NaN as ``null``); the top bit of the header length (:data:`JSON_HEADER`) tells the reader which.
+
 The child decodes and checks the values itself, and a decoded batch
 (:class:`~consumers.kafka_source.SourceBatch`) travels as one frame (:func:`pack_polled` /
 :func:`unpack_batch`). Its header holds one row per record, grouped by partition (offset,
-timestamp, the lengths of its key and original bytes, ``-1`` for null, and its schema), the
-records' non-float values as JSON, the schemas (field names in order, and which hold floats), one
-row per rejected record (reason, detail, the value when there was one, headers as
-``[[name, base64 value or null], ...]``) and the next offsets. The blob is the keys and original
-bytes of the records in row order, then those of the rejected records, then the records' floats as
-native doubles: the two ends of the pipe are one machine.
+timestamp, the lengths of its key and original bytes, ``-1`` for null, and whether it is
+*plain*), the decoded values of the records that are not plain, the fields a value keeps (the
+feature subset and the target, or null for all), one row per rejected record (reason, detail, the
+value when there was one, headers as ``[[name, base64 value or null], ...]``) and the next
+offsets. The blob is the keys and original bytes of the records in row order, then those of the
+rejected records.
+
+A *plain* record is one :meth:`~consumers.deserializer.RecordDecoder.accept_plain` accepted: its
+original bytes are one JSON object that ``orjson`` reads to its decoded value (before the kept
+fields are picked). So its value does not travel twice: the service reads the original bytes of
+all plain records of a batch back with one ``orjson.loads`` of ``[raw, raw, ...]`` (about 1 us a
+record, a third of rebuilding the values from the decoded fields,
+``python bench/bench_frames.py``), and picks the kept fields.
 """
 
 from __future__ import annotations
@@ -24,16 +38,17 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from array import array
-from collections.abc import Callable, Sequence
-from operator import itemgetter
+from collections.abc import Sequence
 from typing import Any, BinaryIO
+
+import orjson
 
 from consumers.deserializer import MessageLike, RecordDecoder
 from consumers.kafka_source import SourceBatch
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 
 __all__ = [
+    "JSON_HEADER",
     "PROTOCOL_VERSION",
     "FrameError",
     "pack_polled",
@@ -42,8 +57,10 @@ __all__ = [
     "write_frame",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _LENGTHS = struct.Struct("<II")
+JSON_HEADER = 1 << 31
+"""Set in the header length when the header was written by ``json`` rather than ``orjson``."""
 
 
 class FrameError(EOFError):
@@ -52,10 +69,8 @@ class FrameError(EOFError):
 
 def write_frame(stream: BinaryIO, header: dict[str, Any], blob: bytes = b"") -> None:
     """Write one frame, all of it (an unbuffered pipe may take a write in parts), and flush."""
-    # NaN and infinities only appear in a rejected record's value (they are why it was rejected);
-    # both sides are Python's json, which reads back what it writes.
-    head = json.dumps(header, separators=(",", ":")).encode()
-    for part in (_LENGTHS.pack(len(head), len(blob)) + head, blob):
+    head, flag = _dumps(header)
+    for part in (_LENGTHS.pack(len(head) | flag, len(blob)) + head, blob):
         view = memoryview(part)
         while view:
             written = stream.write(view)
@@ -63,6 +78,16 @@ def write_frame(stream: BinaryIO, header: dict[str, Any], blob: bytes = b"") -> 
                 raise BlockingIOError("the pipe took none of the frame")
             view = view[written:]
     stream.flush()
+
+
+def _dumps(header: dict[str, Any]) -> tuple[bytes, int]:
+    """The header's bytes and the flag for its length (module docstring)."""
+    if header["type"] == "batch" and not header.get("rejected"):  # every float finite
+        try:
+            return orjson.dumps(header), 0
+        except (TypeError, orjson.JSONEncodeError):  # a huge integer, a lone surrogate
+            pass
+    return json.dumps(header, separators=(",", ":")).encode(), JSON_HEADER
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -82,7 +107,10 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 def read_frame(stream: BinaryIO) -> tuple[dict[str, Any], bytes]:
     """Read one frame: ``(header, blob)``. Raises :class:`FrameError` when the pipe is closed."""
     head_len, blob_len = _LENGTHS.unpack(_read_exact(stream, _LENGTHS.size))
-    header = json.loads(_read_exact(stream, head_len))
+    if head_len & JSON_HEADER:
+        header = json.loads(_read_exact(stream, head_len & ~JSON_HEADER))
+    else:
+        header = orjson.loads(_read_exact(stream, head_len))
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise FrameError(f"malformed frame header {str(header)[:200]!r}")
     return header, _read_exact(stream, blob_len)
@@ -102,28 +130,6 @@ def _pack_headers(headers: Sequence[tuple[str, bytes | None]]) -> list[Any] | No
     return [[k, None if v is None else base64.b64encode(v).decode()] for k, v in headers]
 
 
-Getter = Callable[[Sequence[Any]], tuple[Any, ...]]
-
-
-def _picker(positions: list[int]) -> Getter:
-    """``held -> tuple(held[i] for i in positions)`` at C speed (``itemgetter``)."""
-    if len(positions) > 1:
-        return itemgetter(*positions)
-    if positions:
-        (i,) = positions
-        return lambda held: (held[i],)
-    return lambda held: ()
-
-
-def _getters(types: tuple[type, ...]) -> tuple[Getter, Getter]:
-    """Two pickers for a schema: its float values, and its other values, in order."""
-    is_float = [t is float for t in types]
-    return (
-        _picker([i for i, f in enumerate(is_float) if f]),
-        _picker([i for i, f in enumerate(is_float) if not f]),
-    )
-
-
 def pack_polled(
     decoder: RecordDecoder,
     polled: Sequence[tuple[str, int, Sequence[MessageLike]]],
@@ -132,47 +138,36 @@ def pack_polled(
     """Decode and check polled messages (``[(topic, partition, messages), ...]``) with
     ``decoder``, as :func:`~consumers.kafka_source.decode_batch` does, into (header fields, blob).
 
-    Floats are what costs: writing the decoded values as JSON and reading them back takes more
-    than the whole decode (``python bench/bench_frames.py``: about 13 us a record of 10 floats,
-    against 9 us for ``decode_batch``). So a plainly acceptable record
-    (:meth:`~consumers.deserializer.RecordDecoder.accept_plain`) travels as its *schema* (its field
-    names, in order, and which of them hold floats; one header entry per distinct schema), its float
-    values as raw doubles at the end of the blob, and its other values as JSON. Any other accepted
-    record travels with its decoded value as JSON (schema ``-1``).
+    A plain record (:meth:`~consumers.deserializer.RecordDecoder.accept_plain`) travels as its
+    original bytes only (module docstring); any other accepted record with its decoded value.
     """
     chunks: list[bytes] = []  # keys and original bytes of the records, in row order
     rejected_chunks: list[bytes] = []  # then those of the rejected records
     parts: list[Any] = []
-    values: list[Any] = []
+    values: list[Any] = []  # the decoded values of the records that are not plain
     rejected: list[Any] = []
-    # (field names, value types) -> (schema id, float getter, other getter)
-    plans: dict[tuple[tuple[str, ...], tuple[type, ...]], tuple[int, Getter, Getter]] = {}
-    floats = array("d")
     accept_plain = decoder.accept_plain
     for topic, partition, messages in polled:
         rows: list[Any] = []
         parts.append([topic, partition, rows])
         for m in messages:
             item: Record | RejectedRecord
-            kept = accept_plain(m.value)
-            if kept is not None:
-                key_len = _pack_bytes(m.key, chunks)
-                raw_len = _pack_bytes(m.value, chunks)
-                held = tuple(kept.values())
-                schema = (tuple(kept), tuple(map(type, held)))
-                plan = plans.get(schema)
-                if plan is None:
-                    plan = plans[schema] = (len(plans), *_getters(schema[1]))
-                sid, float_values, other_values = plan
-                floats.extend(float_values(held))
-                values.append(other_values(held))
-                rows.append([m.offset, m.timestamp, key_len, raw_len, sid])
+            if accept_plain(m.value) is not None:
+                rows.append(
+                    [
+                        m.offset,
+                        m.timestamp,
+                        _pack_bytes(m.key, chunks),
+                        _pack_bytes(m.value, chunks),
+                        1,
+                    ]
+                )
                 continue
             item = decoder.decode_message(m)
             if isinstance(item, Record):
                 key_len = _pack_bytes(item.key, chunks)
                 raw_len = _pack_bytes(item.raw, chunks)
-                rows.append([m.offset, m.timestamp, key_len, raw_len, -1])
+                rows.append([m.offset, m.timestamp, key_len, raw_len, 0])
                 values.append(item.value)
                 continue
             key_len = _pack_bytes(item.key, rejected_chunks)
@@ -192,68 +187,70 @@ def pack_polled(
                 ]
             )
     chunks += rejected_chunks
-    chunks.append(floats.tobytes())
+    kept = decoder.kept_fields
     fields = {
         "records": parts,
         "values": values,
+        "kept": None if kept is None else sorted(kept),
         "rejected": rejected,
-        "schemas": [[list(names), [t is float for t in types]] for names, types in plans],
-        "floats": len(floats),
         "next_offsets": next_offsets,
     }
     return fields, b"".join(chunks)
 
 
-def _merge_plan(names: list[str], is_float: list[bool]) -> tuple[tuple[str, ...], int, Getter]:
-    """For a schema: its names, its float count, and the picker that puts ``floats + others``
-    back in field order."""
-    float_at = [i for i, f in enumerate(is_float) if f]
-    other_at = [i for i, f in enumerate(is_float) if not f]
-    source = {field: k for k, field in enumerate(float_at + other_at)}
-    return tuple(names), len(float_at), _picker([source[i] for i in range(len(names))])
+def _cut(blob: bytes, at: int, n: int) -> tuple[bytes | None, int]:
+    """``n`` bytes of ``blob`` from ``at`` (``None`` for ``-1``) and where the next part starts."""
+    if n < 0:
+        return None, at
+    return blob[at : at + n], at + n
 
 
 def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
     """The inverse of :func:`pack_polled`. Raises :class:`FrameError` when the rows do not account
-    for the blob exactly."""
-    n_floats = int(header["floats"])
-    floats_at = len(blob) - 8 * n_floats
-    if floats_at < 0:
-        raise FrameError(f"batch frame: {n_floats} floats announced, {len(blob)} bytes sent")
-    doubles = array("d")
-    doubles.frombytes(blob[floats_at:])
-    floats = doubles.tolist()
-    plans = [_merge_plan(names, mask) for names, mask in header["schemas"]]
+    for the blob exactly or the values do not match the records."""
+    rows = [
+        (topic, partition, *row) for topic, partition, part in header["records"] for row in part
+    ]
+    # The blob: a key and the original bytes per record row, then per rejected row, in order.
+    keys: list[bytes | None] = []
+    raws: list[bytes | None] = []
     at = 0
+    for row in rows:
+        key, at = _cut(blob, at, row[4])
+        raw, at = _cut(blob, at, row[5])
+        keys.append(key)
+        raws.append(raw)
+    rejected_cuts = []
+    for row in header["rejected"]:
+        key, at = _cut(blob, at, row[7])
+        raw, at = _cut(blob, at, row[8])
+        rejected_cuts.append((key, raw))
+    if at != len(blob):
+        raise FrameError(f"batch frame: rows account for {at} bytes, the blob has {len(blob)}")
 
-    def take(n: int) -> bytes | None:
-        nonlocal at
-        if n < 0:
-            return None
-        at += n
-        return blob[at - n : at]
+    plain_raws = [raw for raw, row in zip(raws, rows, strict=True) if row[6]]
+    try:
+        plain = orjson.loads(b"[" + b",".join(plain_raws) + b"]")  # type: ignore[arg-type]
+    except (TypeError, orjson.JSONDecodeError) as exc:
+        raise FrameError(f"batch frame: a plain record does not read back: {exc}") from exc
+    kept = header.get("kept")
+    if kept is not None:
+        keep = frozenset(kept)
+        plain = [{k: v for k, v in value.items() if k in keep} for value in plain]
+    others = header["values"]
+    if len(plain) + len(others) != len(rows) or not all(isinstance(v, dict) for v in plain):
+        raise FrameError("batch frame: the values do not match the records")
+    plain_values, other_values = iter(plain), iter(others)
 
     batch = SourceBatch(next_offsets={k: int(v) for k, v in header["next_offsets"].items()})
     records = batch.records
-    values = iter(header["values"])
-    used = 0  # floats taken so far
-    for topic, partition, rows in header["records"]:
-        for offset, timestamp, key_len, raw_len, sid in rows:
-            key = take(key_len)
-            raw = take(raw_len)
-            held = next(values)
-            if sid >= 0:
-                names, n_float, pick = plans[sid]
-                merged = floats[used : used + n_float] + held
-                used += n_float
-                held = dict(zip(names, pick(merged), strict=True))
-            records.append(Record(held, key, topic, partition, offset, timestamp, raw))
-    if next(values, None) is not None or used != n_floats:
-        raise FrameError("batch frame: values and floats do not match the records")
-    for row in header["rejected"]:
-        reason, detail, value, topic, partition, offset, timestamp, key_len, raw_len, hs = row
-        key = take(key_len)
-        raw = take(raw_len)
+    for (topic, partition, offset, timestamp, _k, _r, is_plain), key, raw in zip(
+        rows, keys, raws, strict=True
+    ):
+        value = next(plain_values) if is_plain else next(other_values)
+        records.append(Record(value, key, topic, partition, offset, timestamp, raw))
+    for row, (key, raw) in zip(header["rejected"], rejected_cuts, strict=True):
+        reason, detail, value, topic, partition, offset, timestamp, _k, _r, hs = row
         headers = [(k, None if v is None else base64.b64decode(v)) for k, v in hs or ()]
         batch.rejected.append(
             RejectedRecord(
@@ -269,6 +266,4 @@ def unpack_batch(header: dict[str, Any], blob: bytes) -> SourceBatch:
                 headers,  # type: ignore[arg-type]
             )
         )
-    if at != floats_at:
-        raise FrameError(f"batch frame: rows account for {at} bytes, the blob has {len(blob)}")
     return batch

@@ -10,19 +10,26 @@ batch ``k``; the service only rebuilds the decoded batch from its frame (about 3
 :class:`ProcessKafkaSource` has the interface of :class:`~consumers.kafka_source.KafkaRecordSource`
 (``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``lag``, ``caught_up``,
 ``assignment``, ``rebalancing``, ``close``) and the same offset and rebalance contract, with these
-differences, all consequences of reading one batch ahead:
+differences, all consequences of reading ahead:
 
-- **Prefetch**: :meth:`~ProcessKafkaSource.poll_batch` returns the batch the child has read (or
-  waits for it) and at once asks for the next one. That batch is cut when it is *requested* (at
-  most ``max_wait_ms`` for the first records, then what is buffered, at most
-  ``max_batch_records``), not when the trainer comes back for it: under moderate load batches are
-  smaller than in one process, under a backlog they are full all the same.
+- **Read-ahead**: the child reads up to :data:`READ_AHEAD_BATCHES` batches ahead of the one the
+  service trains on: :meth:`~ProcessKafkaSource.poll_batch` returns the oldest batch read (or
+  waits for it) and asks for one more. A batch is cut when the child comes to it (at most
+  ``max_wait_ms`` for the first records, then what is buffered, at most ``max_batch_records``),
+  not when the trainer comes back for it: under moderate load batches are smaller than in one
+  process, under a backlog they are full all the same. Why four: kafka-python stops for a few
+  milliseconds now and then (a fetch, a collection), and a child that is only ahead by one batch
+  passes every such stop on to the trainer; at 64 records a batch that was 9 % of the service's
+  time (``python bench/bench_kafka.py``, the Kafka section of BENCHMARKS.md).
 - **Callbacks** (``offset_provider``, ``on_revoke``, ``on_lost``) run in the service's thread,
   inside whichever call on the source reads the child's answer next. kafka-python's IO thread in
   the child waits for them, so a rebalance waits at most for the training step in progress; the
-  hooks see every batch handed out before the rebalance trained, as in one process. They must not
+  hooks see every batch handed out before the rebalance trained, as in one process: frames are
+  read in order, so the batches the child sent before a revocation are handed out (and their
+  offsets are known to the offset provider) before its event is answered. They must not
   call the source themselves (in one process that would block kafka-python's IO thread too).
-- :meth:`~ProcessKafkaSource.caught_up` is False while a read-ahead batch holds messages.
+- :meth:`~ProcessKafkaSource.caught_up` is False while a batch read ahead holds messages, and
+  :meth:`~ProcessKafkaSource.lag` counts their messages as not read.
 
 Nothing crosses the pipes pickled (:mod:`consumers.process_frames`). When the child dies, every
 call raises :class:`~stream_trainer.errors.SourceError` (not retriable) with its exit code.
@@ -36,6 +43,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,12 +68,16 @@ from consumers.process_frames import (
     write_frame,
 )
 from stream_trainer.errors import ConfigError, SourceError
+from stream_trainer.records import Record, RejectedRecord
 
 __all__ = ["ProcessKafkaSource", "open_kafka_source"]
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+READ_AHEAD_BATCHES = 4
+"""Batches the child reads ahead of the one the service trains on (module docstring)."""
 
 
 def open_kafka_source(
@@ -125,8 +137,9 @@ class ProcessKafkaSource(ClosableSource):
         self._on_lost = on_lost
         self._closed = False
         self._rebalancing = False
-        self._poll_in_flight = False
-        self._arrived: tuple[dict[str, Any], bytes] | None = None
+        self._polls_in_flight = 0
+        # batches read ahead, in order (an error payload stands for a poll that failed)
+        self._arrived: deque[SourceBatch | dict[str, Any]] = deque()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
@@ -196,8 +209,9 @@ class ProcessKafkaSource(ClosableSource):
                 self._answer(header)
                 continue
             if t == "batch":
-                self._arrived = (header, blob)
-                self._poll_in_flight = False
+                self._polls_in_flight -= 1
+                error = header.get("error")
+                self._arrived.append(unpack_batch(header, blob) if error is None else error)
             if t == kind:
                 return header, blob
             if t == "error":
@@ -242,21 +256,26 @@ class ProcessKafkaSource(ClosableSource):
     # -- reading --------------------------------------------------------------------------------
 
     def poll_batch(self) -> SourceBatch:
-        """The batch read ahead (waiting for it when it is not there yet), decoded; the child then
-        reads the next one while the caller trains on this one."""
+        """The oldest batch read ahead (waiting for it when none is there yet), decoded; the child
+        reads on while the caller trains on it, up to :data:`READ_AHEAD_BATCHES` batches ahead."""
         self._check_open()
-        if self._arrived is None and not self._poll_in_flight:
-            self._send({"type": "poll"})
-            self._poll_in_flight = True
-        while self._arrived is None:
+        self._ask_ahead()
+        while not self._arrived:
             self._wait_for("batch")
-        header, blob = self._arrived
-        self._arrived = None
-        if "error" in header:
-            _raise_remote(header["error"])
-        self._send({"type": "poll"})
-        self._poll_in_flight = True
-        return unpack_batch(header, blob)
+        item = self._arrived.popleft()
+        self._ask_ahead()
+        if isinstance(item, dict):
+            _raise_remote(item)
+        return item  # type: ignore[return-value]
+
+    def _ask_ahead(self) -> None:
+        """Ask for batches until :data:`READ_AHEAD_BATCHES` are read ahead or asked for."""
+        while self._polls_in_flight + len(self._arrived) < READ_AHEAD_BATCHES:
+            self._send({"type": "poll"})
+            self._polls_in_flight += 1
+
+    def _read_ahead(self) -> list[SourceBatch]:
+        return [b for b in self._arrived if isinstance(b, SourceBatch)]
 
     # -- offsets and positions ------------------------------------------------------------------
 
@@ -272,15 +291,13 @@ class ProcessKafkaSource(ClosableSource):
         return {k: int(v) for k, v in self._command("end_offsets").items()}
 
     def lag(self) -> dict[str, int]:
-        """``end offset - position`` per assigned partition, the messages of the batch read ahead
-        counted as not read (they are not handed out yet)."""
+        """``end offset - position`` per assigned partition, the messages of the batches read
+        ahead counted as not read (they are not handed out yet)."""
         lag = {k: int(v) for k, v in self._command("lag").items()}
-        if self._arrived is not None:
-            header = self._arrived[0]
-            rows = [(t, p) for t, p, part in header.get("records", ()) for _ in part]
-            rows += [(r[3], r[4]) for r in header.get("rejected", ())]
-            for topic, partition in rows:
-                key = partition_key(topic, partition)
+        for batch in self._read_ahead():
+            items: list[Record | RejectedRecord] = [*batch.records, *batch.rejected]
+            for item in items:
+                key = partition_key(item.topic, item.partition)  # type: ignore[arg-type]
                 if key in lag:
                     lag[key] += 1
         return lag
@@ -289,11 +306,7 @@ class ProcessKafkaSource(ClosableSource):
         """:meth:`KafkaRecordSource.caught_up
         <consumers.kafka_source.KafkaRecordSource.caught_up>`, and no message read ahead."""
         answer = bool(self._command("caught_up", end_offsets=dict(end_offsets_at_start)))
-        if self._arrived is not None:
-            header = self._arrived[0]
-            if any(part for _t, _p, part in header.get("records", ())) or header.get("rejected"):
-                return False
-        return answer
+        return answer and not any(batch.size for batch in self._read_ahead())
 
     @property
     def rebalancing(self) -> bool:

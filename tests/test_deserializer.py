@@ -65,9 +65,41 @@ def test_fast_path_matches_the_reference(
     for raw in _encodings(obj):
         where = {"key": b"k", "topic": "t", "partition": 2, "offset": 9, "timestamp_ms": 5}
         expected = _reference(decoder, raw, headers=[("h", b"v")], **where)
-        assert decoder.decode(raw, headers=[("h", b"v")], **where) == expected
+        got = decoder.decode(raw, headers=[("h", b"v")], **where)
+        assert got == expected
+        assert _types(got) == _types(expected)  # 1 == 1.0: equality alone would not see a change
         message = Message(raw, b"k", "t", 2, 9, 5, [("h", b"v")])
         assert decoder.decode_message(message) == expected
+
+
+def _types(item: Record | RejectedRecord) -> list[tuple[str, type]]:
+    return [(k, type(v)) for k, v in (item.value or {}).items()]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"x": 18446744073709551615, "y": 1}',  # 2**64 - 1: orjson's largest integer
+        b'{"x": 18446744073709551616, "y": 1}',  # 2**64: orjson reads it as a float
+        b'{"x": -9223372036854775809, "y": 1}',  # -2**63 - 1
+        b'{"x": 100000000000000000000000000000, "y": 1}',
+        b'{"x": 1e19, "y": 1}',  # a float that large takes the reference path; same value
+        b'{"x": -0.0, "x": 2, "y": 1}',  # a repeated key: the last value, the first position
+        b'{"x": "\\ud800", "y": 1}',  # a lone surrogate: json reads it, orjson does not
+        b'{"x": 5e-324, "y": 1}',
+        b'{"x": 1E400, "y": 1}',
+        b'{"x": NaN}',
+        b'{"x": 1}\n',
+        b'{"x": 1, "y": 18446744073709551616}',  # the target is not checked, but kept as read
+        b'{"x": 1, "y": [100000000000000000000000000000]}',
+    ],
+)
+def test_edge_values_match_the_reference_with_their_types(raw: bytes) -> None:
+    decoder = RecordDecoder(target="y")
+    got = decoder.decode(raw, topic="t", partition=0, offset=1)
+    expected = _reference(decoder, raw, topic="t", partition=0, offset=1)
+    assert got == expected
+    assert _types(got) == _types(expected)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import threading
 
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from consumers.deserializer import RecordDecoder, _Message
 from consumers.kafka_source import SourceBatch, decode_batch
 from consumers.process_frames import (
+    JSON_HEADER,
     FrameError,
     pack_polled,
     read_frame,
@@ -90,9 +93,45 @@ def test_a_batch_crosses_the_pipe_as_the_in_process_decoder_reads_it(
     decoder = RecordDecoder("y", features, max_bytes)
     next_offsets = {f"t:{p}": len(m) for _, p, m in polled if m}
     fields, blob = pack_polled(decoder, polled, next_offsets)
-    header = json.loads(json.dumps({"type": "batch", **fields}))  # what the pipe carries
+    header, blob = _through_a_pipe({"type": "batch", **fields}, blob)
     got = unpack_batch(header, blob)
     assert _comparable(got) == _comparable(decode_batch(decoder, polled, next_offsets))
+
+
+def _through_a_pipe(header: dict[str, object], blob: bytes) -> tuple[dict[str, object], bytes]:
+    """What the pipe carries: ``write_frame`` then ``read_frame`` (orjson or json header)."""
+    stream = io.BytesIO()
+    write_frame(stream, header, blob)
+    stream.seek(0)
+    return read_frame(stream)
+
+
+def _header_is_json(header: dict[str, object]) -> bool:
+    stream = io.BytesIO()
+    write_frame(stream, header)
+    return bool(int.from_bytes(stream.getvalue()[:4], "little") & JSON_HEADER)
+
+
+def test_batch_headers_go_through_orjson_unless_it_would_change_them() -> None:
+    decoder = RecordDecoder("y")
+    plain = _Message(b'{"a": 0.5, "n": 7, "c": "k", "y": 1}', None, "t", 0, 0, 1, [])
+    huge = _Message(b'{"a": 100000000000000000000000000000, "y": 1}', None, "t", 0, 1, 1, [])
+    nan = _Message(b'{"a": NaN, "y": 1}', None, "t", 0, 2, 1, [])
+    cases = {"plain": ([plain], False), "huge int": ([plain, huge], True), "NaN": ([nan], True)}
+    got = {}
+    for name, (messages, as_json) in cases.items():
+        polled = [("t", 0, messages)]
+        fields, blob = pack_polled(decoder, polled, {"t:0": len(messages)})
+        header = {"type": "batch", **fields}
+        assert _header_is_json(header) is as_json, name
+        got[name] = unpack_batch(*_through_a_pipe(header, blob))
+        expected = decode_batch(decoder, polled, {"t:0": len(messages)})
+        assert _comparable(got[name]) == _comparable(expected), name
+    assert got["huge int"].records[1].value == {"a": 10**29, "y": 1}
+    assert type(got["huge int"].records[1].value["a"]) is int
+    rejected_value = got["NaN"].rejected[0].value
+    assert rejected_value is not None and math.isnan(rejected_value["a"])
+    assert _header_is_json({"type": "event", "x": 1.5})  # only batch frames take orjson
 
 
 def _one_batch() -> tuple[dict[str, object], bytes]:
@@ -106,10 +145,17 @@ def test_a_batch_whose_rows_do_not_match_its_blob_is_refused() -> None:
     assert unpack_batch(header, blob).records[0].value == {"a": 0.5, "c": "k", "y": 1}
     with pytest.raises(FrameError, match="rows account for"):
         unpack_batch(header, b"extra" + blob)
-    with pytest.raises(FrameError, match="floats announced"):
+    with pytest.raises(FrameError, match="rows account for"):
         unpack_batch(header, blob[:3])
-    with pytest.raises(FrameError, match="floats do not match"):
-        unpack_batch({**header, "floats": 2}, blob + b"\0" * 8)  # a float no record takes
+    with pytest.raises(FrameError, match="do not match the records"):
+        unpack_batch({**header, "values": [{"a": 1.0}]}, blob)  # a value no record takes
+    rows = header["records"][0][2]  # type: ignore[index]
+    rows[0][4] = 0  # not plain: its value should have come in "values"
+    with pytest.raises(FrameError, match="do not match the records"):
+        unpack_batch(header, blob)
+    rows[0][4] = 1
+    with pytest.raises(FrameError, match="does not read back"):
+        unpack_batch(header, blob.replace(b"{", b"<"))
 
 
 def test_frames_round_trip_through_a_pipe_and_a_closed_pipe_is_a_frame_error() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from consumers.kafka_source import KafkaRecordSource, SourceBatch, partition_key
 from consumers.process_source import ProcessKafkaSource, open_kafka_source
@@ -133,6 +133,20 @@ def test_caught_up_waits_for_the_batch_read_ahead(
         assert sum(sizes) == 20
 
 
+def _until_the_second_member_has_partitions(
+    source: ProcessKafkaSource,
+    other: KafkaConsumer,
+    revoked: list[list[TopicPartition]],
+    step: Callable[[], object],
+) -> None:
+    """Poll both members (``step`` for the source) until the rebalance is over."""
+    deadline = time.monotonic() + 30
+    while not other.assignment() or not revoked or source.rebalancing:
+        assert time.monotonic() < deadline, "the second member never got partitions"
+        other.poll(timeout_ms=50)
+        step()
+
+
 def test_a_rebalance_reaches_the_hooks_and_reading_goes_on(
     kafka_bootstrap: str, kafka_topic: str
 ) -> None:
@@ -150,11 +164,7 @@ def test_a_rebalance_reaches_the_hooks_and_reading_goes_on(
         _drain(source, 30)  # type: ignore[arg-type]
         other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
         try:
-            deadline = time.monotonic() + 30
-            while not other.assignment() or not revoked or source.rebalancing:
-                assert time.monotonic() < deadline, "the second member never got partitions"
-                other.poll(timeout_ms=50)
-                source.poll_batch()
+            _until_the_second_member_has_partitions(source, other, revoked, source.poll_batch)
             owned = {tp.partition for tp in source.assignment()}
             assert owned and len(owned) < 3
         finally:
@@ -164,6 +174,58 @@ def test_a_rebalance_reaches_the_hooks_and_reading_goes_on(
         produce_messages(kafka_bootstrap, kafka_topic, [(p, None, _valid(p)) for p in owned])
         later = _drain(source, len(owned))  # type: ignore[arg-type]
         assert {r.partition for b in later for r in b.records} == owned
+
+
+def test_read_ahead_hands_every_record_out_once_across_rebalances(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    """The child reads several batches ahead. When a second member joins and then leaves, this
+    member is sought on each new assignment to the offsets it has handed out (as the service does,
+    from its trained offsets): the batches it had read ahead are handed out before the revocation
+    is answered, so every record comes out exactly once."""
+    per_partition = 300
+    produce_messages(
+        kafka_bootstrap,
+        kafka_topic,
+        [(i % 3, None, _valid(i)) for i in range(3 * per_partition)],
+    )
+    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=3)
+    handed: dict[str, int] = {}  # next offsets of what was handed out: the service's "trained"
+    revoked: list[list[TopicPartition]] = []
+    seen: list[tuple[int, int]] = []
+
+    def offset_provider(topic: str, partition: int) -> int | None:
+        return handed.get(partition_key(topic, partition))
+
+    def take(source: ProcessKafkaSource) -> None:
+        batch = source.poll_batch()
+        seen.extend((r.partition, r.offset) for r in batch.records)  # type: ignore[misc]
+        handed.update(batch.next_offsets)
+
+    source = ProcessKafkaSource(config, offset_provider=offset_provider, on_revoke=revoked.append)
+    with source:
+        for _ in range(3):
+            take(source)
+        time.sleep(0.5)  # the child reads ahead
+        source.lag()  # reads the batch frames before its reply
+        assert sum(b.size for b in source._read_ahead()) == 4 * 3  # READ_AHEAD_BATCHES, full
+        other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
+
+        def step() -> None:
+            take(source)
+            time.sleep(0.02)  # a training step: records are left when the rebalance comes
+
+        try:
+            _until_the_second_member_has_partitions(source, other, revoked, step)
+        finally:
+            other.close(autocommit=False)  # leaving rebalances again: all partitions come back
+        deadline = time.monotonic() + 30
+        while len(set(seen)) < 3 * per_partition:
+            assert time.monotonic() < deadline, f"{len(set(seen))} of {3 * per_partition} seen"
+            take(source)
+        assert len(revoked) >= 2
+    assert len(seen) == len(set(seen)), "records handed out twice"
+    assert sorted(seen) == [(p, o) for p in range(3) for o in range(per_partition)]
 
 
 def test_the_child_outlives_signals_meant_for_the_service(

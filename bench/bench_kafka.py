@@ -51,6 +51,8 @@ from stream_trainer.records import Record  # noqa: E402
 
 TrainerStep = Callable[[list[Record]], None]
 BATCH_CAPS = (1, 8, 64, 512)
+ABLATION_CAP = 64
+"""The consumer process is also measured reading one batch ahead (not the default four) here."""
 RESULTS = ROOT / "bench" / "results" / "kafka.md"
 
 
@@ -127,6 +129,7 @@ def source_throughput(
     trainer_step: TrainerStep | None,
     *,
     consumer_process: bool = False,
+    read_ahead_batches: int = 4,
 ) -> float:
     """Samples/s through the source the service would open (``open_kafka_source``): one process,
     or with ``consumer_process`` the consumer in a child process reading one batch ahead."""
@@ -138,6 +141,7 @@ def source_throughput(
         max_batch_records=cap,
         max_wait_ms=200,
         consumer_process=consumer_process,
+        read_ahead_batches=read_ahead_batches,
     )
     seen, counted, started = 0, 0, 0.0
     with open_kafka_source(config) as source:
@@ -203,7 +207,9 @@ def run_benchmark(
     with_trainer: bool = False,
 ) -> dict[str, float]:
     """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}`` (and
-    ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` with the trainer)."""
+    ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` with the trainer, and at
+    :data:`ABLATION_CAP` ``process-e2e-ahead1@CAP``: the consumer process reading one batch
+    ahead)."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     fill_topic(bootstrap, topic, topic_size(records), partitions, features)
     runs: dict[str, list[float]] = {"raw": []}
@@ -222,6 +228,13 @@ def run_benchmark(
                         bootstrap, topic, records, cap, step, consumer_process=in_child
                     )
                     runs.setdefault(f"{prefix}e2e@{cap}", []).append(rate)
+            if with_trainer and cap == ABLATION_CAP:
+                step = make_trainer_step() if trainer_step is None else trainer_step
+                rate = source_throughput(
+                    bootstrap, topic, records, cap, step, consumer_process=True,
+                    read_ahead_batches=1,
+                )  # fmt: skip
+                runs.setdefault(f"process-e2e-ahead1@{cap}", []).append(rate)
             if with_trainer:
                 rate = trainer_alone_throughput(bootstrap, topic, records, cap)
                 runs.setdefault(f"trainer@{cap}", []).append(rate)
@@ -287,6 +300,16 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
                 f"| {cap} | {e2e:,.0f} | {child:,.0f} | {alone:,.0f} | {raw:,.0f} | {which} "
                 f"| {e2e / bound:.2f} | {child / bound:.2f} |"
             )
+    ahead1 = medians.get(f"process-e2e-ahead1@{ABLATION_CAP}")
+    if ahead1 is not None:
+        child = medians[f"process-e2e@{ABLATION_CAP}"]
+        alone = medians[f"trainer@{ABLATION_CAP}"]
+        lines += [
+            "",
+            f"Read-ahead at {ABLATION_CAP} (consumer process, same run): one batch ahead "
+            f"{ahead1:,.0f}/s ({ahead1 / alone:.2f} of the trainer alone), four (the default) "
+            f"{child:,.0f}/s ({child / alone:.2f}).",
+        ]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -153,6 +153,12 @@ class KafkaSourceConfig:
         is true, the default): fetching, kafka-python's record parsing and the decoding then
         overlap the training step on another core. False keeps the consumer in the service's
         process (one core, no child). :class:`KafkaRecordSource` itself ignores it.
+    read_ahead_batches
+        With ``consumer_process``: how many batches the child reads ahead of the one being
+        trained (default 4; 1 reads the next batch only). More absorbs kafka-python's pauses (a
+        fetch, a garbage collection) at the cost of memory, at most this many times
+        ``max_batch_records`` records held, and of batches cut earlier under moderate load
+        (:mod:`consumers.process_source`). :class:`KafkaRecordSource` ignores it.
     """
 
     bootstrap_servers: str | tuple[str, ...]
@@ -178,6 +184,7 @@ class KafkaSourceConfig:
     check_crcs: bool | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     consumer_process: bool = True
+    read_ahead_batches: int = 4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -218,6 +225,7 @@ class KafkaSourceConfig:
             "connect_timeout_ms",
             "commit_timeout_ms",
             "close_timeout_ms",
+            "read_ahead_batches",
         )
         for name in positive:
             value = getattr(self, name)

@@ -3,30 +3,33 @@
 Why: kafka-python parses every record in Python, and in one process that work, the decoding and
 the training step run one after the other (the Kafka section of BENCHMARKS.md,
 ``python bench/bench_kafka.py``). With the consumer in :mod:`consumers.consumer_process`, the child
-fetches, parses, decodes and checks batch ``k + 1`` on the other core while the service trains
-batch ``k``; the service only rebuilds the decoded batch from its frame (about 3 us a record,
-``python bench/bench_frames.py``).
+fetches, parses, decodes and checks the batches after ``k`` on the other core while the service
+trains batch ``k``; the service only reads the decoded batch back from its frame (about 1.5 us a
+record, ``python bench/bench_frames.py``).
 
 :class:`ProcessKafkaSource` has the interface of :class:`~consumers.kafka_source.KafkaRecordSource`
 (``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``lag``, ``caught_up``,
 ``assignment``, ``rebalancing``, ``close``) and the same offset and rebalance contract, with these
 differences, all consequences of reading ahead:
 
-- **Read-ahead**: the child reads up to :data:`READ_AHEAD_BATCHES` batches ahead of the one the
-  service trains on: :meth:`~ProcessKafkaSource.poll_batch` returns the oldest batch read (or
-  waits for it) and asks for one more. A batch is cut when the child comes to it (at most
+- **Read-ahead**: the child reads up to ``read_ahead_batches`` (default 4) batches ahead of
+  the one the service trains on: :meth:`~ProcessKafkaSource.poll_batch` returns the oldest batch
+  read (or waits for it) and asks for one more. A batch is cut when the child comes to it (at most
   ``max_wait_ms`` for the first records, then what is buffered, at most ``max_batch_records``),
   not when the trainer comes back for it: under moderate load batches are smaller than in one
-  process, under a backlog they are full all the same. Why four: kafka-python stops for a few
-  milliseconds now and then (a fetch, a collection), and a child that is only ahead by one batch
-  passes every such stop on to the trainer; at 64 records a batch that was 9 % of the service's
-  time (``python bench/bench_kafka.py``, the Kafka section of BENCHMARKS.md).
+  process, under a backlog they are full all the same. Why more than one: kafka-python stops for
+  a few milliseconds now and then (a fetch, a garbage collection), and a child only one batch
+  ahead passes every such stop on to the trainer (``python bench/bench_kafka.py`` measures one
+  batch ahead beside four, the Kafka section of BENCHMARKS.md).
 - **Callbacks** (``offset_provider``, ``on_revoke``, ``on_lost``) run in the service's thread,
   inside whichever call on the source reads the child's answer next. kafka-python's IO thread in
   the child waits for them, so a rebalance waits at most for the training step in progress; the
-  hooks see every batch handed out before the rebalance trained, as in one process: frames are
-  read in order, so the batches the child sent before a revocation are handed out (and their
-  offsets are known to the offset provider) before its event is answered. They must not
+  hooks see every batch handed out before the rebalance trained, as in one process. Frames are
+  read in order: a batch the child sent before a revocation is read before the revocation's
+  event, and handed out after it only when it was read while waiting for a command's reply (a
+  commit, ``lag``). Such a batch may hold records that the partitions' next owner reads again
+  (this member too, sought back to what the service has trained): at least once, as after a
+  crash. They must not
   call the source themselves (in one process that would block kafka-python's IO thread too).
 - :meth:`~ProcessKafkaSource.caught_up` is False while a batch read ahead holds messages, and
   :meth:`~ProcessKafkaSource.lag` counts their messages as not read.
@@ -75,9 +78,6 @@ __all__ = ["ProcessKafkaSource", "open_kafka_source"]
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-READ_AHEAD_BATCHES = 4
-"""Batches the child reads ahead of the one the service trains on (module docstring)."""
 
 
 def open_kafka_source(
@@ -257,7 +257,7 @@ class ProcessKafkaSource(ClosableSource):
 
     def poll_batch(self) -> SourceBatch:
         """The oldest batch read ahead (waiting for it when none is there yet), decoded; the child
-        reads on while the caller trains on it, up to :data:`READ_AHEAD_BATCHES` batches ahead."""
+        reads on while the caller trains on it, up to ``config.read_ahead_batches`` ahead."""
         self._check_open()
         self._ask_ahead()
         while not self._arrived:
@@ -269,8 +269,8 @@ class ProcessKafkaSource(ClosableSource):
         return item  # type: ignore[return-value]
 
     def _ask_ahead(self) -> None:
-        """Ask for batches until :data:`READ_AHEAD_BATCHES` are read ahead or asked for."""
-        while self._polls_in_flight + len(self._arrived) < READ_AHEAD_BATCHES:
+        """Ask for batches until ``read_ahead_batches`` are read ahead or asked for."""
+        while self._polls_in_flight + len(self._arrived) < self.config.read_ahead_batches:
             self._send({"type": "poll"})
             self._polls_in_flight += 1
 

@@ -27,7 +27,7 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
         for cap in (8, 64)
         for kind in ("source", "process-source", "e2e", "process-e2e", "trainer")
     }
-    assert set(medians) == expected
+    assert set(medians) == expected | {"process-e2e-ahead1@64"}
     assert all(rate > 0 for rate in medians.values())
     args = argparse.Namespace(
         kafka_version="4.3.1", partitions=3, records=2_000, repeats=1, features=10
@@ -35,6 +35,7 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     text = bench_kafka.write_results(tmp_path / "kafka.md", medians, args)
     assert "2000 records counted (of 4000 in the topic)" in text
     assert text.count("| trainer |") + text.count("| Kafka |") == 2  # one bound per cap
+    assert "Read-ahead at 64 (consumer process, same run): one batch ahead" in text
 
 
 def test_topic_size_keeps_readers_away_from_the_end() -> None:

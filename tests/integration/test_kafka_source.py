@@ -88,6 +88,10 @@ def test_config_round_trips_through_its_json_mapping_secrets_included() -> None:
     assert KafkaSourceConfig.from_mapping(mapping) == config
     with pytest.raises(ConfigError, match="consumer_process must be true or false, got 'yes'"):
         KafkaSourceConfig("h:1", "t", consumer_process="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="read_ahead_batches must be an integer >= 1, got 0"):
+        KafkaSourceConfig.from_mapping({"bootstrap_servers": "h:1", "topic": "t",
+                                        "read_ahead_batches": 0})  # fmt: skip
+    assert KafkaSourceConfig("h:1", "t").read_ahead_batches == 4
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,7 @@ def test_read_ahead_hands_every_record_out_once_across_rebalances(
             take(source)
         time.sleep(0.5)  # the child reads ahead
         source.lag()  # reads the batch frames before its reply
-        assert sum(b.size for b in source._read_ahead()) == 4 * 3  # READ_AHEAD_BATCHES, full
+        assert sum(b.size for b in source._read_ahead()) == 4 * 3  # read_ahead_batches, full
         other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
 
         def step() -> None:

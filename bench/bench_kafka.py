@@ -206,39 +206,64 @@ def run_benchmark(
     trainer_step: TrainerStep | None = None,
     with_trainer: bool = False,
 ) -> dict[str, float]:
-    """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}`` (and
-    ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` with the trainer, and at
-    :data:`ABLATION_CAP` ``process-e2e-ahead1@CAP``: the consumer process reading one batch
-    ahead)."""
+    """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}``; with
+    the trainer also ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` (medians) and the medians of
+    the runs' own ratios to their bound, ``ratio-one@CAP`` and ``ratio-process@CAP`` (with
+    ``-min`` and ``-max``), and at :data:`ABLATION_CAP` the consumer process reading one batch
+    ahead, ``process-e2e-ahead1@CAP`` and ``ratio-ahead1@CAP``.
+
+    The bound of a run is the slower of that repeat's raw consumer and the mean of the trainer
+    alone measured just before and just after the consumer process's run: on a shared machine
+    whose speed drifts by tens of percent within minutes, a ratio of two medians taken minutes
+    apart moves with the drift; a run's ratio to its own bracket does much less."""
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     fill_topic(bootstrap, topic, topic_size(records), partitions, features)
     runs: dict[str, list[float]] = {"raw": []}
     check_crcs = KafkaSourceConfig(bootstrap, topic).crc_checked()
+
+    def e2e(cap: int, in_child: bool, read_ahead_batches: int = 4) -> float:
+        step = make_trainer_step() if trainer_step is None else trainer_step
+        return source_throughput(
+            bootstrap, topic, records, cap, step, consumer_process=in_child,
+            read_ahead_batches=read_ahead_batches,
+        )  # fmt: skip
+
     for _ in range(repeats):
-        runs["raw"].append(raw_throughput(bootstrap, topic, records, check_crcs))
+        raw = raw_throughput(bootstrap, topic, records, check_crcs)
+        runs["raw"].append(raw)
         for cap in caps:
             for prefix, in_child in (("", False), ("process-", True)):
                 rate = source_throughput(
                     bootstrap, topic, records, cap, None, consumer_process=in_child
                 )
                 runs.setdefault(f"{prefix}source@{cap}", []).append(rate)
-                if with_trainer:
-                    step = make_trainer_step() if trainer_step is None else trainer_step
-                    rate = source_throughput(
-                        bootstrap, topic, records, cap, step, consumer_process=in_child
-                    )
-                    runs.setdefault(f"{prefix}e2e@{cap}", []).append(rate)
-            if with_trainer and cap == ABLATION_CAP:
-                step = make_trainer_step() if trainer_step is None else trainer_step
-                rate = source_throughput(
-                    bootstrap, topic, records, cap, step, consumer_process=True,
-                    read_ahead_batches=1,
-                )  # fmt: skip
-                runs.setdefault(f"process-e2e-ahead1@{cap}", []).append(rate)
-            if with_trainer:
-                rate = trainer_alone_throughput(bootstrap, topic, records, cap)
-                runs.setdefault(f"trainer@{cap}", []).append(rate)
-    return {name: statistics.median(values) for name, values in runs.items()}
+            if not with_trainer:
+                continue
+            # The trainer alone brackets the consumer process's end to end (before and after):
+            # each run's ratio is to the bound measured around it, seconds apart.
+            before = trainer_alone_throughput(bootstrap, topic, records, cap)
+            child = e2e(cap, True)
+            after = trainer_alone_throughput(bootstrap, topic, records, cap)
+            one = e2e(cap, False)
+            bound = min(raw, (before + after) / 2)
+            measured = {
+                "trainer": [before, after],
+                "process-e2e": [child],
+                "e2e": [one],
+                "ratio-process": [child / bound],
+                "ratio-one": [one / bound],
+            }
+            if cap == ABLATION_CAP:
+                ahead1 = e2e(cap, True, read_ahead_batches=1)
+                measured["process-e2e-ahead1"] = [ahead1]
+                measured["ratio-ahead1"] = [ahead1 / bound]
+            for name, values in measured.items():
+                runs.setdefault(f"{name}@{cap}", []).extend(values)
+    out = {name: statistics.median(values) for name, values in runs.items()}
+    for name, values in runs.items():
+        if name.startswith("ratio-"):
+            out[f"{name}-min"], out[f"{name}-max"] = min(values), max(values)
+    return out
 
 
 def crc_mode() -> str:
@@ -285,8 +310,10 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
             "",
             "End to end, Kafka -> source -> IncrementalTrainer.step, with the consumer in the",
             "service's process and in a child process (`consumer_process`), beside the trainer",
-            "alone on the same batches held in memory (same run). *bound* is the slower of the raw",
-            "consumer and the trainer alone; the target at 64 is e2e >= 0.8 of it.",
+            "alone on the same batches held in memory (same run; samples/s are medians). A run's",
+            "*bound* is the slower of the raw consumer and the trainer alone measured just before",
+            "and after it; the ratios are the medians of the runs' own ratios to their bound",
+            "(min-max over the runs in brackets). The target at 64 is e2e >= 0.8 of the bound.",
             "",
             "| max_batch_records | e2e, one process | e2e, consumer process | trainer alone"
             " | raw consumer | bound | one process / bound | consumer process / bound |",
@@ -295,20 +322,24 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
         for cap in caps:
             e2e, alone = medians[f"e2e@{cap}"], medians[f"trainer@{cap}"]
             child = medians[f"process-e2e@{cap}"]
-            bound, which = (alone, "trainer") if alone < raw else (raw, "Kafka")
+            which = "trainer" if alone < raw else "Kafka"
+            spread = (
+                f"{medians[f'ratio-process@{cap}']:.2f} "
+                f"({medians[f'ratio-process@{cap}-min']:.2f}-"
+                f"{medians[f'ratio-process@{cap}-max']:.2f})"
+            )
             lines.append(
                 f"| {cap} | {e2e:,.0f} | {child:,.0f} | {alone:,.0f} | {raw:,.0f} | {which} "
-                f"| {e2e / bound:.2f} | {child / bound:.2f} |"
+                f"| {medians[f'ratio-one@{cap}']:.2f} | {spread} |"
             )
     ahead1 = medians.get(f"process-e2e-ahead1@{ABLATION_CAP}")
     if ahead1 is not None:
-        child = medians[f"process-e2e@{ABLATION_CAP}"]
-        alone = medians[f"trainer@{ABLATION_CAP}"]
         lines += [
             "",
-            f"Read-ahead at {ABLATION_CAP} (consumer process, same run): one batch ahead "
-            f"{ahead1:,.0f}/s ({ahead1 / alone:.2f} of the trainer alone), four (the default) "
-            f"{child:,.0f}/s ({child / alone:.2f}).",
+            f"Read-ahead at {ABLATION_CAP} (consumer process, same runs): one batch ahead "
+            f"{ahead1:,.0f}/s, {medians[f'ratio-ahead1@{ABLATION_CAP}']:.2f} of the bound; four "
+            f"(the default) {medians[f'process-e2e@{ABLATION_CAP}']:,.0f}/s, "
+            f"{medians[f'ratio-process@{ABLATION_CAP}']:.2f}.",
         ]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

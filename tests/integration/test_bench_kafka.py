@@ -22,20 +22,26 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     medians = bench_kafka.run_benchmark(
         kafka_bootstrap, records=2_000, repeats=1, caps=(8, 64), with_trainer=True
     )
-    expected = {"raw"} | {
-        f"{kind}@{cap}"
-        for cap in (8, 64)
-        for kind in ("source", "process-source", "e2e", "process-e2e", "trainer")
-    }
-    assert set(medians) == expected | {"process-e2e-ahead1@64"}
+    kinds = ("source", "process-source", "e2e", "process-e2e", "trainer", "ratio-one")
+    expected = {"raw"} | {f"{kind}@{cap}" for cap in (8, 64) for kind in kinds}
+    expected |= {f"ratio-process@{cap}{end}" for cap in (8, 64) for end in ("", "-min", "-max")}
+    expected |= {f"ratio-one@{cap}{end}" for cap in (8, 64) for end in ("-min", "-max")}
+    expected |= {"process-e2e-ahead1@64"} | {f"ratio-ahead1@64{e}" for e in ("", "-min", "-max")}
+    assert set(medians) == expected
     assert all(rate > 0 for rate in medians.values())
+    for cap in (8, 64):  # one run: the median of its two bracketing trainer figures is their mean
+        bound = min(medians["raw"], medians[f"trainer@{cap}"])
+        assert medians[f"ratio-process@{cap}"] == pytest.approx(
+            medians[f"process-e2e@{cap}"] / bound
+        )
+        assert medians[f"ratio-one@{cap}"] == pytest.approx(medians[f"e2e@{cap}"] / bound)
     args = argparse.Namespace(
         kafka_version="4.3.1", partitions=3, records=2_000, repeats=1, features=10
     )
     text = bench_kafka.write_results(tmp_path / "kafka.md", medians, args)
     assert "2000 records counted (of 4000 in the topic)" in text
     assert text.count("| trainer |") + text.count("| Kafka |") == 2  # one bound per cap
-    assert "Read-ahead at 64 (consumer process, same run): one batch ahead" in text
+    assert "Read-ahead at 64 (consumer process, same runs): one batch ahead" in text
 
 
 def test_topic_size_keeps_readers_away_from_the_end() -> None:

@@ -132,7 +132,8 @@ def source_throughput(
     read_ahead_batches: int = 4,
 ) -> float:
     """Samples/s through the source the service would open (``open_kafka_source``): one process,
-    or with ``consumer_process`` the consumer in a child process reading one batch ahead."""
+    or with ``consumer_process`` the consumer in a child process reading ``read_ahead_batches``
+    ahead."""
     config = KafkaSourceConfig(
         bootstrap,
         topic,

@@ -118,7 +118,7 @@ def test_open_kafka_source_follows_the_config_and_errors_keep_their_kind(
 def test_caught_up_waits_for_the_batch_read_ahead(
     kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
 ) -> None:
-    """The child reads one batch ahead: a source whose last batch is still in the pipe (not handed
+    """The child reads ahead: a source whose last batches are still in the pipe (not handed
     out, so not trained) is not caught up, even though the child has read everything."""
     topic = kafka_topic_factory(1)
     produce_messages(kafka_bootstrap, topic, [(0, None, _valid(i)) for i in range(20)])

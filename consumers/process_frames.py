@@ -8,12 +8,14 @@ Everything crosses a pair of pipes as *frames*, and nothing on them is pickled: 
 message keys and values exactly as the broker returned them, so that a record the service sets
 aside (dead letter) keeps its original bytes.
 
-A batch's header (:func:`pack_polled`) with no rejected record is written by ``orjson``, at about
-a tenth of ``json``'s cost each way (``python bench/bench_frames.py``): every float in it is
-finite (the decoder checked them), and orjson refuses what it could not write back as it was (an
-integer beyond 64 bits, a lone surrogate). Every other header, and one that orjson refuses, is
-written by Python's ``json``, which reads back what it writes, NaN included (orjson would write a
-NaN as ``null``); the top bit of the header length (:data:`JSON_HEADER`) tells the reader which.
+A batch's header (:func:`pack_polled`) whose records are all plain (below) and none rejected is
+written by ``orjson``, at about a tenth of ``json``'s cost each way
+(``python bench/bench_frames.py``): it holds no float at all (rows of integers, names, the next
+offsets), and orjson refuses what it could not write back as it was (an integer beyond 64 bits, a
+lone surrogate). Every other header is written by Python's ``json``, which reads back what it
+writes, NaN included (a rejected value, or an accepted record's label, may hold one: orjson would
+write it as ``null``); the top bit of the header length (:data:`JSON_HEADER`) tells the reader
+which.
 
 The child decodes and checks the values itself, and a decoded batch
 (:class:`~consumers.kafka_source.SourceBatch`) travels as one frame (:func:`pack_polled` /
@@ -82,7 +84,10 @@ def write_frame(stream: BinaryIO, header: dict[str, Any], blob: bytes = b"") -> 
 
 def _dumps(header: dict[str, Any]) -> tuple[bytes, int]:
     """The header's bytes and the flag for its length (module docstring)."""
-    if header["type"] == "batch" and not header.get("rejected"):  # every float finite
+    # Only plain records (their rows, no decoded value) and no rejected ones: every number in it
+    # is an integer of 64 bits at most. A decoded value may hold a NaN label (the target is not
+    # checked by the decoder), which orjson would write as null.
+    if header["type"] == "batch" and not header.get("rejected") and not header.get("values"):
         try:
             return orjson.dumps(header), 0
         except (TypeError, orjson.JSONEncodeError):  # a huge integer, a lone surrogate

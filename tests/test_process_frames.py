@@ -117,7 +117,13 @@ def test_batch_headers_go_through_orjson_unless_it_would_change_them() -> None:
     plain = _Message(b'{"a": 0.5, "n": 7, "c": "k", "y": 1}', None, "t", 0, 0, 1, [])
     huge = _Message(b'{"a": 100000000000000000000000000000, "y": 1}', None, "t", 0, 1, 1, [])
     nan = _Message(b'{"a": NaN, "y": 1}', None, "t", 0, 2, 1, [])
-    cases = {"plain": ([plain], False), "huge int": ([plain, huge], True), "NaN": ([nan], True)}
+    nan_label = _Message(b'{"a": 1.5, "y": NaN}', None, "t", 0, 3, 1, [])  # accepted: a label
+    cases = {
+        "plain": ([plain], False),
+        "huge int": ([plain, huge], True),
+        "NaN": ([nan], True),
+        "NaN label": ([plain, nan_label], True),  # the target is not checked: NaN must stay NaN
+    }
     got = {}
     for name, (messages, as_json) in cases.items():
         polled = [("t", 0, messages)]
@@ -129,6 +135,7 @@ def test_batch_headers_go_through_orjson_unless_it_would_change_them() -> None:
         assert _comparable(got[name]) == _comparable(expected), name
     assert got["huge int"].records[1].value == {"a": 10**29, "y": 1}
     assert type(got["huge int"].records[1].value["a"]) is int
+    assert math.isnan(got["NaN label"].records[1].value["y"])
     rejected_value = got["NaN"].rejected[0].value
     assert rejected_value is not None and math.isnan(rejected_value["a"])
     assert _header_is_json({"type": "event", "x": 1.5})  # only batch frames take orjson

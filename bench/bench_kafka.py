@@ -75,6 +75,19 @@ def bench_value(rng: random.Random, i: int, features: int) -> bytes:
     return json.dumps(value).encode()
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (Linux ``/proc``); None when
+    unknown."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def topic_size(records: int) -> int:
     """Records in the benchmark topic: ``records`` are counted, the rest keeps every reader away
     from the end of the topic (module docstring)."""
@@ -130,10 +143,16 @@ def source_throughput(
     *,
     consumer_process: bool = False,
     read_ahead_batches: int = 4,
+    cpu: dict[str, float] | None = None,
+    broker_pid: int | None = None,
 ) -> float:
     """Samples/s through the source the service would open (``open_kafka_source``): one process,
     or with ``consumer_process`` the consumer in a child process reading ``read_ahead_batches``
-    ahead."""
+    ahead.
+
+    With ``cpu``, it receives the CPU time per counted record (µs, over the timed span) of this
+    process (``"service"``), of the consumer process when there is one (``"child"``) and of the
+    broker when ``broker_pid`` is given (``"broker"``)."""
     config = KafkaSourceConfig(
         bootstrap,
         topic,
@@ -146,16 +165,25 @@ def source_throughput(
     )
     seen, counted, started = 0, 0, 0.0
     with open_kafka_source(config) as source:
+        pids = {"service": os.getpid(), "child": getattr(source, "pid", None), "broker": broker_pid}
+        at_start: dict[str, float | None] = {}
         while seen < n:
             batch = source.poll_batch()
             if trainer_step is not None and batch.records:
                 trainer_step(batch.records)
             if batch.size and not started:
                 started = time.perf_counter()
+                at_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
             elif batch.size:
                 counted += batch.size
             seen += batch.size
-        return counted / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if cpu is not None:
+            for name, pid in pids.items():
+                now, then = cpu_seconds(pid), at_start.get(name)
+                if now is not None and then is not None:
+                    cpu[name] = (now - then) / counted * 1e6
+        return counted / elapsed
 
 
 def trainer_alone_throughput(bootstrap: str, topic: str, n: int, cap: int) -> float:
@@ -206,12 +234,15 @@ def run_benchmark(
     caps: tuple[int, ...] = BATCH_CAPS,
     trainer_step: TrainerStep | None = None,
     with_trainer: bool = False,
+    broker_pid: int | None = None,
 ) -> dict[str, float]:
     """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}``; with
     the trainer also ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` (medians) and the medians of
     the runs' own ratios to their bound, ``ratio-one@CAP`` and ``ratio-process@CAP`` (with
     ``-min`` and ``-max``), and at :data:`ABLATION_CAP` the consumer process reading one batch
-    ahead, ``process-e2e-ahead1@CAP`` and ``ratio-ahead1@CAP``.
+    ahead, ``process-e2e-ahead1@CAP`` and ``ratio-ahead1@CAP``; ``cpu-service@CAP``,
+    ``cpu-child@CAP`` (and ``cpu-broker@CAP`` with ``broker_pid``) are the CPU µs per record of the
+    consumer process's end to end (:func:`source_throughput`).
 
     The bound of a run is the slower of that repeat's raw consumer and the mean of the trainer
     alone measured just before and just after the consumer process's run: on a shared machine
@@ -222,11 +253,13 @@ def run_benchmark(
     runs: dict[str, list[float]] = {"raw": []}
     check_crcs = KafkaSourceConfig(bootstrap, topic).crc_checked()
 
-    def e2e(cap: int, in_child: bool, read_ahead_batches: int = 4) -> float:
+    def e2e(
+        cap: int, in_child: bool, read_ahead_batches: int = 4, cpu: dict[str, float] | None = None
+    ) -> float:
         step = make_trainer_step() if trainer_step is None else trainer_step
         return source_throughput(
             bootstrap, topic, records, cap, step, consumer_process=in_child,
-            read_ahead_batches=read_ahead_batches,
+            read_ahead_batches=read_ahead_batches, cpu=cpu, broker_pid=broker_pid,
         )  # fmt: skip
 
     for _ in range(repeats):
@@ -243,7 +276,8 @@ def run_benchmark(
             # The trainer alone brackets the consumer process's end to end (before and after):
             # each run's ratio is to the bound measured around it, seconds apart.
             before = trainer_alone_throughput(bootstrap, topic, records, cap)
-            child = e2e(cap, True)
+            cpu: dict[str, float] = {}
+            child = e2e(cap, True, cpu=cpu)
             after = trainer_alone_throughput(bootstrap, topic, records, cap)
             one = e2e(cap, False)
             bound = min(raw, (before + after) / 2)
@@ -253,6 +287,7 @@ def run_benchmark(
                 "e2e": [one],
                 "ratio-process": [child / bound],
                 "ratio-one": [one / bound],
+                **{f"cpu-{name}": [us] for name, us in cpu.items()},
             }
             if cap == ABLATION_CAP:
                 ahead1 = e2e(cap, True, read_ahead_batches=1)
@@ -333,6 +368,24 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
                 f"| {cap} | {e2e:,.0f} | {child:,.0f} | {alone:,.0f} | {raw:,.0f} | {which} "
                 f"| {medians[f'ratio-one@{cap}']:.2f} | {spread} |"
             )
+    cpu_caps = [name.split("@")[1] for name in medians if name.startswith("cpu-service@")]
+    if cpu_caps:
+        lines += [
+            "",
+            "CPU time per record of the consumer process's end to end (median of the runs, µs over",
+            "the timed span; `/proc`), beside the trainer alone's wall time per record:",
+            "",
+            "| max_batch_records | service process | consumer process | broker | trainer alone |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for cap in cpu_caps:
+            broker = medians.get(f"cpu-broker@{cap}")
+            lines.append(
+                f"| {cap} | {medians[f'cpu-service@{cap}']:.1f} "
+                f"| {medians[f'cpu-child@{cap}']:.1f} "
+                f"| {'n/a' if broker is None else f'{broker:.1f}'} "
+                f"| {1e6 / medians[f'trainer@{cap}']:.1f} |"
+            )
     ahead1 = medians.get(f"process-e2e-ahead1@{ABLATION_CAP}")
     if ahead1 is not None:
         lines += [
@@ -359,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-trainer", action="store_true", help="measure the source only (no trainer step)"
     )
+    parser.add_argument(
+        "--broker-pid", type=int, help="with --bootstrap: the broker's pid, to report its CPU time"
+    )
     args = parser.parse_args(argv)
     broker_script = _load_broker_script()
     args.kafka_version = broker_script.KAFKA_VERSION
@@ -368,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = broker_script.KafkaBroker(tempfile.mkdtemp(prefix="bench-kafka-"))
         broker.start()
         bootstrap = broker.bootstrap
+        args.broker_pid = broker.pid
     try:
         medians = run_benchmark(
             bootstrap,
@@ -376,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             partitions=args.partitions,
             features=args.features,
             with_trainer=not args.no_trainer,
+            broker_pid=args.broker_pid,
         )
     finally:
         if broker is not None:

@@ -237,7 +237,7 @@ class ConsumerWorker:
                 if item is None or item[0]["type"] == "close":
                     break
                 if item[0]["type"] == "poll":
-                    self._poll()
+                    self._polls_due += 1  # run at the top of the loop, as those counted in a poll
                 else:
                     self._run_command(item[0])
         finally:

@@ -237,6 +237,11 @@ class KafkaBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The broker's process id while this object runs it (None before start, after stop)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def log_file(self) -> Path:
         return self.data_dir / LOG_FILE
 

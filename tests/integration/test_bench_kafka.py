@@ -7,6 +7,7 @@ that counts records it should not, must fail here rather than on the day it is n
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     expected |= {f"ratio-process@{cap}{end}" for cap in (8, 64) for end in ("", "-min", "-max")}
     expected |= {f"ratio-one@{cap}{end}" for cap in (8, 64) for end in ("-min", "-max")}
     expected |= {"process-e2e-ahead1@64"} | {f"ratio-ahead1@64{e}" for e in ("", "-min", "-max")}
-    assert set(medians) == expected
+    expected |= {f"cpu-{who}@{cap}" for cap in (8, 64) for who in ("service", "child")}
+    assert set(medians) == expected  # no broker pid given: no broker CPU
     assert all(rate > 0 for rate in medians.values())
     for cap in (8, 64):  # one run: the median of its two bracketing trainer figures is their mean
         bound = min(medians["raw"], medians[f"trainer@{cap}"])
@@ -42,6 +44,15 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     assert "2000 records counted (of 4000 in the topic)" in text
     assert text.count("| trainer |") + text.count("| Kafka |") == 2  # one bound per cap
     assert "Read-ahead at 64 (consumer process, same runs): one batch ahead" in text
+    assert "| max_batch_records | service process | consumer process | broker |" in text
+    assert "| n/a |" in text
+
+
+def test_cpu_seconds_reads_proc() -> None:
+    spent = bench_kafka.cpu_seconds(os.getpid())
+    assert spent is not None and spent > 0
+    assert bench_kafka.cpu_seconds(None) is None
+    assert bench_kafka.cpu_seconds(2**31 - 1) is None  # no such process
 
 
 def test_topic_size_keeps_readers_away_from_the_end() -> None:

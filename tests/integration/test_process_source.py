@@ -189,7 +189,7 @@ def test_read_ahead_hands_every_record_out_once_across_rebalances(
         kafka_topic,
         [(i % 3, None, _valid(i)) for i in range(3 * per_partition)],
     )
-    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=3)
+    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=3, read_ahead_batches=4)
     handed: dict[str, int] = {}  # next offsets of what was handed out: the service's "trained"
     revoked: list[list[TopicPartition]] = []
     seen: list[tuple[int, int]] = []

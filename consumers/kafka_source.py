@@ -157,9 +157,10 @@ class KafkaSourceConfig:
         With ``consumer_process``: how many batches the child reads ahead of the one being
         trained (default 1: the next batch only). More lets the child's own pauses (a fetch, a
         garbage collection) come out of its lead instead of the trainer's time, at the cost of
-        memory (at most this many times ``max_batch_records`` records held), of batches cut
-        earlier under moderate load, and of more records that a rebalance can have trained twice
-        (:mod:`consumers.process_source`). :class:`KafkaRecordSource` ignores it.
+        memory (at most this many times ``max_batch_records`` records held) and of batches cut
+        earlier under moderate load; at a rebalance, what was read ahead of the revoked
+        partitions is dropped and read again (:mod:`consumers.process_source`).
+        :class:`KafkaRecordSource` ignores it.
     """
 
     bootstrap_servers: str | tuple[str, ...]
@@ -510,6 +511,13 @@ class KafkaRecordSource(ClosableSource):
         self._generation = 0
         self._next_known: dict[str, int] = {}
         self._last_read: frozenset[str] = frozenset()
+        # Revocations counted; per partition, the count at its last revocation and at the last time
+        # its reading restarted elsewhere than its position (lost, or sought on assignment):
+        # poll_messages drops what it read before a revocation that came in the middle of its
+        # polls (see there).
+        self._revocations = 0
+        self._revoked_at: dict[str, int] = {}
+        self._restarted: dict[str, int] = {}
         self._consumer = self._connect()
         try:
             # Subscribe first, then read the topics' metadata: the metadata response is what fills
@@ -630,6 +638,7 @@ class KafkaRecordSource(ClosableSource):
                 with self._track_lock:
                     self._generation += 1
                     self._next_known[partition_key(*tp)] = offset
+                    self._restarted[partition_key(*tp)] = self._revocations
                 log.info(
                     "assigned %s: seeking to checkpointed offset %d", partition_key(*tp), offset
                 )
@@ -641,7 +650,15 @@ class KafkaRecordSource(ClosableSource):
 
     def _on_revoked(self, partitions: list[TopicPartition], *, lost: bool) -> None:
         self._rebalancing = True
-        self._forget([partition_key(*tp) for tp in partitions])
+        keys = [partition_key(*tp) for tp in partitions]
+        self._forget(keys)
+        with self._track_lock:
+            self._revocations += 1
+            self._revoked_at.update(dict.fromkeys(keys, self._revocations))
+            # kafka-python keeps the position of a revoked partition assigned again, not of a
+            # lost one (it starts again from the committed offset)
+            if lost:
+                self._restarted.update(dict.fromkeys(keys, self._revocations))
         if not partitions:  # the eager protocol revokes "nothing" before a first assignment
             return
         for tp in partitions:
@@ -686,6 +703,10 @@ class KafkaRecordSource(ClosableSource):
         Waits up to ``timeout_ms`` (default ``max_wait_ms``) for the first messages, then takes
         what is already buffered, at most ``max_batch_records`` in all. Returns
         ``([(topic, partition, messages), ...], next_offsets)``.
+
+        A rebalance can run inside any of those polls. When it revokes partitions, the messages
+        the earlier polls read from them are dropped (:meth:`_drop_read_before_revocation`): the
+        revocation's hook has run, so handed out now they would be read twice.
         """
         self._check_open()
         self._raise_pending()
@@ -695,6 +716,7 @@ class KafkaRecordSource(ClosableSource):
         if timeout_ms is None:
             timeout_ms = self.config.max_wait_ms
         generation = self._generation
+        revocations = self._revocations
         size = 0
         while size < cap:
             try:
@@ -702,6 +724,11 @@ class KafkaRecordSource(ClosableSource):
             except KafkaError as exc:
                 self._raise_pending()
                 raise SourceError(f"Kafka poll failed: {exc}", retriable=exc.retriable) from exc
+            if self._revocations != revocations and polled_parts:  # a rebalance in that poll
+                polled_parts = self._drop_read_before_revocation(polled_parts, revocations)
+                next_offsets = {partition_key(t, p): ms[-1].offset + 1 for t, p, ms in polled_parts}
+                size = sum(len(ms) for _t, _p, ms in polled_parts)
+            revocations = self._revocations
             if not polled:
                 break
             for tp, messages in polled.items():
@@ -718,6 +745,46 @@ class KafkaRecordSource(ClosableSource):
                 self._last_read = frozenset(next_offsets)
         self._raise_pending()
         return polled_parts, next_offsets
+
+    def _drop_read_before_revocation(
+        self, parts: list[tuple[str, int, list[Any]]], revocations: int
+    ) -> list[tuple[str, int, list[Any]]]:
+        """``parts`` (read by the earlier polls of one batch) without the messages of the
+        partitions revoked since ``revocations``: handed out after the revocation's hook, they
+        would be read again by the partition's next owner. Where they are read again from:
+
+        - a partition sought on its new assignment (to the offset the service has handed out,
+          which comes before them) or lost (kafka-python restarts it from the committed offset)
+          restarts before them already;
+        - any other partition still assigned (the rebalance is not over yet, or it came back:
+          kafka-python keeps its position, right after them) is sought back to the first of them;
+        - a partition no longer assigned is read by its next owner from the committed offset.
+        """
+        with self._track_lock:
+            revoked = {k for k, n in self._revoked_at.items() if n > revocations}
+            restarted = {k for k, n in self._restarted.items() if n > revocations}
+        kept: list[tuple[str, int, list[Any]]] = []
+        dropped: dict[str, int] = {}  # partition -> first offset dropped
+        for part in parts:
+            key = partition_key(part[0], part[1])
+            if key not in revoked:
+                kept.append(part)
+            else:
+                dropped[key] = min(dropped.get(key, part[2][0].offset), part[2][0].offset)
+        if not dropped:
+            return kept
+        assigned = set(self._consumer.assignment())
+        for key, offset in sorted(dropped.items()):
+            tp = TopicPartition(*parse_partition_key(key))
+            if key not in restarted and tp in assigned:
+                self._consumer.seek(tp, offset)
+        log.info(
+            "dropped %d messages read before their partitions were revoked: %s (partition: first "
+            "offset dropped)",
+            sum(len(ms) for _t, _p, ms in parts) - sum(len(ms) for _t, _p, ms in kept),
+            dropped,
+        )
+        return kept
 
     # -- offsets --------------------------------------------------------------------------------
 

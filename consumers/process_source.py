@@ -20,25 +20,27 @@ differences, all consequences of reading ahead:
   process, under a backlog they are full all the same. More than one lets a pause of the child
   (a fetch, a garbage collection) come out of its lead instead of the trainer's time;
   ``python bench/bench_kafka.py`` measures four beside one at 64, and on its two-core machine
-  the two are within the noise (the Kafka section of BENCHMARKS.md). Why one stays the default:
-  see the rebalance note below, whose window grows with the read-ahead.
+  the two are within the noise (the Kafka section of BENCHMARKS.md).
 - **Callbacks** (``offset_provider``, ``on_revoke``, ``on_lost``) run in the service's thread,
   inside whichever call on the source reads the child's answer next. kafka-python's IO thread in
   the child waits for them, so a rebalance waits at most for the training step in progress; the
   hooks see every batch handed out before the rebalance trained, as in one process. They must not
   call the source themselves (in one process that would block kafka-python's IO thread too).
-- **Rebalance note**: frames are read in order, so a batch the child sent before a revocation is
-  read before the revocation's event; it is handed out after the event only when it was read
-  while the service waited for a command's reply (a commit, ``lag``). Such a batch may hold
-  records that the partitions' next owner reads again (this member too, sought back to what the
-  service has trained): at least once, as after a crash. With ``read_ahead_batches`` 4 as the
-  default, the distributed service's ``kill -9`` test
-  (``tests/integration/test_distributed_service.py``) once trained 16 of 3,000 records twice,
-  most likely this way (one failure in four runs of the README test command; it passed in the other
-  three and three times alone after it). Dropping such records when the event comes is not
-  enough: a batch polled before the revocation may still arrive after its event, and its
-  offsets would then skip the dropped ones (tried: the rebalance test lost records). It is left
-  to a later change.
+- **Rebalances**: a revocation's hook runs before any message read before it is handed out
+  after it. Frames are read in order, so the batches the child sent before the revocation are
+  read before its event; those still waiting when it comes (read while the service waited for a
+  command's reply: a commit, ``lag``) lose the messages of the revoked partitions
+  (``_drop_read_ahead``). In the child, a batch whose polls straddle the revocation drops the
+  messages its earlier polls read from those partitions
+  (:meth:`~consumers.kafka_source.KafkaRecordSource.poll_messages`). Each dropped message is read
+  again by its partition's next owner: another member from the offsets committed at the
+  revocation; this member from the offset the service has trained when it provides one, or else
+  from the first message dropped (the answer to the assignment's offset event, and a seek in the
+  child where kafka-python keeps the partition's position). Handed out instead, they would be
+  trained twice: with four batches ahead and before these drops, the distributed service's
+  ``kill -9`` test trained 16 of 3,000 records twice once, and
+  ``tests/integration/test_process_source.py`` does so every time when it asks for the lag after
+  each batch.
 - :meth:`~ProcessKafkaSource.caught_up` is False while a batch read ahead holds messages, and
   :meth:`~ProcessKafkaSource.lag` counts their messages as not read.
 
@@ -120,6 +122,11 @@ def _log_settings() -> tuple[str, str]:
     return fmt, logging.getLevelName(root.getEffectiveLevel())
 
 
+def _key_of(message: Record | RejectedRecord) -> str:
+    """The partition key of a message read from Kafka (whose topic and partition are set)."""
+    return partition_key(message.topic, message.partition)  # type: ignore[arg-type]
+
+
 class ProcessKafkaSource(ClosableSource):
     """:class:`~consumers.kafka_source.KafkaRecordSource`'s interface, its consumer in a child
     process (see the module docstring for what differs).
@@ -148,6 +155,9 @@ class ProcessKafkaSource(ClosableSource):
         self._polls_in_flight = 0
         # batches read ahead, in order (an error payload stands for a poll that failed)
         self._arrived: deque[SourceBatch | dict[str, Any]] = deque()
+        # per partition, the first offset of the messages dropped from them at the latest
+        # revocation (see _drop_read_ahead)
+        self._dropped_from: dict[str, int] = {}
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
@@ -235,10 +245,14 @@ class ProcessKafkaSource(ClosableSource):
                 offset = None
                 if self._offset_provider is not None:
                     offset = self._offset_provider(event["topic"], int(event["partition"]))
+                if offset is None:  # no trained offset: from the first message dropped, if any
+                    key = partition_key(event["topic"], int(event["partition"]))
+                    offset = self._dropped_from.get(key)
                 answer["offset"] = offset
             else:
                 if name == "revoke":
                     self._rebalancing = True
+                self._drop_read_ahead(frozenset(event["partitions"]))
                 partitions = [TopicPartition(*parse_partition_key(k)) for k in event["partitions"]]
                 hook = self._on_lost if name == "lost" else self._on_revoke
                 if hook is not None:
@@ -248,6 +262,33 @@ class ProcessKafkaSource(ClosableSource):
         except Exception as exc:  # reported to the child, raised by its next poll
             answer = {"type": "answer", "id": event["id"], "error": f"{type(exc).__name__}: {exc}"}
         self._send(answer)
+
+    def _drop_read_ahead(self, keys: frozenset[str]) -> None:
+        """Take the messages of the revoked (or lost) partitions ``keys`` out of the batches read
+        ahead, before the hooks run: handed out after the revocation, they would be read again
+        by the partitions' next owner. This member reads them again too when it gets a partition
+        back: sought to the offset the service has handed out, or, with none, to the first
+        message dropped (``_dropped_from``, the answer to the assignment's offset event)."""
+        dropped_from: dict[str, int] = {}
+        for item in self._arrived:
+            if not isinstance(item, SourceBatch):
+                continue
+            for key in keys.intersection(item.next_offsets):
+                del item.next_offsets[key]
+            records = [r for r in item.records if _key_of(r) not in keys]
+            rejected = [r for r in item.rejected if _key_of(r) not in keys]
+            if len(records) + len(rejected) == item.size:
+                continue
+            messages: list[Record | RejectedRecord] = [*item.records, *item.rejected]
+            for message in messages:
+                key = _key_of(message)
+                if key in keys and message.offset is not None:
+                    offset = dropped_from.get(key, message.offset)
+                    dropped_from[key] = min(offset, message.offset)
+            item.records, item.rejected = records, rejected
+        if dropped_from:
+            log.info("dropped the messages read ahead of revoked partitions from: %s", dropped_from)
+        self._dropped_from = dropped_from
 
     def _command(self, kind: str, **fields: Any) -> Any:
         self._check_open()

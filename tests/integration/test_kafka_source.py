@@ -18,6 +18,7 @@ from consumers.kafka_source import (
     KafkaRecordSource,
     KafkaSourceConfig,
     SourceBatch,
+    _ClosingKafkaConsumer,
     fast_crc32c,
     parse_partition_key,
     partition_key,
@@ -562,3 +563,93 @@ def test_caught_up_stays_correct_across_a_rebalance(kafka_bootstrap: str, kafka_
             if len(source.assignment()) == 3 and source.caught_up(ends):
                 break
         assert checked > 2
+
+
+class _RejoinInTheMiddleOfABatch(_ClosingKafkaConsumer):
+    """The real consumer. Once armed (``before_second_poll``), its next poll that only takes what
+    is buffered (a batch's second poll, ``timeout_ms=0``) first runs that function: a second
+    member joins and this one waits until it is told to rejoin, so the revocation comes between
+    two polls of one batch."""
+
+    before_second_poll: Callable[[KafkaConsumer], None] | None = None
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None, **kw: object) -> dict:  # type: ignore[override,type-arg]
+        hook = self.before_second_poll
+        if timeout_ms == 0 and hook is not None:
+            self.before_second_poll = None
+            hook(self)
+        return super().poll(timeout_ms=timeout_ms, max_records=max_records, **kw)  # type: ignore[arg-type]
+
+
+def test_messages_read_before_a_revocation_in_the_middle_of_a_batch_are_not_handed_out(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    """A batch takes several polls; a revocation that comes between them (its hook has run) must
+    not be followed by that batch handing out the messages the earlier polls read from the revoked
+    partitions: their next owner reads them too. They are read again from where the rebalance
+    leaves each partition (sought to the handed-out offset, or back to the first message dropped
+    when it keeps its position), so over the whole run every message comes out exactly once."""
+    per_partition = 200
+    produce_messages(
+        kafka_bootstrap, kafka_topic, [(i % 3, None, _valid(i)) for i in range(3 * per_partition)]
+    )
+    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=1000)  # > the topic: 2 polls
+    handed: dict[str, int] = {}
+    revoked: list[list[TopicPartition]] = []
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+    joined = threading.Event()
+
+    def other_member() -> None:
+        other = _second_member(kafka_bootstrap, kafka_topic, config.group_id)
+        try:
+            joined.set()
+            while not stop.is_set():
+                other.poll(timeout_ms=50, max_records=1)  # joins; reads nothing (offsets: latest)
+        finally:
+            other.close(autocommit=False)
+
+    def join_and_wait(consumer: KafkaConsumer) -> None:
+        threading.Thread(target=other_member, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not consumer._coordinator.need_rejoin():  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "this member was never told to rejoin"
+            time.sleep(0.01)
+
+    source = KafkaRecordSource(
+        config,
+        offset_provider=lambda topic, partition: handed.get(partition_key(topic, partition)),
+        on_revoke=revoked.append,
+        consumer_factory=_RejoinInTheMiddleOfABatch,
+    )
+
+    def take() -> SourceBatch:
+        batch = source.poll_batch()
+        seen.extend((r.partition, r.offset) for r in batch.records)  # type: ignore[misc]
+        handed.update(batch.next_offsets)
+        return batch
+
+    try:
+        with source:
+            consumer = source._consumer
+            assert isinstance(consumer, _RejoinInTheMiddleOfABatch)
+            consumer.before_second_poll = join_and_wait
+            deadline = time.monotonic() + 30
+            batch = take()
+            while consumer.before_second_poll is not None:  # until a batch takes a second poll
+                assert time.monotonic() < deadline, "no batch took a second poll"
+                batch = take()
+            assert revoked, "no revocation in the middle of the batch"
+            gone = {partition_key(tp.topic, tp.partition) for tp in revoked[0]}
+            late = [r for r in batch.records if partition_key(kafka_topic, r.partition) in gone]
+            assert not late, f"{len(late)} messages of revoked partitions handed out after it"
+            deadline = time.monotonic() + 60
+            while len(set(seen)) < 3 * per_partition or len(source.assignment()) < 3:
+                assert time.monotonic() < deadline, f"{len(set(seen))} of {3 * per_partition}"
+                take()
+                if joined.is_set() and not source.rebalancing and len(revoked) >= 1:
+                    stop.set()  # the second member leaves: every partition comes back here
+    finally:
+        stop.set()
+    assert len(seen) == len(set(seen)), "messages handed out twice"
+    assert sorted(seen) == [(p, o) for p in range(3) for o in range(per_partition)]

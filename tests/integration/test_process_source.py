@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.kafka_source import KafkaRecordSource, SourceBatch, partition_key
+from consumers.kafka_source import (
+    KafkaRecordSource,
+    KafkaSourceConfig,
+    SourceBatch,
+    partition_key,
+)
 from consumers.process_source import ProcessKafkaSource, open_kafka_source
 from stream_trainer.errors import SourceError
 from tests.fixtures.kafka import load_broker, produce_messages
@@ -176,20 +181,29 @@ def test_a_rebalance_reaches_the_hooks_and_reading_goes_on(
         assert {r.partition for b in later for r in b.records} == owned
 
 
+def _filled_for_read_ahead(bootstrap: str, topic: str, per_partition: int) -> KafkaSourceConfig:
+    """``per_partition`` valid records in each of the topic's 3 partitions; the config of a
+    source reading them in batches of 3, four batches ahead."""
+    messages = [(i % 3, None, _valid(i)) for i in range(3 * per_partition)]
+    produce_messages(bootstrap, topic, messages)
+    return _config(bootstrap, topic, max_batch_records=3, read_ahead_batches=4)
+
+
+@pytest.mark.parametrize("command_each_step", [False, True], ids=["polls-only", "lag-each-step"])
 def test_read_ahead_hands_every_record_out_once_across_rebalances(
-    kafka_bootstrap: str, kafka_topic: str
+    kafka_bootstrap: str, kafka_topic: str, command_each_step: bool
 ) -> None:
     """The child reads several batches ahead. When a second member joins and then leaves, this
     member is sought on each new assignment to the offsets it has handed out (as the service does,
-    from its trained offsets): the batches it had read ahead are handed out before the revocation
-    is answered, so every record comes out exactly once."""
+    from its trained offsets), so every record comes out exactly once.
+
+    With ``lag-each-step`` the source is asked for its lag after every batch, as the service's
+    metrics do: a command's reply comes after the batch frames the child sent before it, so the
+    revocation is often answered while batches read ahead wait to be handed out. Those must be
+    dropped (their partitions' next owner, this member too, reads them again from the offsets
+    handed out), not handed out after the revocation."""
     per_partition = 300
-    produce_messages(
-        kafka_bootstrap,
-        kafka_topic,
-        [(i % 3, None, _valid(i)) for i in range(3 * per_partition)],
-    )
-    config = _config(kafka_bootstrap, kafka_topic, max_batch_records=3, read_ahead_batches=4)
+    config = _filled_for_read_ahead(kafka_bootstrap, kafka_topic, per_partition)
     handed: dict[str, int] = {}  # next offsets of what was handed out: the service's "trained"
     revoked: list[list[TopicPartition]] = []
     seen: list[tuple[int, int]] = []
@@ -214,6 +228,8 @@ def test_read_ahead_hands_every_record_out_once_across_rebalances(
         def step() -> None:
             take(source)
             time.sleep(0.02)  # a training step: records are left when the rebalance comes
+            if command_each_step:
+                source.lag()
 
         try:
             _until_the_second_member_has_partitions(source, other, revoked, step)
@@ -223,7 +239,53 @@ def test_read_ahead_hands_every_record_out_once_across_rebalances(
         while len(set(seen)) < 3 * per_partition:
             assert time.monotonic() < deadline, f"{len(set(seen))} of {3 * per_partition} seen"
             take(source)
+            if command_each_step:
+                source.lag()
         assert len(revoked) >= 2
+    assert len(seen) == len(set(seen)), "records handed out twice"
+    assert sorted(seen) == [(p, o) for p in range(3) for o in range(per_partition)]
+
+
+def test_read_ahead_dropped_at_a_revocation_is_read_again_without_trained_offsets(
+    kafka_bootstrap: str,
+    kafka_topic: str,
+    kafka_topic_factory: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member joins the group for another topic: the rebalance revokes this member's
+    partitions and gives all of them back. The batches read ahead when the revocation is answered
+    are dropped; with no offset provider (nothing trained to seek to) and kafka-python keeping the
+    position of a partition that comes back, the child is sought to the first message dropped, so
+    nothing is lost and nothing is handed out twice."""
+    per_partition = 100
+    config = _filled_for_read_ahead(kafka_bootstrap, kafka_topic, per_partition)
+    revoked: list[list[TopicPartition]] = []
+    seen: list[tuple[int, int]] = []
+
+    def take(source: ProcessKafkaSource) -> None:
+        seen.extend((r.partition, r.offset) for r in source.poll_batch().records)  # type: ignore[misc]
+        source.lag()  # a command: batch frames and events are read while batches wait
+
+    caplog.set_level("INFO", logger="consumers.process_source")
+    with ProcessKafkaSource(config, on_revoke=revoked.append) as source:
+        for _ in range(3):
+            take(source)
+        time.sleep(0.5)  # the child reads ahead
+        other = _second_member(kafka_bootstrap, kafka_topic_factory(1), config.group_id)
+        try:
+            deadline = time.monotonic() + 30
+            while not revoked or source.rebalancing:  # the second member's join rebalances
+                assert time.monotonic() < deadline, "no rebalance"
+                other.poll(timeout_ms=50)
+                take(source)
+            assert sorted(source.assignment()) == [TopicPartition(kafka_topic, p) for p in range(3)]
+        finally:
+            other.close(autocommit=False)
+        deadline = time.monotonic() + 30
+        while len(set(seen)) < 3 * per_partition:
+            assert time.monotonic() < deadline, f"{len(set(seen))} of {3 * per_partition} seen"
+            take(source)
+    assert "dropped the messages read ahead of revoked partitions" in caplog.text
     assert len(seen) == len(set(seen)), "records handed out twice"
     assert sorted(seen) == [(p, o) for p in range(3) for o in range(per_partition)]
 

@@ -51,7 +51,9 @@ from stream_trainer.records import Record  # noqa: E402
 TrainerStep = Callable[[list[Record]], None]
 BATCH_CAPS = (1, 8, 64, 512)
 ABLATION_CAP = 64
-"""The consumer process is also measured reading four batches ahead (not the default one) here."""
+"""The consumer process is also measured reading :data:`ABLATION_READ_AHEAD` batches ahead here."""
+ABLATION_READ_AHEAD = 1
+"""The read-ahead measured beside the default (``KafkaSourceConfig.read_ahead_batches``)."""
 RESULTS = ROOT / "bench" / "results" / "kafka.md"
 
 
@@ -141,13 +143,13 @@ def source_throughput(
     trainer_step: TrainerStep | None,
     *,
     consumer_process: bool = False,
-    read_ahead_batches: int = 1,
+    read_ahead_batches: int | None = None,
     cpu: dict[str, float] | None = None,
     broker_pid: int | None = None,
 ) -> float:
     """Samples/s through the source the service would open (``open_kafka_source``): one process,
     or with ``consumer_process`` the consumer in a child process reading ``read_ahead_batches``
-    ahead.
+    ahead (None: the default).
 
     With ``cpu``, it receives the CPU time per counted record (µs, over the timed span) of this
     process (``"service"``), of the consumer process when there is one (``"child"``) and of the
@@ -160,7 +162,7 @@ def source_throughput(
         max_batch_records=cap,
         max_wait_ms=200,
         consumer_process=consumer_process,
-        read_ahead_batches=read_ahead_batches,
+        **({} if read_ahead_batches is None else {"read_ahead_batches": read_ahead_batches}),
     )
     seen, counted, started = 0, 0, 0.0
     with open_kafka_source(config) as source:
@@ -238,8 +240,9 @@ def run_benchmark(
     """Return ``{"raw": median samples/s, "source@CAP": ..., "process-source@CAP": ...}``; with
     the trainer also ``e2e@CAP``, ``process-e2e@CAP``, ``trainer@CAP`` (medians) and the medians of
     the runs' own ratios to their bound, ``ratio-one@CAP`` and ``ratio-process@CAP`` (with
-    ``-min`` and ``-max``), and at :data:`ABLATION_CAP` the consumer process reading one batch
-    ahead (``process-e2e-ahead4@CAP`` and ``ratio-ahead4@CAP``); ``cpu-service@CAP``,
+    ``-min`` and ``-max``), and at :data:`ABLATION_CAP` the consumer process reading
+    :data:`ABLATION_READ_AHEAD` batches ahead (``process-e2e-aheadN@CAP`` and
+    ``ratio-aheadN@CAP``, N that number); ``cpu-service@CAP``,
     ``cpu-child@CAP`` (and ``cpu-broker@CAP`` with ``broker_pid``) are the CPU µs per record of the
     consumer process's end to end (:func:`source_throughput`).
 
@@ -253,7 +256,10 @@ def run_benchmark(
     check_crcs = KafkaSourceConfig(bootstrap, topic).crc_checked()
 
     def e2e(
-        cap: int, in_child: bool, read_ahead_batches: int = 1, cpu: dict[str, float] | None = None
+        cap: int,
+        in_child: bool,
+        read_ahead_batches: int | None = None,
+        cpu: dict[str, float] | None = None,
     ) -> float:
         step = make_trainer_step() if trainer_step is None else trainer_step
         return source_throughput(
@@ -289,9 +295,9 @@ def run_benchmark(
                 **{f"cpu-{name}": [us] for name, us in cpu.items()},
             }
             if cap == ABLATION_CAP:
-                ahead4 = e2e(cap, True, read_ahead_batches=4)
-                measured["process-e2e-ahead4"] = [ahead4]
-                measured["ratio-ahead4"] = [ahead4 / bound]
+                ahead = e2e(cap, True, read_ahead_batches=ABLATION_READ_AHEAD)
+                measured[f"process-e2e-ahead{ABLATION_READ_AHEAD}"] = [ahead]
+                measured[f"ratio-ahead{ABLATION_READ_AHEAD}"] = [ahead / bound]
             for name, values in measured.items():
                 runs.setdefault(f"{name}@{cap}", []).extend(values)
     out = {name: statistics.median(values) for name, values in runs.items()}
@@ -390,13 +396,15 @@ def write_results(path: Path, medians: dict[str, float], args: argparse.Namespac
                 f"| {'n/a' if broker is None else f'{broker:.1f}'} "
                 f"| {1e6 / medians[f'trainer@{cap}']:.1f} |"
             )
-    ahead4 = medians.get(f"process-e2e-ahead4@{ABLATION_CAP}")
-    if ahead4 is not None:
+    n = ABLATION_READ_AHEAD
+    ahead = medians.get(f"process-e2e-ahead{n}@{ABLATION_CAP}")
+    if ahead is not None:
+        default = KafkaSourceConfig("127.0.0.1:9092", "t").read_ahead_batches
         lines += [
             "",
-            f"Read-ahead at {ABLATION_CAP} (consumer process, same runs): four batches ahead "
-            f"{ahead4:,.0f}/s, {medians[f'ratio-ahead4@{ABLATION_CAP}']:.2f} of the bound; one "
-            f"(the default) {medians[f'process-e2e@{ABLATION_CAP}']:,.0f}/s, "
+            f"Read-ahead at {ABLATION_CAP} (consumer process, same runs): {n} batch(es) ahead "
+            f"{ahead:,.0f}/s, {medians[f'ratio-ahead{n}@{ABLATION_CAP}']:.2f} of the bound; "
+            f"{default} (the default) {medians[f'process-e2e@{ABLATION_CAP}']:,.0f}/s, "
             f"{medians[f'ratio-process@{ABLATION_CAP}']:.2f}.",
         ]
     text = "\n".join(lines) + "\n"

@@ -155,11 +155,11 @@ class KafkaSourceConfig:
         process (one core, no child). :class:`KafkaRecordSource` itself ignores it.
     read_ahead_batches
         With ``consumer_process``: how many batches the child reads ahead of the one being
-        trained (default 1: the next batch only). More lets the child's own pauses (a fetch, a
-        garbage collection) come out of its lead instead of the trainer's time, at the cost of
-        memory (at most this many times ``max_batch_records`` records held) and of batches cut
-        earlier under moderate load; at a rebalance, what was read ahead of the revoked
-        partitions is dropped and read again (:mod:`consumers.process_source`).
+        trained (default 4; 1: the next batch only). More lets the child's own pauses (a fetch
+        response parsed, a garbage collection) come out of its lead instead of the trainer's
+        time, at the cost of memory (at most this many times ``max_batch_records`` records held)
+        and of batches cut earlier under moderate load; at a rebalance, what was read ahead of
+        the revoked partitions is dropped and read again (:mod:`consumers.process_source`).
         :class:`KafkaRecordSource` ignores it.
     """
 
@@ -186,7 +186,7 @@ class KafkaSourceConfig:
     check_crcs: bool | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     consumer_process: bool = True
-    read_ahead_batches: int = 1
+    read_ahead_batches: int = 4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

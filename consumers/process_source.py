@@ -12,15 +12,15 @@ record, ``python bench/bench_frames.py``).
 ``assignment``, ``rebalancing``, ``close``) and the same offset and rebalance contract, with these
 differences, all consequences of reading ahead:
 
-- **Read-ahead**: the child reads up to ``read_ahead_batches`` (default 1) batches ahead of
+- **Read-ahead**: the child reads up to ``read_ahead_batches`` (default 4) batches ahead of
   the one the service trains on: :meth:`~ProcessKafkaSource.poll_batch` returns the oldest batch
   read (or waits for it) and asks for one more. A batch is cut when the child comes to it (at most
   ``max_wait_ms`` for the first records, then what is buffered, at most ``max_batch_records``),
   not when the trainer comes back for it: under moderate load batches are smaller than in one
   process, under a backlog they are full all the same. More than one lets a pause of the child
   (a fetch, a garbage collection) come out of its lead instead of the trainer's time;
-  ``python bench/bench_kafka.py`` measures four beside one at 64, and on its two-core machine
-  the two are within the noise (the Kafka section of BENCHMARKS.md).
+  ``python bench/bench_kafka.py`` measures one beside four at 64 (the Kafka section of
+  BENCHMARKS.md).
 - **Callbacks** (``offset_provider``, ``on_revoke``, ``on_lost``) run in the service's thread,
   inside whichever call on the source reads the child's answer next. kafka-python's IO thread in
   the child waits for them, so a rebalance waits at most for the training step in progress; the

@@ -27,7 +27,7 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     expected = {"raw"} | {f"{kind}@{cap}" for cap in (8, 64) for kind in kinds}
     expected |= {f"ratio-process@{cap}{end}" for cap in (8, 64) for end in ("", "-min", "-max")}
     expected |= {f"ratio-one@{cap}{end}" for cap in (8, 64) for end in ("-min", "-max")}
-    expected |= {"process-e2e-ahead4@64"} | {f"ratio-ahead4@64{e}" for e in ("", "-min", "-max")}
+    expected |= {"process-e2e-ahead1@64"} | {f"ratio-ahead1@64{e}" for e in ("", "-min", "-max")}
     expected |= {f"cpu-{who}@{cap}" for cap in (8, 64) for who in ("service", "child")}
     assert set(medians) == expected  # no broker pid given: no broker CPU
     assert all(rate > 0 for rate in medians.values())
@@ -43,7 +43,8 @@ def test_kafka_bench_measures_every_reader_and_writes_its_table(
     text = bench_kafka.write_results(tmp_path / "kafka.md", medians, args)
     assert "2000 records counted (of 4000 in the topic)" in text
     assert text.count("| trainer |") + text.count("| Kafka |") == 2  # one bound per cap
-    assert "Read-ahead at 64 (consumer process, same runs): four batches ahead" in text
+    assert "Read-ahead at 64 (consumer process, same runs): 1 batch(es) ahead" in text
+    assert "; 4 (the default)" in text
     assert "| max_batch_records | service process | consumer process | broker |" in text
     assert "| n/a |" in text
 

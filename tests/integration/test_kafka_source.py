@@ -92,7 +92,7 @@ def test_config_round_trips_through_its_json_mapping_secrets_included() -> None:
     with pytest.raises(ConfigError, match="read_ahead_batches must be an integer >= 1, got 0"):
         KafkaSourceConfig.from_mapping({"bootstrap_servers": "h:1", "topic": "t",
                                         "read_ahead_batches": 0})  # fmt: skip
-    assert KafkaSourceConfig("h:1", "t").read_ahead_batches == 1
+    assert KafkaSourceConfig("h:1", "t").read_ahead_batches == 4
 
 
 @pytest.mark.parametrize(

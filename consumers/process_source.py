@@ -51,6 +51,7 @@ call raises :class:`~stream_trainer.errors.SourceError` (not retriable) with its
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -122,6 +123,30 @@ def _log_settings() -> tuple[str, str]:
     return fmt, logging.getLevelName(root.getEffectiveLevel())
 
 
+PIPE_BYTES = 1 << 20
+"""What the child's frame pipe holds (Linux's default is 64 KiB; 1 MiB is the usual most an
+unprivileged process may ask, ``/proc/sys/fs/pipe-max-size``)."""
+
+
+def _grow_pipe(fd: int) -> None:
+    """Let the child write the batches it reads ahead whole, without waiting for the service to
+    read them: one batch of 512 of the Kafka bench's records is a frame of about 150 KB, and in a
+    64 KiB pipe the child wrote it in parts, each waiting for the service to come back from its
+    training step, and the service then waited for the rest (the end to end at 512 in the Kafka
+    section of BENCHMARKS.md, ``python bench/bench_kafka.py``). Where the size cannot be set, the
+    pipe keeps its own."""
+    setter = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setter is None:  # not Linux
+        return
+    size = PIPE_BYTES
+    with contextlib.suppress(OSError, ValueError):
+        size = min(size, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+    try:
+        fcntl.fcntl(fd, setter, size)
+    except OSError as exc:
+        log.debug("consumer process pipe left at its default size: %s", exc)
+
+
 def _key_of(message: Record | RejectedRecord) -> str:
     """The partition key of a message read from Kafka (whose topic and partition are set)."""
     return partition_key(message.topic, message.partition)  # type: ignore[arg-type]
@@ -169,6 +194,8 @@ class ProcessKafkaSource(ClosableSource):
             bufsize=0,
             env=env,
         )
+        assert self._proc.stdout is not None
+        _grow_pipe(self._proc.stdout.fileno())
         fmt, level = _log_settings()
         try:
             self._send(

@@ -6,6 +6,7 @@ rejections, and the offset, commit and rebalance contract holds across the proce
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from consumers.kafka_source import (
     SourceBatch,
     partition_key,
 )
-from consumers.process_source import ProcessKafkaSource, open_kafka_source
+from consumers.process_source import PIPE_BYTES, ProcessKafkaSource, open_kafka_source
 from stream_trainer.errors import SourceError
 from tests.fixtures.kafka import load_broker, produce_messages
 from tests.integration.test_kafka_source import (
@@ -83,6 +84,10 @@ def test_reads_what_the_in_process_source_reads(kafka_bootstrap: str, kafka_topi
         with ProcessKafkaSource(config) as source:
             got = _drain(source, total)  # type: ignore[arg-type]
             assert source._proc.poll() is None  # the child is alive while the source is open
+            # its frames' pipe holds several batches read ahead (PIPE_BYTES where allowed)
+            pipe = source._proc.stdout.fileno()  # type: ignore[union-attr]
+            allowed = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+            assert fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) == min(PIPE_BYTES, allowed)
             # ... and light: it never loads torch, which it has no use for.
             assert "libtorch" not in Path(f"/proc/{source.pid}/maps").read_text()
         assert _contents(got) == _contents(expected)

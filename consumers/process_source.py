@@ -130,7 +130,7 @@ unprivileged process may ask, ``/proc/sys/fs/pipe-max-size``)."""
 
 def _grow_pipe(fd: int) -> None:
     """Let the child write the batches it reads ahead whole, without waiting for the service to
-    read them: one batch of 512 of the Kafka bench's records is a frame of about 150 KB, and in a
+    read them: one batch of 512 of the Kafka bench's records is a frame of about 160 KB, and in a
     64 KiB pipe the child wrote it in parts, each waiting for the service to come back from its
     training step, and the service then waited for the rest (the end to end at 512 in the Kafka
     section of BENCHMARKS.md, ``python bench/bench_kafka.py``). Where the size cannot be set, the

@@ -777,7 +777,10 @@ class KafkaRecordSource(ClosableSource):
         for key, offset in sorted(dropped.items()):
             tp = TopicPartition(*parse_partition_key(key))
             if key not in restarted and tp in assigned:
-                self._consumer.seek(tp, offset)
+                try:
+                    self._consumer.seek(tp, offset)
+                except ValueError:  # unassigned since: its next owner reads it
+                    log.info("%s was unassigned before it could be sought back", key)
         log.info(
             "dropped %d messages read before their partitions were revoked: %s (partition: first "
             "offset dropped)",

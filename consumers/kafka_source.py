@@ -712,7 +712,6 @@ class KafkaRecordSource(ClosableSource):
         self._raise_pending()
         cap = self.config.max_batch_records
         polled_parts: list[tuple[str, int, list[Any]]] = []
-        next_offsets: dict[str, int] = {}
         if timeout_ms is None:
             timeout_ms = self.config.max_wait_ms
         generation = self._generation
@@ -726,7 +725,6 @@ class KafkaRecordSource(ClosableSource):
                 raise SourceError(f"Kafka poll failed: {exc}", retriable=exc.retriable) from exc
             if self._revocations != revocations and polled_parts:  # a rebalance in that poll
                 polled_parts = self._drop_read_before_revocation(polled_parts, revocations)
-                next_offsets = {partition_key(t, p): ms[-1].offset + 1 for t, p, ms in polled_parts}
                 size = sum(len(ms) for _t, _p, ms in polled_parts)
             revocations = self._revocations
             if not polled:
@@ -736,9 +734,10 @@ class KafkaRecordSource(ClosableSource):
                     continue
                 polled_parts.append((tp.topic, tp.partition, messages))
                 size += len(messages)
-                next_offsets[partition_key(*tp)] = messages[-1].offset + 1
             # Only the first poll waits; then take what is already buffered.
             timeout_ms = 0
+        # per partition, the offset after its last message (a later part of it comes later)
+        next_offsets = {partition_key(t, p): ms[-1].offset + 1 for t, p, ms in polled_parts}
         with self._track_lock:
             if self._generation == generation:  # no rebalance callback ran meanwhile
                 self._next_known.update(next_offsets)

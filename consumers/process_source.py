@@ -130,11 +130,11 @@ unprivileged process may ask, ``/proc/sys/fs/pipe-max-size``)."""
 
 def _grow_pipe(fd: int) -> None:
     """Let the child write the batches it reads ahead whole, without waiting for the service to
-    read them: one batch of 512 of the Kafka bench's records is a frame of about 160 KB, and in a
-    64 KiB pipe the child wrote it in parts, each waiting for the service to come back from its
-    training step, and the service then waited for the rest (the end to end at 512 in the Kafka
-    section of BENCHMARKS.md, ``python bench/bench_kafka.py``). Where the size cannot be set, the
-    pipe keeps its own."""
+    read them. Four batches of 64 of the Kafka bench's records are 80 KB of frames, one of 512 is
+    160 KB (``python bench/bench_frames.py``); in a 64 KiB pipe the child wrote them in parts,
+    each waiting for the service to come back from its training step, and the service then
+    waited for the rest (the end to end in the Kafka section of BENCHMARKS.md,
+    ``python bench/bench_kafka.py``). Where the size cannot be set, the pipe keeps its own."""
     setter = getattr(fcntl, "F_SETPIPE_SZ", None)
     if setter is None:  # not Linux
         return

@@ -73,3 +73,5 @@ def test_frames_bench_tiny(tmp_path: Path) -> None:
         "service: read_frame + unpack_batch",
     ):
         assert f"| {row} |" in text
+    size = next(line for line in text.splitlines() if line.startswith("| frame bytes"))
+    assert 8 * 250 < int(size.split("|")[2].replace(",", "")) < 8 * 400  # ~290 B a record + rows

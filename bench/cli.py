@@ -52,7 +52,7 @@ def add_subcommands(sub: Any) -> None:
         p = sub.add_parser(name, help=_HELP[name])
         _LazyArguments(name)(p)
         p.set_defaults(bench=name)
-    p = sub.add_parser("report", help="rewrite BENCHMARKS.md from bench/results/*.json")
+    p = sub.add_parser("report", help="rewrite BENCHMARKS.md from bench/results/* (no measuring)")
     p.set_defaults(bench="report")
     p = sub.add_parser("all", help="run every bench with its defaults, then write BENCHMARKS.md")
     p.set_defaults(bench="all")

@@ -183,3 +183,35 @@ def test_baselines_tiny(tmp_path: Path) -> None:
     assert "| ARF |" not in text and "seed 2 " in text and "| MLP alone |" in text
     with pytest.raises(SystemExit):
         bl.main(["--streams", "Nope"])
+
+
+def test_report_reproduces_committed_benchmarks() -> None:
+    """BENCHMARKS.md is generated only: `python -m bench report` rebuilds it byte for byte."""
+    import bench.report as report
+
+    committed = report.OUTPUT.read_text()
+    assert report.build_report() == committed
+    assert "## Summary" in committed and "bench/results/reading.md" not in committed
+
+
+def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
+    import bench.report as report
+
+    assert "No results yet" in report.summary(tmp_path)
+    meta = {"command": "python -m bench throughput"}
+    rows = [
+        {"learner": "ours", "size": 1, "samples_per_second": 300.0},
+        {"learner": "deep-river", "size": 1, "samples_per_second": 100.0},
+        {"learner": "ours", "size": 64, "samples_per_second": 900.0},
+        {"learner": "bare loop", "size": 64, "samples_per_second": 1000.0},
+    ]
+    (tmp_path / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    (tmp_path / "kafka.md").write_text(
+        "# Kafka\n\n- command: `python bench/bench_kafka.py --records 10`\n\n"
+        "| max_batch_records | e2e | consumer process / bound |\n|---:|---:|---:|\n"
+        "| 8 | 1 | 0.50 (0.4-0.6) |\n| 64 | 2 | 0.81 (0.79-0.85) |\n"
+    )
+    text = report.summary(tmp_path)
+    assert "| trainer ÷ deep-river, samples/s at batch 1 | 3.00 | ≥ 2 |" in text
+    assert "| trainer ÷ bare loop, samples/s at batch 64 | 0.90 | ≥ 0.8 |" in text
+    assert "| 0.81 (0.79-0.85) | ≥ 0.8 | `python bench/bench_kafka.py --records 10` |" in text

@@ -63,46 +63,9 @@ class TrainerConfig:
     target: str | None = None
     task: str = "auto"
     features: tuple[str, ...] | None = None
-    # Defaults chosen on river:Phishing and weather.csv (target ``target``), batch size 1 and
-    # ``--batch-sizes 1:64``, norms ema_batch/batch_renorm/layer, seeds 0-2, against river's
-    # LogisticRegression on the same batches (tests/test_learner_quality.py), with
-    # synth:agrawal_drift?n=10000, river:Bananas and river:ImageSegments as sanity checks.
-    # Earlier rounds (before skip etc.): lr 1e-3..1e-2, sqrt scaling from a reference batch of 1
-    # (-1.5 to -3 points at 1:64), hidden (64,), (128,), (32, 32): no win.
-    # What won (seed 0 unless "mean" = seeds 0-2; P = Phishing, W = weather):
-    # - skip=True: W b1 ema .7676 -> .7844, renorm .7649 -> .7829; P b1 +0.3; 1:64 within +-0.5.
-    # - ema_batch/batch_renorm momentum 0.002 (DEFAULT_NORM_OPTIONS): W 1:64 ema .7696 -> .7850,
-    #   renorm .7643 -> .7796; 0.001/0.003 the same, 0.005 half of it, 0.05 -1 point.
-    # - activation gelu: P b1 layer .8888 -> .8984, ema .8936 -> .9016 (silu the same); with relu
-    #   agrawal_drift 1:64 ema drops .811 -> .798.
-    # - lr_scaling sqrt from lr_reference_batch 8, never under lr (lr_scale_min 1; batch size 1
-    #   is untouched): P 1:64 mean .8563 -> .8617, agrawal_drift 1:64 ema .843 -> .858, layer
-    #   .830 -> .848; W 1:64 -0.4.
-    # - momentum_in_samples (Adam beta1 = 0.9 ** (n / 8) for n > 8 rows; batch size <= 8
-    #   unchanged): seed 0 (mean 0-2) 1:64, before -> after: W ema .7705 -> .7878 (.7733 -> .7858),
-    #   renorm .7632 -> .7746 (.7661 -> .7769), layer .7614 -> .7777 (.7631 -> .7776); P ema
-    #   .8680 -> .8720 (.8621 -> .8701), renorm .8712 -> .8784 (.8608 -> .8701), layer .8640 ->
-    #   .8736 (.8616 -> .8691); agrawal_drift ema .8582 -> .8910 (.8596 -> .8888), layer .8476 ->
-    #   .8861 (.8382 -> .8812). A fixed beta1 0.5 / 0.3 does about as well at 1:64 but changes b1.
-    # Tried, not default:
-    # - lr_decay_samples 1000, floor 0.2: W +1 point everywhere (b1 mean .797/.796/.796, 1:64 mean
-    #   .786/.782/.777) but agrawal_drift 1:64 -1.6/-3.3 points under the old defaults (floor 0.5:
-    #   still -0.4/-1.7): a stream must keep adapting, so it stays off.
-    # - a separate lr for head + skip: 1e-2 or 3e-2 -1 to -6 points at 1:64; 1e-3 mixed.
-    # - lr 2e-3 / 5e-3 / 6e-3 with the above: mixed, within noise.
-    # - batch_renorm warm-up over 200..2,000 samples instead of 1,000..10,000: no change.
-    # Phishing 1:64 (seed 0) scored the whole first batch (34 rows, no model yet) as wrong until
-    # 2026-11-28: .872/.878/.874 then; river's protocol leaves such rows unscored (see
-    # stream_trainer.training.metrics), which gives .896/.903/.898 (seeds 1, 2: .885/.884/.883,
-    # .892/.887/.891). Experience replay of past records (16 replayed per new one) added under a
-    # point at 1:64 for 16x the learning cost: not a default.
-    # Tried on top of momentum_in_samples, all within noise on Phishing 1:64: lr 2e-3 / 5e-3, beta2
-    # .98, eps 1e-6, early micro-batches of 8/4/1, an extra pass below 1,000 samples, lr x2 early,
-    # reference batch 4 or 16, no clipping, no lr scaling.
-    # linear_expert (2026-11-28): on linear concepts (river's SEA, Hyperplane, LED) the MLP alone
-    # stayed 1 to 3 points under river's LogisticRegression (bench/bench_baselines.py); a per-record
-    # Adagrad logistic regression served in a mixture weighted by recent errors closes that (see
-    # stream_trainer/model/linear_expert.py and training/mixture.py for what was tried).
+    # The defaults below were chosen on river's streams and weather.csv at batch size 1 and
+    # ``1:64`` against river's LogisticRegression; docs/decisions.md gives each choice with the
+    # command that shows it, and what was tried instead.
     hidden: tuple[int, ...] = (64, 64)
     norm: str | tuple[str, ...] = "ema_batch"
     norm_options: Mapping[str, Mapping[str, Any]] = field(

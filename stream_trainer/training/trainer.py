@@ -1,51 +1,25 @@
 """The incremental trainer: prequential test-then-train on variable-size mini-batches.
 
-A step takes whatever records arrived (1 or 500) and, in this order:
+A step takes whatever records arrived (1 or 500) and, in this order, **checks** each record
+(values, feature kinds, label: a failing record is rejected with a reason and never reaches the
+model), **encodes** the accepted ones (feature statistics learn first; they see no label),
+**predicts** them in serving mode with the MLP and, with ``linear_expert``, the online linear model
+(:mod:`stream_trainer.model.linear_expert`), serving their mixture
+(:mod:`stream_trainer.training.mixture`), **scores** the labelled ones (records before the first
+model are *unscored*, as in river's protocol) and **learns** from them: one optimizer step on the
+batch-mean loss (cross-entropy, or MSE on the standardized target) with the learning-rate and
+momentum conventions of :class:`~stream_trainer.training.TrainerConfig`, then the linear expert's
+per-record Adagrad steps. Records without a label are predicted only.
 
-1. **checks** every record: value types (:func:`stream_trainer.records.check_values`), feature kinds
-   (:class:`~stream_trainer.features.FeatureEncoder`) and the label
-   (:mod:`stream_trainer.training.labels`); a failing record is *rejected* with a reason and never
-   reaches the model;
-2. **encodes** the accepted records (the feature statistics learn from the batch first; they carry
-   no label, so the prequential estimate stays honest);
-3. **predicts** all of them with the model in *serving* mode (``eval()``, no gradient) and, with
-   ``linear_expert`` (the default), with an online linear model beside it
-   (:mod:`stream_trainer.model.linear_expert`), and serves the mixture of the two weighted by their
-   recent accuracy (:mod:`stream_trainer.training.mixture`): this is the prediction that is scored
-   and, in the service, published;
-4. **scores** the labelled ones (the metrics in :mod:`stream_trainer.training.metrics`); before the
-   first labelled batch there is no model and so no prediction: those records are *unscored*
-   (counted in :attr:`IncrementalTrainer.unscored`, in no metric), as in river's protocol;
-5. **learns** from the labelled ones: each expert is scored first (its own prediction, before
-   learning: the mixture's weights), new classes grow the output layer, then one optimizer step on
-   the mean loss of the batch (cross-entropy, or MSE on the standardized target), with optional
-   gradient-norm clipping, learning-rate scaling with the batch size and a learning rate that
-   decays with the samples learned (to a floor); the linear expert then takes its Adagrad steps
-   record by record.
+Deterministic under ``seed``: model init, new output rows and dropout draw from the trainer's own
+torch generator state (saved as ``rng.torch`` in :meth:`IncrementalTrainer.state_tensors`), so two
+trainers in one process never disturb each other and a restored one continues exactly.
 
-Records without a label are predicted only. Everything is deterministic under ``seed``: the model
-init, new output rows and dropout draw from the trainer's *own* torch generator state (seeded with
-``seed``, swapped into torch's global generator only around the draws, and saved in
-:meth:`IncrementalTrainer.state_tensors` as ``rng.torch``), so two trainers in one process never
-disturb each other and a restored trainer continues exactly where the saved one was.
-
-Cost at batch size 1 (the service's common case) is dominated by fixed per-call overhead, so the
-step avoids it where it can: the optimizer is the fused (single-kernel) variant when torch has one
-for the device, gradient clipping uses the ``_foreach`` kernels, switching between serving and
-learning touches only the modules whose forward depends on the mode
-(:meth:`~stream_trainer.model.StreamMLP.set_training`), a model whose training and eval forward
-are the same function (no dropout, no running statistics: ``layer``, ``rms``, ``group``, ``none``)
-runs *one* forward pass whose output is both the served prediction and the input of the loss, and
-the default MLP is differentiated by hand (:mod:`stream_trainer.model.manual_backward`: no autograd
-graph; gradients equal autograd's to float rounding; ``trainer.manual_backward = False`` turns it
-off, and models it does not cover use autograd).
-
-Cheaper still, and the default where it covers the model (``ema_batch``, ``batch_renorm``,
-``layer`` or ``none`` norms, any of the four activations, no dropout, Adam or AdamW, CPU
-float32/float64, a single process), the whole step of serving, learning and the optimizer runs in
-numpy on memory shared with the PyTorch model and optimizer
-(:mod:`stream_trainer.model.numpy_step`; equal to the PyTorch paths to float rounding;
-``trainer.numpy_step = False`` turns it off). With distributed hooks the PyTorch paths run.
+One step, three implementations equal to float rounding: the numpy step
+(:mod:`stream_trainer.model.numpy_step`, the default where it covers the model), the
+hand-differentiated PyTorch MLP (:mod:`stream_trainer.model.manual_backward`), and autograd;
+``trainer.numpy_step = False`` and ``trainer.manual_backward = False`` turn the first two off, and
+distributed hooks use the PyTorch paths. Why the fast paths exist: docs/decisions.md.
 """
 
 from __future__ import annotations

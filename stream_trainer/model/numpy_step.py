@@ -2,12 +2,10 @@ r"""The prequential step of the default MLP in numpy: serving forward, training 
 gradient clipping and Adam, on arrays that share memory with the PyTorch model and optimizer.
 
 **Why.** At batch size 1 a step is a few hundred operations on vectors of 64 values, so its cost
-is the fixed cost of each operation, not arithmetic: a PyTorch call pays dispatch and Python
-overhead that a numpy call on a small array mostly does not (``python bench/bench_step_paths.py``:
-``F.gelu`` on one row of 64 costs 15.6 µs, scipy's ``erf`` on it 1.7 µs). The hand-differentiated
-PyTorch step (:mod:`stream_trainer.model.manual_backward`) removed autograd's graph but not those
-per-call costs; this step removes them: the trainer alone runs 4.5x faster at batch size 1 and
-1.2x at 512 (same command).
+is the fixed cost of each operation, not arithmetic, and a PyTorch call pays dispatch overhead that
+a numpy call on a small array mostly does not. The hand-differentiated PyTorch step
+(:mod:`stream_trainer.model.manual_backward`) removes autograd's graph but not those per-call
+costs; this step removes them (``python bench/bench_step_paths.py``, BENCHMARKS.md).
 
 **Shared memory, one source of truth.** :meth:`NumpyMLPStep.build` moves every parameter into one
 flat buffer (``p.data`` becomes a view of it, values copied exactly), and Adam's ``exp_avg``,
@@ -84,9 +82,8 @@ def _relu_backward(dy: Array, z: Array, a: Array) -> Array:
 
 
 # From this many elements on, GELU and SiLU run PyTorch's vectorized kernels on zero-copy views:
-# PyTorch's GELU costs 16-46 µs a call whatever the size, scipy's erf 9-13 ns an element, so at
-# 64 x 64 PyTorch's is 1.7x faster (22.7 against 37.8 µs) and at 512 x 64 9x (45.6 against 430 µs;
-# ``python bench/bench_step_paths.py``).
+# scipy's erf costs per element, PyTorch's kernel about the same per call whatever the size
+# (``python bench/bench_step_paths.py`` times both).
 _TORCH_ELEMENTWISE = 4096
 
 

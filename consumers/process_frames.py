@@ -9,13 +9,12 @@ message keys and values exactly as the broker returned them, so that a record th
 aside (dead letter) keeps its original bytes.
 
 A batch's header (:func:`pack_polled`) whose records are all plain (below) and none rejected is
-written by ``orjson``, at about a tenth of ``json``'s cost each way
-(``python bench/bench_frames.py``): it holds no float at all (rows of integers, names, the next
-offsets), and orjson refuses what it could not write back as it was (an integer beyond 64 bits, a
-lone surrogate). Every other header is written by Python's ``json``, which reads back what it
-writes, NaN included (a rejected value, or an accepted record's label, may hold one: orjson would
-write it as ``null``); the top bit of the header length (:data:`JSON_HEADER`) tells the reader
-which.
+written by ``orjson``, much cheaper than ``json`` each way: it holds no float at all (rows of
+integers, names, the next offsets), and orjson refuses what it could not write back as it was (an
+integer beyond 64 bits, a lone surrogate). Every other header is written by Python's ``json``, which
+reads back what it writes, NaN included (a rejected value, or an accepted record's label, may hold
+one: orjson would write it as ``null``); the top bit of the header length (:data:`JSON_HEADER`)
+tells the reader which.
 
 The child decodes and checks the values itself, and a decoded batch
 (:class:`~consumers.kafka_source.SourceBatch`) travels as one frame (:func:`pack_polled` /
@@ -31,9 +30,7 @@ A *plain* record is one :meth:`~consumers.deserializer.RecordDecoder.accept_plai
 original bytes are one JSON object that ``orjson`` reads to its decoded value (before the kept
 fields are picked). So its value does not travel twice: the service reads the original bytes of
 all plain records of a batch back with one ``orjson.loads`` of ``[raw, raw, ...]`` and picks the
-kept fields: the whole read-back (``read_frame`` and ``unpack_batch``) costs 1.5 us a record,
-against 3.2 us for the earlier layout that rebuilt each value from its decoded fields
-(``python bench/bench_frames.py``, 2026-11-28 22:19 and 00:16 UTC).
+kept fields (``python bench/bench_frames.py`` times each side of the pipe).
 """
 
 from __future__ import annotations

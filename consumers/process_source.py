@@ -4,8 +4,8 @@ Why: kafka-python parses every record in Python, and in one process that work, t
 the training step run one after the other (the Kafka section of BENCHMARKS.md,
 ``python bench/bench_kafka.py``). With the consumer in :mod:`consumers.consumer_process`, the child
 fetches, parses, decodes and checks the batches after ``k`` on the other core while the service
-trains batch ``k``; the service only reads the decoded batch back from its frame (about 1.5 us a
-record, ``python bench/bench_frames.py``).
+trains batch ``k``; the service only reads the decoded batch back from its frame
+(``python bench/bench_frames.py`` times it).
 
 :class:`ProcessKafkaSource` has the interface of :class:`~consumers.kafka_source.KafkaRecordSource`
 (``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``lag``, ``caught_up``,
@@ -37,10 +37,8 @@ differences, all consequences of reading ahead:
   revocation; this member from the offset the service has trained when it provides one, or else
   from the first message dropped (the answer to the assignment's offset event, and a seek in the
   child where kafka-python keeps the partition's position). Handed out instead, they would be
-  trained twice: with four batches ahead and before these drops, the distributed service's
-  ``kill -9`` test trained 16 of 3,000 records twice once, and
-  ``tests/integration/test_process_source.py`` does so every time when it asks for the lag after
-  each batch.
+  trained twice (``tests/integration/test_process_source.py`` asks for the lag after each batch
+  to hold this).
 - :meth:`~ProcessKafkaSource.caught_up` is False while a batch read ahead holds messages, and
   :meth:`~ProcessKafkaSource.lag` counts their messages as not read.
 
@@ -130,11 +128,9 @@ unprivileged process may ask, ``/proc/sys/fs/pipe-max-size``)."""
 
 def _grow_pipe(fd: int) -> None:
     """Let the child write the batches it reads ahead whole, without waiting for the service to
-    read them. Four batches of 64 of the Kafka bench's records are 80 KB of frames, one of 512 is
-    160 KB (``python bench/bench_frames.py``); in a 64 KiB pipe the child wrote them in parts,
-    each waiting for the service to come back from its training step, and the service then
-    waited for the rest (the end to end in the Kafka section of BENCHMARKS.md,
-    ``python bench/bench_kafka.py``). Where the size cannot be set, the pipe keeps its own."""
+    read them: a frame written in parts makes the child wait for the service's training step and
+    the service then wait for the rest (frame sizes: ``python bench/bench_frames.py``). Where the
+    size cannot be set, the pipe keeps its own."""
     setter = getattr(fcntl, "F_SETPIPE_SZ", None)
     if setter is None:  # not Linux
         return

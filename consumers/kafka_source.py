@@ -10,13 +10,10 @@ Offsets
 Every offset this module hands out or accepts is a **next** offset, the offset of the next message
 to read: after processing the message at offset ``o`` the next offset is ``o + 1`` (Kafka's commit
 convention). They are keyed ``"topic:partition"`` (see :func:`partition_key`); topic names cannot
-contain ``:``, so the key is unambiguous. Auto-commit is off: the service commits, in this order,
-
-1. save the trainer checkpoint holding ``next_offsets``,
-2. :meth:`DeadLetterSink.flush <consumers.dead_letter.DeadLetterSink.flush>`,
-3. :meth:`KafkaRecordSource.commit` with the same ``next_offsets``,
-
-so that a crash between two steps replays records (at-least-once) but never skips one.
+contain ``:``, so the key is unambiguous. Auto-commit is off: the service calls
+:meth:`KafkaRecordSource.commit` only with the ``next_offsets`` of a checkpoint it has saved, in
+the order stated in :mod:`stream_trainer.service.runner` ("Checkpoint order"), so Kafka's
+committed offsets are never ahead of the checkpoint.
 
 Rebalances
 ----------
@@ -142,9 +139,9 @@ class KafkaSourceConfig:
     check_crcs
         Verify the CRC-32C of every record batch fetched. ``None`` (default): verify when
         kafka-python has the ``crc32c`` C extension (a dependency of this package, so normally
-        always), skip otherwise: the pure-Python fallback costs about 60 us per 250-byte record,
-        more than a training step per record, while the broker has already verified every batch
-        on produce and TCP checksums the transfer. ``True`` verifies whatever it costs.
+        always), skip otherwise: the pure-Python fallback costs more than a training step per
+        record, while the broker has already verified every batch on produce and TCP checksums
+        the transfer. ``True`` verifies whatever it costs.
     security
         Passed through to kafka-python; secrets stay out of ``repr`` and logs.
     consumer_process

@@ -114,8 +114,8 @@ class RecordDecoder:
         ``None`` does not mean rejected; it means "let :meth:`_decode_checked` decide", which
         re-reads the value the documented way (Python's ``json``) and gives the exact reason and
         detail. Every record accepted here is one :meth:`_decode_checked` accepts with the same
-        value, of the same types: the text is read by ``orjson`` (``python bench/bench_frames.py``:
-        a batch decodes in 2.8 us a record, the reference path 9-12 us), which refuses everything
+        value, of the same types: the text is read by ``orjson`` (the cheaper path,
+        ``python bench/bench_frames.py``), which refuses everything
         ``json`` would read differently or refuse (``NaN``/``Infinity`` literals, lone
         surrogates, a number out of a double's range, a BOM, trailing data) and reads everything
         else to the same values, except integers beyond 64 bits, which it reads as floats: a

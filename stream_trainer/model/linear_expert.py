@@ -1,8 +1,8 @@
 r"""An online linear model trained with Adagrad: the second expert beside the MLP.
 
 **Why.** On streams whose concept is linear (river's SEA, Hyperplane, LED) the MLP trained with
-Adam keeps a noise floor that a per-record logistic regression does not have: it scores 1 to 3
-points under river's ``LogisticRegression`` there (``python bench/bench_baselines.py``). A linear
+Adam keeps a noise floor that a per-record logistic regression does not have: it scores under
+river's ``LogisticRegression`` there (``python bench/bench_baselines.py``). A linear
 model with a per-coordinate step size that shrinks as gradients accumulate (Adagrad) converges on
 such a concept in a few hundred records and then stays put. The trainer runs one beside the MLP on
 the same standardized inputs and serves a mixture of the two
@@ -25,10 +25,8 @@ loss is convex: no symmetry to break), so the first prediction is uniform (or th
 with :math:`\eta` = :data:`EXPERT_LR` and :math:`\epsilon = 10^{-8}`, for :math:`W` and :math:`b`
 alike. A batch of :math:`n` records is :math:`n` steps, so the expert computes the same function of
 the stream whatever its batching (only the predictions, made before the batch, see less). This is
-what lets it match a per-record logistic regression at ``--batch-sizes 1:64``: one step on the
-batch-mean gradient (even with the step scaled by :math:`\sqrt n`, or the accumulator fed the
-per-record squares) scored 0.4 to 1.2 points under river's ``LogisticRegression`` on Hyperplane
-and SEA there. Cost: about a dozen numpy calls per record (``python -m bench throughput``).
+what lets it match a per-record logistic regression at ``--batch-sizes 1:64``, where one step on
+the batch-mean gradient does not (docs/decisions.md). Cost: about a dozen numpy calls per record.
 
 **Growth.** New input columns (features or categories appearing mid-stream) and new classes add
 zero weights and zero accumulators: the logits of the old classes do not change and a new class
@@ -50,11 +48,8 @@ import torch
 __all__ = ["EXPERT_LR", "MAX_STEPS", "LinearExpert"]
 
 EXPERT_LR = 0.07
-"""Adagrad's step size (see the module docstring). Chosen on the first 5,000 records of river's
-SEA, SEA drift, Hyperplane and LED drift, batch size 1 and ``1:64``, norms ``ema_batch``,
-``batch_renorm`` and ``layer``, seed 0 (24 cells): the smallest margin over river's
-``LogisticRegression`` was -0.08 points at 0.05, +0.12 at 0.06, +0.16 at 0.07, +0.14 at 0.08,
--0.02 at 0.1 and -0.10 at 0.13 (always Hyperplane or LED at ``1:64``)."""
+"""Adagrad's step size (see the module docstring): the largest smallest margin over river's
+``LogisticRegression`` on linear streams (docs/decisions.md, "The linear expert")."""
 MAX_STEPS = 64
 """Most Adagrad steps one batch takes (see the module docstring): batches up to this size are
 stepped record by record, larger ones in that many chunks, so the cost of a batch is bounded."""

@@ -23,10 +23,9 @@ records, so the mixture follows a drift that changes which expert is better), :m
   metric users watch, and the served probabilities are :math:`\sum_k w_k p_k`. An expert six
   errors behind the other over the last thousand records or so weighs about 5 %, so the mixture
   follows whichever expert has been more *accurate* lately, and averages the two while they are
-  about even. (The log loss, i.e. Bayesian model averaging, was tried first: on SEA at batch size
-  1 it kept the better-calibrated MLP and served 96.7 % where the linear expert alone reached
-  98.7 %, both with the expert's step size at 0.1.) A class that no expert knows yet (first seen
-  in this batch) is an error for both, so it moves no weight.
+  about even. (Not the log loss, i.e. Bayesian model averaging: it follows the better-calibrated
+  expert rather than the more accurate one; docs/decisions.md.) A class that no expert knows yet
+  (first seen in this batch) is an error for both, so it moves no weight.
 - Regression: :math:`\ell_k(i) = \tfrac12 (\hat z_k(i) - z_i)^2` in standardized target units
   (with :math:`\eta` = 0.5, the weights of a Gaussian likelihood of variance 2), and the served
   value is :math:`\sum_k w_k \hat z_k` de-standardized.
@@ -45,12 +44,8 @@ __all__ = ["DISCOUNT", "ETA", "EXPERTS", "ExpertMixture", "classification_losses
 EXPERTS = ("mlp", "linear")
 DISCOUNT = 0.999
 ETA = 0.5
-# Chosen with the linear expert's step size (stream_trainer.model.linear_expert.EXPERT_LR) on
-# river's Phishing and the first 5,000 records of SEA, SEA drift, Hyperplane and LED drift, batch
-# size 1 and 1:64, norms ema_batch / batch_renorm / layer, seed 0 (30 cells), as the smallest
-# margin over river's LogisticRegression (points): eta 1 / discount 0.998 -0.08 (Phishing, where
-# the two experts are about as accurate and a 3-error lead flipped the mixture back and forth);
-# 0.7 / 0.998 -0.08; 0.5 / 0.998 +0.08; 0.5 / 0.999 +0.12; 0.25 / 0.999 +0.04.
+# Chosen with the linear expert's step size (docs/decisions.md, "The linear expert"): a faster
+# rate or a shorter memory flips the mixture back and forth where the experts are about even.
 
 
 def classification_losses(proba: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -5,10 +5,8 @@ costs the number of tensor ops and of Python calls, not arithmetic: autograd rec
 the forward pass, builds a graph and walks it in its engine, and the module calls add their own
 bookkeeping. Here the training forward runs with autograd off, keeping what the backward needs (a
 *tape*), and the backward is written out layer by layer, with the same kernels autograd would call.
-What it saves is autograd's graph, not kernels: at batch 64 the trainer went from 0.81 to 0.97 of a
-bare PyTorch loop over the same model (``python -m bench throughput``, with the one-pass record
-check); at batch size 1, where the ~150 small kernels of a step dominate, the step is only a few
-per cent faster.
+What it saves is autograd's graph, not kernels, so it pays most at batches of a few dozen rows;
+at batch size 1 the small kernels themselves dominate (``python bench/bench_step_paths.py``).
 
 For hidden blocks ``h_{k+1} = \phi(\mathrm{Norm}_k(W_k h_k + b_k))`` and the head
 ``o = W_o h_K + b_o (+ W_s x)``, with :math:`g = \partial L/\partial o`:

@@ -794,10 +794,9 @@ class KafkaRecordSource(ClosableSource):
         refused (``SourceError``, not retriable): committed offsets only move forward.
 
         While a rebalance is in progress (:attr:`rebalancing`) nothing is sent and ``SourceError``
-        (retriable) is raised: the group would refuse the commit anyway, and kafka-python 3.0.12
-        can wedge when a commit is attempted while this member, as group leader, waits for its
-        SyncGroup response (the rebalance never completes and the next ``poll`` blocks forever).
-        The offsets stay in the service's checkpoint; the next checkpoint commits them.
+        (retriable) is raised: the group would refuse the commit anyway, and kafka-python can
+        block a group leader that commits while it waits for its SyncGroup response. The offsets
+        stay in the service's checkpoint; the next checkpoint commits them.
         """
         self._check_open()
         if self._rebalancing:

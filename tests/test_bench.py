@@ -190,7 +190,7 @@ def test_report_reproduces_committed_benchmarks() -> None:
     import bench.report as report
 
     committed = report.OUTPUT.read_text()
-    assert report.build_report() == committed
+    assert report.build_report() == committed, "stale BENCHMARKS.md: run `python -m bench report`"
     assert "## Summary" in committed and "bench/results/reading.md" not in committed
 
 

@@ -112,3 +112,24 @@ def test_readme_commands_parse() -> None:
     parser = build_parser()
     for command in commands:
         parser.parse_args(shlex.split(command)[1:])
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/decisions.md", "CHANGELOG.md"])
+def test_links_resolve(name: str) -> None:
+    """Every relative link of the user's documents points at a file, and every #anchor at a
+    heading of its document."""
+    path = ROOT / name
+    text = path.read_text(encoding="utf-8")
+    slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in slugs, f"{name}: no heading for {target}"
+        else:
+            assert (path.parent / target).exists(), f"{name}: {target} does not exist"

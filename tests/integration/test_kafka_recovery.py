@@ -457,6 +457,7 @@ def test_a_lag_query_is_bounded_while_the_broker_is_down(private_broker: Any) ->
             with pytest.raises(SourceError) as failed:
                 source.lag()
             elapsed = time.monotonic() - started
+            print(f"lag query with the broker down: {type(source).__name__} {elapsed:.2f} s")
             assert failed.value.retriable is True
             # lag_timeout_ms (500 ms) per request phase: far from request_timeout_ms (30 s).
             assert elapsed < 3.0, (type(source).__name__, elapsed)

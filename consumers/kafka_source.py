@@ -774,24 +774,25 @@ class KafkaRecordSource(ClosableSource):
         # per partition, the offset after its last message (a later part of it comes later)
         next_offsets = {partition_key(t, p): ms[-1].offset + 1 for t, p, ms in polled_parts}
         with self._track_lock:
+            # a partition handed out needs no start position (_announce_starts)
+            self._unannounced.difference_update(TopicPartition(t, p) for t, p, _ms in polled_parts)
             if self._generation == generation:  # no rebalance callback ran meanwhile
-                starts = self._announce_starts(next_offsets)
+                starts = self._announce_starts()
                 self._next_known.update(next_offsets)
                 self._last_read = frozenset(next_offsets)
                 next_offsets.update(starts)
         self._raise_pending()
         return polled_parts, next_offsets
 
-    def _announce_starts(self, read: Mapping[str, int]) -> dict[str, int]:
+    def _announce_starts(self) -> dict[str, int]:
         """The start position of each partition assigned since the last polls that no message
         has come from yet, once it is known (``self._track_lock`` held).
 
         Handed out in a batch's ``next_offsets``, they let a checkpoint hold every partition this
         member owns, the ones it has not read anything from too: a restore then seeks each of
-        them, and never takes the group's committed offset instead. A partition read in this
-        batch needs none (its next offset is there). The position is read from kafka-python's
-        subscription state without a request: valid once the consumer has sought, fetched the
-        committed offset or reset the partition.
+        them, and never takes the group's committed offset instead. The position is read from
+        kafka-python's subscription state without a request: valid once the consumer has sought,
+        fetched the committed offset or reset the partition.
         """
         starts: dict[str, int] = {}
         if not self._unannounced:
@@ -800,9 +801,7 @@ class KafkaRecordSource(ClosableSource):
         for tp in list(self._unannounced):
             key = partition_key(*tp)
             state = assignment.get(tp)
-            if key in read:
-                self._unannounced.discard(tp)
-            elif state is not None and state.has_valid_position:
+            if state is not None and state.has_valid_position:
                 starts[key] = int(state.position.offset)
                 self._next_known[key] = starts[key]
                 self._unannounced.discard(tp)

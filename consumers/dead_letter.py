@@ -228,6 +228,7 @@ class DeadLetterSink:
         """Hand ``letter`` to the producer; a refusal is handled as :meth:`_refused` says, a
         transient failure keeps it for the next :meth:`flush`."""
         r = letter.rejected
+        value: bytes | None
         if letter.cut_down:
             value, key = cut_down_value(r, letter.refused), r.key
             if key is not None and len(key) > CUT_DOWN_HEAD_BYTES:
@@ -307,11 +308,11 @@ class DeadLetterSink:
             for future, letter in pending:
                 if not future.failed():
                     continue
-                exc = future.exception
-                if getattr(exc, "retriable", False):
+                error = future.exception
+                if getattr(error, "retriable", False):
                     self._unsent.append(letter)
                 else:
-                    self._refused(letter, exc)
+                    self._refused(letter, error)
             if self._unsent and not self._pending:
                 break
         if self._unsent or self._pending:

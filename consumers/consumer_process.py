@@ -11,9 +11,9 @@ Threads
 - the **main thread** runs commands in order: ``poll`` (one batch), ``commit``, ``end_offsets``,
   ``committed_offsets``, ``committed_metadata``, ``lag``, ``caught_up``, ``assignment``,
   ``close``. While a ``poll`` waits for records it polls in slices of :data:`POLL_SLICE_MS` and
-  runs the other commands between
-  slices, so a command never waits for ``max_wait_ms`` (a ``poll`` that comes meanwhile is
-  counted and answered after it: the service keeps several asked for, to read ahead);
+  runs the other commands between slices, so a command never waits for ``max_wait_ms`` (a
+  ``poll`` that comes meanwhile is counted and answered after it: the service keeps several asked
+  for, to read ahead);
 - a **reader thread** reads stdin and routes each frame: answers to rebalance events go to the
   waiting callback, everything else to the main thread's queue. Had the main thread read them, a
   command needing kafka-python's IO thread (a commit) would wait for that thread while the IO

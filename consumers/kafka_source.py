@@ -16,7 +16,11 @@ contain ``:``, so the key is unambiguous. Auto-commit is off: the service commit
 2. :meth:`DeadLetterSink.flush <consumers.dead_letter.DeadLetterSink.flush>`,
 3. :meth:`KafkaRecordSource.commit` with the same ``next_offsets``,
 
-so that a crash between two steps replays records (at-least-once) but never skips one.
+so that a crash between two steps replays records (at-least-once) but never skips one. Each
+committed offset may carry a metadata string (the service's checkpoint version and the
+partition's origin, :meth:`KafkaRecordSource.committed_metadata` reads them back). A batch's
+``next_offsets`` also hands out, once per assignment, the start position of each partition no
+message has come from yet, so that a checkpoint holds every partition owned.
 
 Rebalances
 ----------

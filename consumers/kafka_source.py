@@ -12,8 +12,8 @@ to read: after processing the message at offset ``o`` the next offset is ``o + 1
 convention). They are keyed ``"topic:partition"`` (see :func:`partition_key`); topic names cannot
 contain ``:``, so the key is unambiguous. Auto-commit is off: the service commits, in this order,
 
-1. save the trainer checkpoint holding ``next_offsets``,
-2. :meth:`DeadLetterSink.flush <consumers.dead_letter.DeadLetterSink.flush>`,
+1. :meth:`DeadLetterSink.flush <consumers.dead_letter.DeadLetterSink.flush>`,
+2. save the trainer checkpoint holding ``next_offsets``,
 3. :meth:`KafkaRecordSource.commit` with the same ``next_offsets``,
 
 so that a crash between two steps replays records (at-least-once) but never skips one. Each

@@ -35,9 +35,10 @@ JSON object
 with the ``x-*`` headers above plus ``x-cut-down: 1``, the original key when it is at most 1024
 bytes, and none of the original headers. A cut-down letter that is refused too is counted
 (:attr:`DeadLetterSink.undeliverable`) and logged, never raised and never sent again: a record
-must not stop the service. Retriable failures (the broker away) are sent again at the next
-:meth:`~DeadLetterSink.flush`, which raises a retriable :class:`SourceError` until they are
-delivered: the offsets behind them must not be committed before. Nothing is retried in a loop, so
+must not stop the service. While the broker is away, :meth:`~DeadLetterSink.flush` raises a
+retriable :class:`SourceError` (the offsets behind the letters must not be committed before they
+are delivered) and the next flush waits for the same letters again: those the producer still
+holds are never sent twice, those it gave up on (a retriable error) are sent again. Nothing is retried in a loop, so
 a restart after a crash sends each letter of the batches it reads again once, not once per crash
 and failure.
 """
@@ -302,7 +303,8 @@ class DeadLetterSink:
             try:
                 self._producer.flush(timeout=timeout_s)
             except KafkaError as exc:
-                self._unsent.extend(letter for _f, letter in pending)
+                # still in the producer's hands: waited for again, never sent twice
+                self._pending = pending + self._pending
                 msg = f"dead letters not delivered within {timeout_s} s: {exc}"
                 raise SourceError(msg, retriable=True) from exc
             for future, letter in pending:
@@ -316,12 +318,11 @@ class DeadLetterSink:
             if self._unsent and not self._pending:
                 break
         if self._unsent or self._pending:
-            self._unsent.extend(letter for _f, letter in self._pending)
-            self._pending = []
-            first = self._unsent[0].rejected
+            waiting = [*self._unsent, *(letter for _f, letter in self._pending)]
+            first = waiting[0].rejected
             msg = (
-                f"{len(self._unsent)} dead letter(s) not delivered yet, first "
-                f"{first.topic}:{first.partition}@{first.offset}; sent again at the next flush"
+                f"{len(waiting)} dead letter(s) not delivered yet, first "
+                f"{first.topic}:{first.partition}@{first.offset}; the next flush waits for them"
             )
             raise SourceError(msg, retriable=True)
 

@@ -31,11 +31,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewPartitions, NewTopic
 from prometheus_client import CollectorRegistry
 
-from consumers import KafkaSourceConfig
+from consumers import DeadLetterSink, KafkaSourceConfig
 from consumers.kafka_source import KafkaRecordSource
 from consumers.process_source import ProcessKafkaSource
 from stream_trainer.checkpoints import open_store
 from stream_trainer.errors import CheckpointError, SourceError
+from stream_trainer.records import RejectedRecord, RejectReason
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
 from stream_trainer.service.config import NON_SETTING_ENV
@@ -464,6 +465,47 @@ def test_a_lag_query_is_bounded_while_the_broker_is_down(private_broker: Any) ->
     finally:
         for source in sources:
             source.close()
+
+
+@pytest.mark.slow
+def test_dead_letters_wait_out_a_broker_outage_and_are_sent_once(private_broker: Any) -> None:
+    bootstrap = private_broker.bootstrap
+    dead = _new_topic(bootstrap, 1)
+
+    def letter(offset: int) -> RejectedRecord:
+        return RejectedRecord(
+            reason=RejectReason.NOT_JSON,
+            detail="not JSON",
+            raw=b"oops %d" % offset,
+            topic="clicks",
+            partition=0,
+            offset=offset,
+        )
+
+    sink = DeadLetterSink(bootstrap, topic=dead)
+    try:
+        sink.send(letter(1))
+        sink.flush()
+        private_broker.stop(timeout_s=10.0)
+        sink.send(letter(2))
+        started = time.monotonic()
+        with pytest.raises(SourceError) as failed:
+            sink.flush(timeout_s=2.0)
+        assert failed.value.retriable is True
+        assert time.monotonic() - started < 10.0
+        private_broker.start()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                sink.flush(timeout_s=5.0)
+                break
+            except SourceError:
+                assert time.monotonic() < deadline, "dead letters never delivered"
+    finally:
+        sink.close()
+    letters = _dead_letters(bootstrap, dead)
+    assert sorted(int(dict(m.headers)["x-source-offset"]) for m in letters) == [1, 2]
+    assert sum(sink.undeliverable.values()) == 0
 
 
 # ---------------------------------------------------------------------------------- restart

@@ -48,7 +48,10 @@ finite source, and on SIGTERM/SIGINT.
 When the store is down (e.g. Redis restarting) the service **keeps training without committing
 offsets**: the checkpoint fails after the store's own retries, the failure is counted,
 ``/readyz`` turns 503, and the next attempt comes at the next trigger. Nothing is lost: Kafka's
-committed offsets stay at the last successful checkpoint.
+committed offsets stay at the last successful checkpoint. Dead letters that cannot be delivered
+yet (the broker away) fail the checkpoint in the same way, before anything is saved; dead letters
+the broker refuses for good are sent cut down or counted (:mod:`consumers.dead_letter`) and never
+stop the service.
 
 Shutdown: SIGTERM/SIGINT set a flag; the batch in flight finishes, a final checkpoint is saved and
 committed, and the process exits 0. A watchdog exits with status 3 if that takes longer than

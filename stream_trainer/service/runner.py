@@ -12,11 +12,12 @@ Checkpoint order (do not change it; it is what makes training exactly-once)
 --------------------------------------------------------------------------
 1. flush the dead letters, so that no offset moves past a record that is not set aside yet;
 2. **save** the checkpoint (model, optimizer, norm statistics, features, metrics, counters, and the
-   next offset of every partition trained so far) to the store; the store refuses it if another
-   writer has a newer epoch (then this process stops: it has been fenced off);
-3. **commit** those same offsets to Kafka (so Kafka's committed offsets are never ahead of a
-   checkpoint; a failed commit is logged and retried at the next checkpoint: the checkpoint, not
-   Kafka, is the source of truth);
+   next offset of every partition owned so far, trained or not, with its origin) to the store;
+   the store refuses it if another writer has a newer epoch (then this process stops: it has been
+   fenced off);
+3. **commit** those same offsets to Kafka, each with the checkpoint's version as its metadata
+   (so Kafka's committed offsets are never ahead of a checkpoint; a failed commit is logged and
+   retried at the next checkpoint: the checkpoint, not Kafka, is the source of truth);
 4. **report** (metrics, logs).
 
 On start the latest checkpoint that verifies is loaded and every assigned partition is sought to its

@@ -38,9 +38,9 @@ bytes, and none of the original headers. A cut-down letter that is refused too i
 must not stop the service. While the broker is away, :meth:`~DeadLetterSink.flush` raises a
 retriable :class:`SourceError` (the offsets behind the letters must not be committed before they
 are delivered) and the next flush waits for the same letters again: those the producer still
-holds are never sent twice, those it gave up on (a retriable error) are sent again. Nothing is retried in a loop, so
-a restart after a crash sends each letter of the batches it reads again once, not once per crash
-and failure.
+holds are never sent twice, those it gave up on (a retriable error) are sent again. Nothing is
+retried in a loop, and since no record stops the service any more, a restart does not send the
+same letters again and again.
 """
 
 from __future__ import annotations

@@ -195,3 +195,17 @@ def test_lag_queries_come_ever_less_often_while_they_fail() -> None:
     assert [(s.labels["topic"], s.labels["partition"], s.value) for s in samples] == [
         ("clicks", "0", 3.0)
     ]
+
+
+def test_the_run_command_takes_allow_rollback_and_instance_id() -> None:
+    from stream_trainer.cli import build_parser
+    from stream_trainer.commands.run import service_config
+
+    args = build_parser().parse_args(
+        ["run", "--source", "kafka://127.0.0.1:9092/clicks", "--allow-rollback",
+         "--instance-id", "trainer-0"]
+    )  # fmt: skip
+    config = service_config(args, {})
+    assert (config.allow_rollback, config.instance_id) == (True, "trainer-0")
+    plain = service_config(build_parser().parse_args(["run"]), {})
+    assert (plain.allow_rollback, plain.instance_id) == (False, None)

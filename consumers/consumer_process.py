@@ -9,10 +9,11 @@ Nothing here is pickled.
 Threads
 -------
 - the **main thread** runs commands in order: ``poll`` (one batch), ``commit``, ``end_offsets``,
-  ``committed_offsets``, ``lag``, ``caught_up``, ``assignment``, ``close``. While a ``poll`` waits
-  for records it polls in slices of :data:`POLL_SLICE_MS` and runs the other commands between
-  slices, so a command never waits for ``max_wait_ms`` (a ``poll`` that comes meanwhile is
-  counted and answered after it: the service keeps several asked for, to read ahead);
+  ``committed_offsets``, ``committed_metadata``, ``lag``, ``caught_up``, ``assignment``,
+  ``close``. While a ``poll`` waits for records it polls in slices of :data:`POLL_SLICE_MS` and
+  runs the other commands between slices, so a command never waits for ``max_wait_ms`` (a
+  ``poll`` that comes meanwhile is counted and answered after it: the service keeps several asked
+  for, to read ahead);
 - a **reader thread** reads stdin and routes each frame: answers to rebalance events go to the
   waiting callback, everything else to the main thread's queue. Had the main thread read them, a
   command needing kafka-python's IO thread (a commit) would wait for that thread while the IO
@@ -149,12 +150,14 @@ class ConsumerWorker:
         kind = header["type"]
         try:
             if kind == "commit":
-                source.commit(header["offsets"])
+                source.commit(header["offsets"], header.get("metadata"))
                 result: Any = None
             elif kind == "end_offsets":
                 result = source.end_offsets()
             elif kind == "committed_offsets":
                 result = source.committed_offsets()
+            elif kind == "committed_metadata":
+                result = {k: list(v) for k, v in source.committed_metadata().items()}
             elif kind == "lag":
                 result = source.lag()
             elif kind == "caught_up":
@@ -202,7 +205,8 @@ class ConsumerWorker:
             while True:
                 remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
                 polled, next_offsets = source.poll_messages(min(POLL_SLICE_MS, remaining_ms))
-                if polled or remaining_ms <= POLL_SLICE_MS:
+                # next offsets without messages: start positions to hand out (poll_messages)
+                if polled or next_offsets or remaining_ms <= POLL_SLICE_MS:
                     break
                 if not self._run_pending_commands():
                     polled, next_offsets = [], {}

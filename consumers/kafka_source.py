@@ -13,7 +13,11 @@ convention). They are keyed ``"topic:partition"`` (see :func:`partition_key`); t
 contain ``:``, so the key is unambiguous. Auto-commit is off: the service calls
 :meth:`KafkaRecordSource.commit` only with the ``next_offsets`` of a checkpoint it has saved, in
 the order stated in :mod:`stream_trainer.service.runner` ("Checkpoint order"), so Kafka's
-committed offsets are never ahead of the checkpoint.
+committed offsets are never ahead of the checkpoint. Each committed offset may carry a metadata
+string (the service's checkpoint version and the partition's origin;
+:meth:`KafkaRecordSource.committed_metadata` reads them back). A batch's ``next_offsets`` also
+hands out, once per assignment, the start position of each partition no message has come from
+yet, so that a checkpoint holds every partition owned.
 
 Rebalances
 ----------
@@ -77,6 +81,7 @@ RevokeHook = Callable[[list[TopicPartition]], None]
 """Called with the partitions about to be taken away (rebalance or close)."""
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_INSTANCE_ID_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$")
 _OFFSET_RESETS = ("earliest", "latest")
 
 
@@ -158,6 +163,17 @@ class KafkaSourceConfig:
         and of batches cut earlier under moderate load; at a rebalance, what was read ahead of
         the revoked partitions is dropped and read again (:mod:`consumers.process_source`).
         :class:`KafkaRecordSource` ignores it.
+    group_instance_id
+        Static membership (KIP-345): a member that restarts with the same id takes its place in
+        the group at once, with its partitions, instead of waiting ``session_timeout_ms`` for the
+        dead member's session to expire. It must be unique in the group (a second member with it
+        fences the first) and stable across restarts (a StatefulSet pod name, a host name). A
+        static member does not leave the group when it stops: its partitions wait
+        ``session_timeout_ms`` for it to come back. ``None`` (default): a dynamic member, which
+        leaves the group on :meth:`KafkaRecordSource.close`.
+    lag_timeout_ms
+        Bound on one :meth:`KafkaRecordSource.lag` query (its broker requests), so that a lag
+        metric never holds the training loop for long while the broker is unreachable.
     """
 
     bootstrap_servers: str | tuple[str, ...]
@@ -184,6 +200,8 @@ class KafkaSourceConfig:
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     consumer_process: bool = True
     read_ahead_batches: int = 4
+    group_instance_id: str | None = None
+    lag_timeout_ms: int = 500
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -225,6 +243,7 @@ class KafkaSourceConfig:
             "commit_timeout_ms",
             "close_timeout_ms",
             "read_ahead_batches",
+            "lag_timeout_ms",
         )
         for name in positive:
             value = getattr(self, name)
@@ -263,6 +282,15 @@ class KafkaSourceConfig:
             raise ConfigError(msg)
         if not isinstance(self.consumer_process, bool):
             msg = f"consumer_process must be true or false, got {self.consumer_process!r}"
+            raise ConfigError(msg)
+        instance = self.group_instance_id
+        if instance is not None and (
+            not isinstance(instance, str) or not _INSTANCE_ID_RE.match(instance)
+        ):
+            msg = (
+                "group_instance_id uses [A-Za-z0-9._-], 1 to 249 characters (not '.' or '..'), "
+                f"got {instance!r}"
+            )
             raise ConfigError(msg)
         if not isinstance(self.security, KafkaSecurity):
             msg = f"security must be a KafkaSecurity, got {type(self.security).__name__}"
@@ -318,6 +346,7 @@ class KafkaSourceConfig:
             "check_crcs": self.crc_checked(),
             "bootstrap_timeout_ms": self.connect_timeout_ms,
             "allow_auto_create_topics": False,
+            "group_instance_id": self.group_instance_id,
             **self.security.client_configs(),
         }
 
@@ -351,6 +380,9 @@ class SourceBatch:
 
     ``next_offsets`` maps ``"topic:partition"`` to the offset *after* the last message of that
     partition in this batch (rejected messages included): committing it marks the whole batch done.
+    It also holds, once per assignment, the start position of each newly assigned partition that
+    no message has come from yet (the next offset to read there), so that a checkpoint can hold
+    every partition owned; such a batch may hold no message at all.
     """
 
     records: list[Record] = field(default_factory=list)
@@ -515,6 +547,8 @@ class KafkaRecordSource(ClosableSource):
         self._revocations = 0
         self._revoked_at: dict[str, int] = {}
         self._restarted: dict[str, int] = {}
+        # Assigned partitions whose start position no batch has handed out yet (_announce_starts).
+        self._unannounced: set[TopicPartition] = set()
         self._consumer = self._connect()
         try:
             # Subscribe first, then read the topics' metadata: the metadata response is what fills
@@ -614,6 +648,9 @@ class KafkaRecordSource(ClosableSource):
     def _forget(self, keys: Sequence[str]) -> None:
         with self._track_lock:
             self._generation += 1
+            self._unannounced.difference_update(
+                TopicPartition(*parse_partition_key(k)) for k in keys
+            )
             for key in keys:
                 self._next_known.pop(key, None)
             self._last_read = self._last_read.difference(keys)
@@ -621,6 +658,8 @@ class KafkaRecordSource(ClosableSource):
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         try:
             self._forget([partition_key(*tp) for tp in assigned])
+            with self._track_lock:
+                self._unannounced.update(assigned)
             for tp in sorted(assigned):
                 offset = None
                 if self._offset_provider is not None:
@@ -736,11 +775,38 @@ class KafkaRecordSource(ClosableSource):
         # per partition, the offset after its last message (a later part of it comes later)
         next_offsets = {partition_key(t, p): ms[-1].offset + 1 for t, p, ms in polled_parts}
         with self._track_lock:
+            # a partition handed out needs no start position (_announce_starts)
+            self._unannounced.difference_update(TopicPartition(t, p) for t, p, _ms in polled_parts)
             if self._generation == generation:  # no rebalance callback ran meanwhile
+                starts = self._announce_starts()
                 self._next_known.update(next_offsets)
                 self._last_read = frozenset(next_offsets)
+                next_offsets.update(starts)
         self._raise_pending()
         return polled_parts, next_offsets
+
+    def _announce_starts(self) -> dict[str, int]:
+        """The start position of each partition assigned since the last polls that no message
+        has come from yet, once it is known (``self._track_lock`` held).
+
+        Handed out in a batch's ``next_offsets``, they let a checkpoint hold every partition this
+        member owns, the ones it has not read anything from too: a restore then seeks each of
+        them, and never takes the group's committed offset instead. The position is read from
+        kafka-python's subscription state without a request: valid once the consumer has sought,
+        fetched the committed offset or reset the partition.
+        """
+        starts: dict[str, int] = {}
+        if not self._unannounced:
+            return starts
+        assignment = getattr(getattr(self._consumer, "_subscription", None), "assignment", {})
+        for tp in list(self._unannounced):
+            key = partition_key(*tp)
+            state = assignment.get(tp)
+            if state is not None and state.has_valid_position:
+                starts[key] = int(state.position.offset)
+                self._next_known[key] = starts[key]
+                self._unannounced.discard(tp)
+        return starts
 
     def _drop_read_before_revocation(
         self, parts: list[tuple[str, int, list[Any]]], revocations: int
@@ -787,8 +853,12 @@ class KafkaRecordSource(ClosableSource):
 
     # -- offsets --------------------------------------------------------------------------------
 
-    def commit(self, next_offsets: Mapping[str, int]) -> None:
-        """Synchronously commit exactly these next offsets for the group.
+    def commit(
+        self, next_offsets: Mapping[str, int], metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """Synchronously commit exactly these next offsets for the group, each with its
+        ``metadata`` string when given (the service's checkpoint version and the partition's
+        origin, read back by :meth:`committed_metadata`).
 
         An offset behind one this source committed for the same partition since it was assigned is
         refused (``SourceError``, not retriable): committed offsets only move forward.
@@ -814,7 +884,8 @@ class KafkaRecordSource(ClosableSource):
             if previous is not None and offset < previous:
                 msg = f"refusing to commit {key} at {offset}: behind {previous}, committed before"
                 raise SourceError(msg, retriable=False)
-            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, "", -1)
+            note = (metadata or {}).get(key, "")
+            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(offset, note, -1)
         if not offsets:
             return
         try:
@@ -844,6 +915,22 @@ class KafkaRecordSource(ClosableSource):
             raise SourceError(f"cannot read committed offsets: {exc}", retriable=True) from exc
         return out
 
+    def committed_metadata(self) -> dict[str, tuple[int, str]]:
+        """``{"topic:partition": (committed next offset, its metadata string)}`` for every
+        partition of the topics that has a committed offset."""
+        self._check_open()
+        out = {}
+        try:
+            for tp in self._all_partitions():
+                found = self._consumer.committed(
+                    tp, metadata=True, timeout_ms=self.config.request_timeout_ms
+                )
+                if found is not None and found.offset is not None and found.offset >= 0:
+                    out[partition_key(*tp)] = (int(found.offset), str(found.metadata or ""))
+        except KafkaError as exc:
+            raise SourceError(f"cannot read committed offsets: {exc}", retriable=True) from exc
+        return out
+
     def end_offsets(self) -> dict[str, int]:
         """The next offset to be written, per partition of the topics (assigned or not)."""
         self._check_open()
@@ -855,21 +942,26 @@ class KafkaRecordSource(ClosableSource):
             raise SourceError(f"cannot read end offsets: {exc}", retriable=True) from exc
         return {partition_key(*tp): int(off) for tp, off in sorted(ends.items())}
 
-    def _positions(self) -> dict[str, int]:
-        timeout = self.config.request_timeout_ms
-        return {
-            partition_key(*tp): int(self._consumer.position(tp, timeout_ms=timeout))
-            for tp in self.assignment()
-        }
+    def _positions(self, timeout_ms: int) -> dict[str, int]:
+        out = {}
+        for tp in self.assignment():
+            position = self._consumer.position(tp, timeout_ms=timeout_ms)
+            if position is None:
+                raise SourceError(f"position of {partition_key(*tp)} unknown", retriable=True)
+            out[partition_key(*tp)] = int(position)
+        return out
 
     def lag(self) -> dict[str, int]:
-        """``end offset - position`` for each assigned partition: messages not yet read."""
+        """``end offset - position`` for each assigned partition: messages not yet read.
+
+        Bounded by ``lag_timeout_ms`` (a retriable :class:`SourceError` past it), so that a
+        caller between two training steps waits that long at most while the broker is away.
+        """
         self._check_open()
+        timeout = self.config.lag_timeout_ms
         try:
-            positions = self._positions()
-            ends = self._consumer.end_offsets(
-                self.assignment(), timeout_ms=self.config.request_timeout_ms
-            )
+            positions = self._positions(timeout)
+            ends = self._consumer.end_offsets(self.assignment(), timeout_ms=timeout)
         except KafkaError as exc:
             raise SourceError(f"cannot compute lag: {exc}", retriable=True) from exc
         return {

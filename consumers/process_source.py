@@ -8,7 +8,8 @@ trains batch ``k``; the service only reads the decoded batch back from its frame
 (``python bench/bench_frames.py`` times it).
 
 :class:`ProcessKafkaSource` has the interface of :class:`~consumers.kafka_source.KafkaRecordSource`
-(``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``lag``, ``caught_up``,
+(``poll_batch``, ``commit``, ``end_offsets``, ``committed_offsets``, ``committed_metadata``,
+``lag``, ``caught_up``,
 ``assignment``, ``rebalancing``, ``close``) and the same offset and rebalance contract, with these
 differences, all consequences of reading ahead:
 
@@ -351,13 +352,19 @@ class ProcessKafkaSource(ClosableSource):
 
     # -- offsets and positions ------------------------------------------------------------------
 
-    def commit(self, next_offsets: Mapping[str, int]) -> None:
+    def commit(
+        self, next_offsets: Mapping[str, int], metadata: Mapping[str, str] | None = None
+    ) -> None:
         """:meth:`KafkaRecordSource.commit <consumers.kafka_source.KafkaRecordSource.commit>`, run
         by the child."""
-        self._command("commit", offsets=dict(next_offsets))
+        self._command("commit", offsets=dict(next_offsets), metadata=dict(metadata or {}))
 
     def committed_offsets(self) -> dict[str, int]:
         return {k: int(v) for k, v in self._command("committed_offsets").items()}
+
+    def committed_metadata(self) -> dict[str, tuple[int, str]]:
+        answer = self._command("committed_metadata")
+        return {k: (int(offset), str(note)) for k, (offset, note) in answer.items()}
 
     def end_offsets(self) -> dict[str, int]:
         return {k: int(v) for k, v in self._command("end_offsets").items()}

@@ -70,6 +70,20 @@ def register(subparsers: Any) -> None:
         help="start a new model even though the group has committed offsets",
     )
     p.add_argument(
+        "--allow-rollback",
+        dest="allow_rollback",
+        action="store_true",
+        help="start even when the restored checkpoint is older than the version the group's "
+        "committed offsets carry and the newer versions are not in the store as invalid ones "
+        "(their records are trained again)",
+    )
+    p.add_argument(
+        "--instance-id",
+        dest="instance_id",
+        help="Kafka static membership id (group.instance.id), unique in the group and stable "
+        "across restarts (e.g. the pod name): a restarted member takes its place at once",
+    )
+    p.add_argument(
         "--metrics-address",
         dest="metrics_address",
         help="HOST:PORT for /metrics, /healthz, /readyz ('off' disables; default 127.0.0.1:9100)",

@@ -48,7 +48,7 @@ from stream_trainer.errors import ConfigError, FencedWriterError
 from stream_trainer.records import RejectedRecord
 from stream_trainer.service.batch_log import segments_of
 from stream_trainer.service.config import ServiceConfig
-from stream_trainer.service.runner import TrainerService
+from stream_trainer.service.runner import TrainerService, batch_first_offset
 
 __all__ = ["DistributedTrainerService"]
 
@@ -118,6 +118,11 @@ class DistributedTrainerService(TrainerService):
         log.info("replica %d of %d joined the group", world.rank, world.world_size)
         return cls(config, comm=comm, **kwargs)
 
+    def _instance_id(self) -> str | None:
+        """Each replica is a member of the consumer group: ``<instance id>.rank<r>``."""
+        base = super()._instance_id()
+        return None if base is None else f"{base}.rank{self.comm.rank}"
+
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         c = self.config
@@ -183,6 +188,11 @@ class DistributedTrainerService(TrainerService):
         trainer = self.trainer
         share = {
             "offsets": batch.next_offsets,
+            "starts": {
+                key: batch_first_offset(batch, key, offset)
+                for key, offset in batch.next_offsets.items()
+                if key not in self.origins
+            },
             "records": len(batch.records),
             "source_rejected": len(batch.rejected),
             "control": control,
@@ -198,6 +208,8 @@ class DistributedTrainerService(TrainerService):
                 self.dead_letters.send_many(rejected)
                 self.dead_lettered.update(r.reason.value for r in rejected)
             for s in shared:
+                for key, origin in s["starts"].items():
+                    self.origins.setdefault(key, origin)
                 for key, offset in s["offsets"].items():
                     self.pending_offsets[key] = max(offset, self.pending_offsets.get(key, offset))
             seen = sum(s["records"] + s["source_rejected"] for s in shared)

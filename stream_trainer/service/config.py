@@ -10,7 +10,9 @@ table ``[kafka]``. Sources of settings, later ones winning:
    ``STREAM_TRAINER_TRAINER__<KEY>`` and ``STREAM_TRAINER_KAFKA__<KEY>`` for the two tables
    (values parsed as the field's type; booleans as true/false/1/0; lists comma-separated; a
    single ``norm`` stays a name; ``norm_options`` is JSON). Other ``STREAM_TRAINER_*`` variables
-   are rejected, except the few that are not settings (:data:`NON_SETTING_ENV`);
+   are rejected, except the few that are not settings (:data:`NON_SETTING_ENV`) and those
+   Kubernetes injects for a Service named ``stream-trainer`` (:data:`KUBERNETES_SERVICE_ENV`),
+   which are ignored with a warning;
 3. flags given on the command line.
 
 Every layer is closed to unknown keys (the error lists the valid ones) and typed: a TOML value or an
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import tomllib
@@ -44,11 +47,14 @@ from stream_trainer.training import TrainerConfig
 
 __all__ = [
     "ENV_PREFIX",
+    "KUBERNETES_SERVICE_ENV",
     "NON_SETTING_ENV",
     "SERVICE_OWNED_KAFKA_KEYS",
     "ServiceConfig",
     "load_service_config",
 ]
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "STREAM_TRAINER_"
 # Variables with the prefix that are not settings of `run`.
@@ -58,6 +64,13 @@ NON_SETTING_ENV = frozenset(
         "STREAM_TRAINER_KAFKA_HOME",
         "STREAM_TRAINER_KAFKA_BOOTSTRAP",
     }
+)
+# What Kubernetes injects into every pod for a Service named stream-trainer (service links):
+# STREAM_TRAINER_SERVICE_HOST, STREAM_TRAINER_SERVICE_PORT[_<PORT NAME>], STREAM_TRAINER_PORT and
+# STREAM_TRAINER_PORT_<PORT>_<PROTOCOL>[_PROTO|_PORT|_ADDR]. No setting has these names.
+KUBERNETES_SERVICE_ENV = re.compile(
+    r"^STREAM_TRAINER_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
 )
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -112,6 +125,8 @@ class ServiceConfig:
     checkpoint_every_records: int = 1000
     checkpoint_every_seconds: float = 60.0
     fresh_start: bool = False
+    allow_rollback: bool = False
+    instance_id: str | None = None
     metrics_address: str = "127.0.0.1:9100"
     stop_at_end: bool = False
     report_json: str | None = None
@@ -170,6 +185,11 @@ class ServiceConfig:
 
             parse_metrics_address(self.metrics_address)
         _check_kafka_keys(self.kafka, "[kafka]")
+        if self.instance_id is not None and "group_instance_id" in self.kafka:
+            raise ConfigError(
+                "give the static membership id once: instance_id or [kafka] group_instance_id, "
+                f"not both (got {self.instance_id!r} and {self.kafka['group_instance_id']!r})"
+            )
         if self.is_kafka:
             self.kafka_endpoint()
 
@@ -327,6 +347,13 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any
     kafka: dict[str, Any] = {}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV:
+            continue
+        if KUBERNETES_SERVICE_ENV.match(name):
+            log.warning(
+                "ignoring %s: a variable Kubernetes injects for a Service named stream-trainer, "
+                "not a setting",
+                name,
+            )
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key.startswith("trainer__"):

@@ -12,11 +12,12 @@ Checkpoint order (do not change it; it is what makes training exactly-once)
 --------------------------------------------------------------------------
 1. flush the dead letters, so that no offset moves past a record that is not set aside yet;
 2. **save** the checkpoint (model, optimizer, norm statistics, features, metrics, counters, and the
-   next offset of every partition trained so far) to the store; the store refuses it if another
-   writer has a newer epoch (then this process stops: it has been fenced off);
-3. **commit** those same offsets to Kafka (so Kafka's committed offsets are never ahead of a
-   checkpoint; a failed commit is logged and retried at the next checkpoint: the checkpoint, not
-   Kafka, is the source of truth);
+   next offset of every partition owned so far, trained or not, with its origin) to the store;
+   the store refuses it if another writer has a newer epoch (then this process stops: it has been
+   fenced off);
+3. **commit** those same offsets to Kafka, each with the checkpoint's version as its metadata
+   (so Kafka's committed offsets are never ahead of a checkpoint; a failed commit is logged and
+   retried at the next checkpoint: the checkpoint, not Kafka, is the source of truth);
 4. **report** (metrics, logs).
 
 On start the latest checkpoint that verifies is loaded and every assigned partition is sought to its
@@ -24,6 +25,21 @@ checkpointed next offset; records trained after that checkpoint by a crashed pro
 again by the restored (older) model, so each record counts exactly once in the persisted state.
 If the store holds no checkpoint but the consumer group has committed offsets, the service refuses
 to start unless ``fresh_start`` is set: then a new model starts at the group's committed offsets.
+
+Offsets after a fallback, and rollbacks
+---------------------------------------
+A checkpoint holds the next offset of every partition the service owns, the ones it has not read
+anything from yet too (at their start position, which the source hands out), and each partition's
+*origin*, the offset at which this model first started it. Every offset committed to Kafka carries
+the checkpoint version and that origin as its metadata, ``{"v": VERSION, "origin": OFFSET}``.
+When the version restored is older than the one that committed a partition's offset (the newer
+versions failed their checks and were skipped, or ``allow_rollback``), a partition the restored
+version holds is sought to its offset there, and one it lacks to its origin (to offset 0 when the
+origin is unknown, i.e. the partition's beginning with ``auto_offset_reset = "earliest"``): never
+to the newer committed offset, which would skip the records the restored model never learned.
+Restoring a version older than the committed one when the newer versions are not present-but-
+invalid (the store's history was moved back: its ``latest`` pointer, deleted versions) is refused
+with a :class:`~stream_trainer.errors.CheckpointError` (not retriable) unless ``allow_rollback``.
 
 Checkpoints are due every ``checkpoint_every_records`` records or ``checkpoint_every_seconds``,
 whichever first, and are also taken after a partition revocation (the rebalance callback only
@@ -33,7 +49,10 @@ finite source, and on SIGTERM/SIGINT.
 When the store is down (e.g. Redis restarting) the service **keeps training without committing
 offsets**: the checkpoint fails after the store's own retries, the failure is counted,
 ``/readyz`` turns 503, and the next attempt comes at the next trigger. Nothing is lost: Kafka's
-committed offsets stay at the last successful checkpoint.
+committed offsets stay at the last successful checkpoint. Dead letters that cannot be delivered
+yet (the broker away) fail the checkpoint in the same way, before anything is saved; dead letters
+the broker refuses for good are sent cut down or counted (:mod:`consumers.dead_letter`) and never
+stop the service.
 
 Shutdown: SIGTERM/SIGINT set a flag; the batch in flight finishes, a final checkpoint is saved and
 committed, and the process exits 0. A watchdog exits with status 3 if that takes longer than
@@ -59,7 +78,13 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.checkpoints import Checkpoint, CheckpointStore, open_store
-from stream_trainer.errors import ConfigError, FencedWriterError, SourceError, StreamTrainerError
+from stream_trainer.errors import (
+    CheckpointError,
+    ConfigError,
+    FencedWriterError,
+    SourceError,
+    StreamTrainerError,
+)
 from stream_trainer.evaluation import StreamHistory
 from stream_trainer.records import RejectedRecord
 from stream_trainer.service.batch_log import BatchLog, segments_of
@@ -76,6 +101,7 @@ log = logging.getLogger("stream_trainer.service")
 
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
+_LAG_MAX_BACKOFF_SECONDS = 60.0
 
 
 class TrainerService:
@@ -126,7 +152,19 @@ class TrainerService:
         self.batch_log: BatchLog | None = None
         self._watchdog: threading.Timer | None = None
         self._dead_unreported: Counter[str] = Counter()  # dead letters before metrics existed
+        self._dead_letter_counters: Any = None
+        self._lag_failures = 0
+        # Versions newer than the restored one that were present but failed their checks, with
+        # the reason (filled by _restore_or_create; see _rejected_newer).
+        self.rejected_versions: dict[int, str] = {}
+        # Per partition, where this model first started reading it (None: not known; module
+        # docstring); and where to start the partitions a fallback must not resume at the group's
+        # committed offset (_read_committed_versions).
+        self.origins: dict[str, int | None] = {}
+        self._fallback_starts: dict[str, int] = {}
         self.trainer = self._restore_or_create()
+        if self.restored is not None:
+            self.origins = _restored_origins(self.restored)
 
     # ------------------------------------------------------------------ start
     def _target(self) -> str:
@@ -194,6 +232,9 @@ class TrainerService:
                 "max_wait_ms": c.max_wait_ms,
                 **c.kafka,
             }
+            instance_id = self._instance_id()
+            if instance_id is not None:
+                options["group_instance_id"] = instance_id
             source_config = KafkaSourceConfig.from_mapping(options)
             self.source = open_kafka_source(
                 source_config, offset_provider=self._offset_for, on_revoke=self._on_revoke
@@ -209,6 +250,11 @@ class TrainerService:
                         "to start "
                         "a new model at those offsets"
                     )
+            try:
+                self._read_committed_versions()
+            except BaseException:
+                self.source.close()
+                raise
             security: KafkaSecurity = source_config.security
             self.dead_letters = DeadLetterSink(bootstrap, topic=c.dead_letter, security=security)
             if c.predictions_topic:
@@ -231,8 +277,92 @@ class TrainerService:
             path = c.dead_letter or str(Path("runs") / c.run_name / "dead-letter.jsonl")
             self.dead_letters = DeadLetterFile(path)
 
+    def _instance_id(self) -> str | None:
+        """The Kafka static membership id (``instance_id`` or ``[kafka] group_instance_id``),
+        when one is set."""
+        return self.config.instance_id or self.config.kafka.get("group_instance_id")
+
+    def _read_committed_versions(self) -> None:
+        """Read the checkpoint versions the group's committed offsets carry (module docstring):
+        refuse a rollback, and find where each partition the restored version lacks starts."""
+        restored = self.checkpoint_version or 0
+        newer: dict[int, list[str]] = {}
+        for key, (offset, note) in sorted(self.source.committed_metadata().items()):
+            version, origin = _parse_commit_metadata(note)
+            if origin is not None and self.origins.get(key) is None:
+                self.origins[key] = origin
+            if version is None or version <= restored or self.restored is None:
+                continue
+            newer.setdefault(version, []).append(key)
+            if key not in self.pending_offsets:
+                start = origin if origin is not None else 0
+                self._fallback_starts[key] = start
+                log.warning(
+                    "%s: committed offset %d comes from checkpoint v%d, newer than the restored "
+                    "v%d; starting it at its origin %d instead",
+                    key,
+                    offset,
+                    version,
+                    restored,
+                    start,
+                )
+        if not newer or self.epoch == 0:  # a replica that does not write does not judge
+            return
+        rejected = self._rejected_newer()
+        missing = sorted(v for v in newer if v not in rejected)
+        if not missing:
+            log.warning(
+                "restored checkpoint v%d although the group committed offsets of v%s: the newer "
+                "versions failed their checks (%s)",
+                restored,
+                ", v".join(map(str, sorted(newer))),
+                "; ".join(f"v{v}: {rejected[v]}" for v in sorted(newer)),
+            )
+            return
+        detail = (
+            f"the restored checkpoint is v{restored}, but consumer group {self.config.group!r} "
+            f"committed offsets of v{max(newer)} (partitions {newer[max(newer)]}), and "
+            f"v{', v'.join(map(str, missing))} are not in the store as versions that failed "
+            "their checks: its history was moved back (a 'latest' pointer set back, versions "
+            "deleted, another store)"
+        )
+        if not self.config.allow_rollback:
+            raise CheckpointError(
+                f"refusing to roll back: {detail}. Restore the newer versions, or pass "
+                f"--allow-rollback to train again from v{restored} the records the newer "
+                "versions had learned",
+                retriable=False,
+            )
+        log.warning("rolling back (allow_rollback): %s", detail)
+
+    def _rejected_newer(self) -> dict[int, str]:
+        """Versions newer than the restored one that are in the store but fail its checks, with
+        the reason: ``rejected_versions`` when the restore recorded them, else a check of each."""
+        if self.rejected_versions:
+            return self.rejected_versions
+        restored = self.checkpoint_version or 0
+        found: dict[int, str] = {}
+        for info in self.store.list_versions():
+            if info.version <= restored:
+                continue
+            result = self.store.verify(info.version)
+            if not result.ok:
+                found[info.version] = result.error or info.error or "invalid"
+        self.rejected_versions = found
+        return found
+
     def _offset_for(self, topic: str, partition: int) -> int | None:
-        return self.pending_offsets.get(f"{topic}:{partition}")
+        key = f"{topic}:{partition}"
+        offset = self.pending_offsets.get(key)
+        return offset if offset is not None else self._fallback_starts.get(key)
+
+    def _note_offsets(self, batch: Any) -> None:
+        """Record a batch's next offsets, and the origin of every partition seen first in it
+        (the first offset of it in the batch, or its start position when it has none)."""
+        for key, offset in batch.next_offsets.items():
+            if key not in self.origins:
+                self.origins[key] = batch_first_offset(batch, key, offset)
+        self.pending_offsets.update(batch.next_offsets)
 
     def _on_revoke(self, partitions: list[Any]) -> None:
         # Called on kafka-python's IO thread (or, with the consumer in a child process, while that
@@ -322,6 +452,9 @@ class TrainerService:
                     self._handle(batch)
                     if bar is not None:
                         bar.update(len(batch.records) + len(batch.rejected))
+                elif batch.next_offsets:  # start positions of partitions not read from yet
+                    with self._lock:
+                        self._note_offsets(batch)
                 if self._checkpoint_requested is not None:
                     reason, self._checkpoint_requested = self._checkpoint_requested, None
                     self.checkpoint(reason)
@@ -360,7 +493,7 @@ class TrainerService:
             if rejected:
                 self.dead_letters.send_many(rejected)
                 self.dead_lettered.update(r.reason.value for r in rejected)
-            self.pending_offsets.update(batch.next_offsets)
+            self._note_offsets(batch)
             self._records_since_checkpoint += len(batch.records) + len(batch.rejected)
             self.records_read += len(batch.records) + len(batch.rejected)
             self._dirty = True
@@ -439,15 +572,23 @@ class TrainerService:
         )
 
     def _report_lag(self) -> None:
+        """Refresh the lag metric every few seconds; each query is bounded by the source's
+        ``lag_timeout_ms``, and while they fail (the broker away) they come ever less often (up to
+        :data:`_LAG_MAX_BACKOFF_SECONDS`), so the loop loses little time to them. The metric keeps
+        its last value meanwhile."""
         if not self.config.is_kafka or self.metrics is None:
             return
         now = self.clock()
-        if now - self._last_lag_time >= _LAG_EVERY_SECONDS:
+        every = min(_LAG_EVERY_SECONDS * 2**self._lag_failures, _LAG_MAX_BACKOFF_SECONDS)
+        if now - self._last_lag_time >= every:
             self._last_lag_time = now
             try:
                 self.metrics.set_consumer_lag(self.source.lag())
             except SourceError as exc:
-                log.warning("cannot read consumer lag: %s", exc)
+                self._lag_failures = min(self._lag_failures + 1, 8)
+                log.warning("cannot read consumer lag (the metric keeps its last value): %s", exc)
+            else:
+                self._lag_failures = 0
 
     # ------------------------------------------------------------------ checkpoint
     def checkpoint(self, reason: str) -> bool:
@@ -460,7 +601,14 @@ class TrainerService:
             offsets = dict(self.pending_offsets)
             t0 = time.perf_counter()
             # 1. dead letters durable before any offset moves past them
-            self.dead_letters.flush()
+            try:
+                self.dead_letters.flush()
+            except SourceError as exc:
+                if not exc.retriable:
+                    raise
+                return self._checkpoint_failed(reason, exc)
+            finally:
+                self._count_dead_letter_refusals()
             # 2. save
             state = {
                 "trainer": self.trainer.state_json(),
@@ -469,6 +617,7 @@ class TrainerService:
                     "run_name": self.config.run_name,
                     "batch_log_lines": self.batch_log.lines if self.batch_log is not None else 0,
                     "dead_lettered": dict(self.dead_lettered),
+                    "origins": {k: self.origins.get(k) for k in sorted(offsets)},
                 },
             }
             checkpoint = Checkpoint(
@@ -492,18 +641,7 @@ class TrainerService:
             except StreamTrainerError as exc:
                 if not exc.retriable:
                     raise
-                self.checkpoint_failures += 1
-                self._last_checkpoint_ok = False
-                # The next attempt comes at the next trigger (records or seconds), not after every
-                # batch: each attempt spends the store's retries, which would stall training.
-                self._records_since_checkpoint = 0
-                self._last_checkpoint_time = self.clock()
-                if self.metrics is not None:
-                    self.metrics.checkpoint_failed()
-                log.warning(
-                    "checkpoint (%s) failed, training goes on without committing: %s", reason, exc
-                )
-                return False
+                return self._checkpoint_failed(reason, exc)
             duration = time.perf_counter() - t0
             self.checkpoint_version = version
             self.saved_offsets = offsets
@@ -529,9 +667,66 @@ class TrainerService:
         )
         return True
 
+    def _checkpoint_failed(self, reason: str, exc: StreamTrainerError) -> bool:
+        self.checkpoint_failures += 1
+        self._last_checkpoint_ok = False
+        # The next attempt comes at the next trigger (records or seconds), not after every
+        # batch: each attempt spends the store's retries, which would stall training.
+        self._records_since_checkpoint = 0
+        self._last_checkpoint_time = self.clock()
+        if self.metrics is not None:
+            self.metrics.checkpoint_failed()
+        log.warning("checkpoint (%s) failed, training goes on without committing: %s", reason, exc)
+        return False
+
+    def _count_dead_letter_refusals(self) -> None:
+        """Export the dead letters the broker refused (sent cut down) and those it refused even
+        cut down (dropped) as counters."""
+        sink = self.dead_letters
+        if not hasattr(sink, "cut_down"):
+            return
+        if self._dead_letter_counters is None:
+            from prometheus_client import Counter as PromCounter
+
+            self._dead_letter_counters = (
+                PromCounter(
+                    "stream_trainer_dead_letters_cut_down",
+                    "Dead letters the broker refused, sent again cut down (reason, coordinates, "
+                    "first bytes, length and SHA-256)",
+                    ["run", "reason"],
+                    registry=self.registry,
+                ),
+                PromCounter(
+                    "stream_trainer_dead_letters_undeliverable",
+                    "Dead letters refused even cut down: dropped and logged",
+                    ["run", "reason"],
+                    registry=self.registry,
+                ),
+                Counter[str](),
+                Counter[str](),
+            )
+        cut_metric, lost_metric, cut_seen, lost_seen = self._dead_letter_counters
+        run = self.config.run_name
+        for counts, seen, metric in ((sink.cut_down, cut_seen, cut_metric),
+                                     (sink.undeliverable, lost_seen, lost_metric)):  # fmt: skip
+            for reason, n in counts.items():
+                if n > seen[reason]:
+                    metric.labels(run=run, reason=reason).inc(n - seen[reason])
+                    seen[reason] = n
+
+    def _commit_metadata(self, offsets: dict[str, int], version: int) -> dict[str, str]:
+        """Per partition, the metadata its committed offset carries (module docstring)."""
+        return {
+            key: json.dumps({"v": version, "origin": self.origins.get(key)}, separators=(",", ":"))
+            for key in offsets
+        }
+
     def _commit(self, offsets: dict[str, int], version: int) -> None:
         try:
-            self.source.commit(offsets)
+            if self.config.is_kafka:
+                self.source.commit(offsets, self._commit_metadata(offsets, version))
+            else:
+                self.source.commit(offsets)
         except SourceError as exc:
             self._uncommitted = offsets
             log.warning("checkpoint v%d saved but the offset commit failed (%s)", version, exc)
@@ -604,3 +799,46 @@ class TrainerService:
             "run_name": self.config.run_name,
         }
         return report
+
+
+_MAX_COMMIT_METADATA = 1024
+
+
+def _parse_commit_metadata(note: str) -> tuple[int | None, int | None]:
+    """``(checkpoint version, origin)`` from a committed offset's metadata; ``None`` for what is
+    absent or malformed (offsets committed by an older release or another tool carry none)."""
+    if not note or len(note) > _MAX_COMMIT_METADATA:
+        return None, None
+    try:
+        data = json.loads(note)
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    version, origin = data.get("v"), data.get("origin")
+    ok_version = isinstance(version, int) and not isinstance(version, bool) and version > 0
+    ok_origin = isinstance(origin, int) and not isinstance(origin, bool) and origin >= 0
+    return (version if ok_version else None), (origin if ok_origin else None)
+
+
+def _restored_origins(checkpoint: Checkpoint) -> dict[str, int | None]:
+    """The origins a checkpoint holds; ``None`` for a partition it has an offset of but no origin
+    (written before origins were kept)."""
+    saved = checkpoint.state.get("service", {}).get("origins", {})
+    out: dict[str, int | None] = dict.fromkeys(checkpoint.offsets)
+    if isinstance(saved, dict):
+        for key, origin in saved.items():
+            ok = isinstance(origin, int) and not isinstance(origin, bool) and origin >= 0
+            if isinstance(key, str) and ok:
+                out[key] = origin
+    return out
+
+
+def batch_first_offset(batch: Any, key: str, next_offset: int) -> int:
+    """The smallest offset of partition ``key`` among the batch's messages; ``next_offset`` when
+    it has none (a start position handed out alone)."""
+    first = next_offset
+    for item in (*batch.records, *batch.rejected):
+        if item.offset is not None and f"{item.topic}:{item.partition}" == key:
+            first = min(first, item.offset)
+    return first

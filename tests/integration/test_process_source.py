@@ -307,8 +307,12 @@ def test_the_child_outlives_signals_meant_for_the_service(
             os.kill(source.pid, sig)
         time.sleep(0.3)
         assert source._proc.poll() is None
-        source.commit(batches[-1].next_offsets)
-        assert source.committed_offsets() == {partition_key(kafka_topic, 0): 5}
+        offsets = {k: v for b in batches for k, v in b.next_offsets.items()}
+        p0 = partition_key(kafka_topic, 0)
+        # the empty partitions may come at their start position
+        assert offsets[p0] == 5 and all(v == 0 for k, v in offsets.items() if k != p0)
+        source.commit(offsets)
+        assert source.committed_offsets() == offsets
     assert source._proc.returncode == 0
 
 

@@ -952,16 +952,35 @@ class KafkaRecordSource(ClosableSource):
         return out
 
     def lag(self) -> dict[str, int]:
-        """``end offset - position`` for each assigned partition: messages not yet read.
+        """``end offset - next offset`` for each assigned partition: messages not yet handed out.
 
-        Bounded by ``lag_timeout_ms`` (a retriable :class:`SourceError` past it), so that a
-        caller between two training steps waits that long at most while the broker is away.
+        The next offset is the one this source handed out last (or sought on assignment); the end
+        offset is the high watermark of the partition's last fetch response, which the
+        consumer keeps (no request). Only a partition not fetched yet is asked for its end offset,
+        bounded by ``lag_timeout_ms`` (a retriable :class:`SourceError` past it): once every
+        partition has been fetched, a lag query sends nothing and cannot wait on a broker that is
+        away.
         """
         self._check_open()
         timeout = self.config.lag_timeout_ms
         try:
-            positions = self._positions(timeout)
-            ends = self._consumer.end_offsets(self.assignment(), timeout_ms=timeout)
+            with self._track_lock:
+                known = dict(self._next_known)
+            assigned = self.assignment()
+            if all(partition_key(*tp) in known for tp in assigned):
+                positions = known  # what was handed out: no request
+            else:
+                positions = self._positions(timeout)
+            ends: dict[TopicPartition, int] = {}
+            unfetched = []
+            for tp in assigned:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:
+                    unfetched.append(tp)
+                else:
+                    ends[tp] = int(highwater)
+            if unfetched:
+                ends.update(self._consumer.end_offsets(unfetched, timeout_ms=timeout))
         except KafkaError as exc:
             raise SourceError(f"cannot compute lag: {exc}", retriable=True) from exc
         return {

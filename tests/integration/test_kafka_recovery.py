@@ -5,7 +5,7 @@
 * a fallback to an older checkpoint trains every record exactly once, partitions the older
   version lacks included (they start at their origin, not at the newer committed offset);
 * a store whose history was moved back is refused unless ``allow_rollback``;
-* a consumer-lag query is bounded while the broker is down;
+* a consumer-lag query does not wait on a broker that is down (the high watermarks are kept);
 * with static membership a member killed with SIGKILL and restarted takes its place at once.
 """
 
@@ -425,7 +425,7 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.mark.slow
-def test_a_lag_query_is_bounded_while_the_broker_is_down(private_broker: Any) -> None:
+def test_a_lag_query_does_not_wait_on_a_broker_that_is_down(private_broker: Any) -> None:
     bootstrap = private_broker.bootstrap
     topic = _new_topic(bootstrap, 2)
     ledger = Ledger(bootstrap, topic)
@@ -454,14 +454,13 @@ def test_a_lag_query_is_bounded_while_the_broker_is_down(private_broker: Any) ->
             assert source.lag() == {f"{topic}:0": 0, f"{topic}:1": 0}
         private_broker.stop(timeout_s=10.0)
         for source in sources:
+            # Every partition has been fetched: the lag comes from the high watermarks the
+            # consumer kept, and no request waits on the broker that is away.
             started = time.monotonic()
-            with pytest.raises(SourceError) as failed:
-                source.lag()
+            assert source.lag() == {f"{topic}:0": 0, f"{topic}:1": 0}
             elapsed = time.monotonic() - started
-            print(f"lag query with the broker down: {type(source).__name__} {elapsed:.2f} s")
-            assert failed.value.retriable is True
-            # lag_timeout_ms (500 ms) per request phase: far from request_timeout_ms (30 s).
-            assert elapsed < 3.0, (type(source).__name__, elapsed)
+            print(f"lag query with the broker down: {type(source).__name__} {elapsed:.3f} s")
+            assert elapsed < 1.0, (type(source).__name__, elapsed)
     finally:
         for source in sources:
             source.close()

@@ -442,7 +442,7 @@ def test_fencing_is_rechecked_at_the_pointer_switch(backend: Backend) -> None:
     version, encoded = writer_a._stage(make_checkpoint(1, epoch=epoch_a, writer="a"))
     writer_b.acquire_epoch("b")  # takes over while a is writing
     with pytest.raises(FencedWriterError):
-        writer_a._publish(version, epoch_a, len(encoded.parts))
+        writer_a._publish(version, epoch_a, len(encoded.parts), [])
     assert writer_b.latest_version() is None and writer_b.load_latest() is None
 
 
@@ -452,7 +452,7 @@ def test_publish_refuses_an_incomplete_version(backend: Backend) -> None:
     version, encoded = store._stage(make_checkpoint(2))
     backend.tamper.delete_part(version, 1)
     with pytest.raises(CheckpointError, match="incomplete"):
-        store._publish(version, 0, len(encoded.parts))
+        store._publish(version, 0, len(encoded.parts), [])
     assert store.latest_version() == 1
 
 

@@ -104,12 +104,14 @@ class Restored(Generic[T]):
     """What :meth:`CheckpointStore.load_newest` restored.
 
     ``value`` is what the caller's ``restore`` made of ``checkpoint``; ``rejected`` maps each
-    newer version that was tried and refused to the reason (the error's message).
+    newer version that was tried and refused to why (the error's message), ``reasons`` to the
+    :data:`~stream_trainer.checkpoints.validation.REJECT_REASONS` value of that error.
     """
 
     checkpoint: Checkpoint
     value: T
     rejected: dict[int, str] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 class UnsignedWriterError(CheckpointError):
@@ -269,18 +271,19 @@ class VersionedStore(abc.ABC):
         self._check_open()
         candidates = self._candidates()
         rejected: dict[int, str] = {}
+        reasons: dict[int, str] = {}
         for version in candidates:
             try:
                 checkpoint = self.load(version)
                 value = restore(checkpoint)
             except CheckpointCorruptError as exc:
                 self.corrupt_loads += 1
-                rejected[version] = str(exc)
+                rejected[version], reasons[version] = str(exc), rejection_reason(exc)
                 logger.warning(
-                    "skipping checkpoint version %d (%s): %s", version, rejection_reason(exc), exc
+                    "skipping checkpoint version %d (%s): %s", version, reasons[version], exc
                 )
                 continue
-            return Restored(checkpoint=checkpoint, value=value, rejected=rejected)
+            return Restored(checkpoint, value, rejected=rejected, reasons=reasons)
         if rejected:
             reasons = "; ".join(rejected.values())
             msg = f"no stored checkpoint passes its checks: {reasons}"

@@ -49,7 +49,9 @@ from stream_trainer.training.trainer import (
 __all__ = [
     "MAX_CLASSES",
     "MAX_HIDDEN",
+    "MAX_MEAN",
     "MAX_MODEL_DIM",
+    "MAX_SUM",
     "MAX_WINDOW",
     "restore_trainer",
     "validate_trainer_state",
@@ -63,6 +65,12 @@ MAX_HIDDEN: Final = 1 << 16
 """Widest hidden layer (and most hidden layers: 64) a stored configuration may ask for."""
 MAX_WINDOW: Final = 1 << 24
 """Longest rolling-accuracy window a stored state may ask for (it is allocated)."""
+MAX_MEAN: Final = 1e140
+"""Largest magnitude of a stored running mean. The running-moment update multiplies
+``delta ** 2`` by a count of up to ``2 ** 63`` before dividing, so a larger mean could overflow
+the statistics at the next record."""
+MAX_SUM: Final = 1e300
+"""Largest stored sum (``m2``, metric sums, mixture losses): one more term keeps it finite."""
 _INT_LIMIT = 1 << 63
 _ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 _EXPERT_TENSORS = ("weight", "bias", "sum_sq_weight", "sum_sq_bias")
@@ -92,7 +100,20 @@ def validate_trainer_state(
 ) -> None:
     """Check ``state`` (``state_json``) and ``tensors`` (``state_tensors``) against each other
     and the trainer's layout (module docstring); ``fingerprint``: the manifest's
-    ``config_fingerprint``, which the stored configuration must reproduce."""
+    ``config_fingerprint``, which the stored configuration must reproduce.
+
+    Raises :class:`~stream_trainer.checkpoints.CheckpointInvalidError` and nothing else: an
+    unexpected error while checking (a value no check foresaw) rejects the state too.
+    """
+    try:
+        _validate(tensors, state, fingerprint)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a check met a value it did not foresee: still a rejection
+        _fail(f"unreadable ({exc!r})")
+
+
+def _validate(tensors: Mapping[str, torch.Tensor], state: Any, fingerprint: str | None) -> None:
     _check_numbers(state)
     state = _dict(state, "trainer state")
     version = state.get("version")
@@ -124,7 +145,7 @@ def validate_trainer_state(
         if not isinstance(losses, list) or len(losses) != len(EXPERTS):
             _fail(f"mixture losses must be {len(EXPERTS)} numbers")
         for loss in losses:
-            _number(loss, "mixture loss", minimum=0.0)
+            _number(loss, "mixture loss", minimum=0.0, maximum=MAX_SUM)
     dims = state.get("model_dims")
     groups = _list(state.get("optimizer_groups"), "optimizer_groups", 1)
     if dims is None:
@@ -154,6 +175,7 @@ def _config(state: dict[str, Any], version: int, fingerprint: str | None) -> Tra
     if version == 1:  # as from_state upgrades it
         raw = {**_V1_DEFAULTS, **raw}
     raw = {**LATER_SETTINGS, **raw}
+    _config_types(raw)
     try:
         config = TrainerConfig.from_dict(raw)
     except Exception as exc:  # a hostile config may fail anywhere in the constructor's checks
@@ -161,6 +183,31 @@ def _config(state: dict[str, Any], version: int, fingerprint: str | None) -> Tra
     if fingerprint is not None and config.fingerprint() != fingerprint:
         _fail("stored configuration does not match the manifest's config fingerprint")
     return config
+
+
+def _config_types(raw: dict[str, Any]) -> None:
+    """Each stored setting has the JSON type of its default (``to_dict`` writes tuples as
+    lists); a setting whose default is ``None`` holds ``None``, a scalar or a list of strings."""
+    defaults = TrainerConfig(target="y").to_dict()
+    for key, value in raw.items():
+        default = defaults.get(key, None)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int | float):  # None where the setting allows it (grad_clip)
+            ok = value is None or (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and (isinstance(value, int) or not isinstance(default, int))
+            )
+        elif isinstance(default, str):
+            ok = isinstance(value, str | list) if key == "norm" else isinstance(value, str)
+        elif isinstance(default, list | dict):
+            ok = isinstance(value, type(default))
+        else:  # default None: an optional setting
+            ok = value is None or isinstance(value, str | int | float)
+            ok = ok or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if not ok or (key == "target" and not isinstance(value, str)):
+            _fail(f"setting {key} has the wrong type ({type(value).__name__})")
 
 
 def _encoder(encoder: dict[str, Any]) -> int:
@@ -196,13 +243,17 @@ def _encoder(encoder: dict[str, Any]) -> int:
 
 
 def _standardizer(scaler: dict[str, Any], what: str, *, columns: int) -> None:
-    _number(scaler.get("clip"), f"{what} clip", minimum=0.0)
-    for key in ("count", "mean", "m2"):
+    _number(scaler.get("clip"), f"{what} clip", minimum=0.0, maximum=1e9)
+    for key, low, high in (
+        ("count", 0.0, 2.0**63),
+        ("mean", -MAX_MEAN, MAX_MEAN),
+        ("m2", 0.0, MAX_SUM),
+    ):
         values = _list(scaler.get(key), f"{what} {key}", MAX_MODEL_DIM)
         if len(values) != columns:
             _fail(f"{what} {key} has {len(values)} values for {columns} columns")
         for value in values:
-            _number(value, f"{what} {key}", minimum=None if key == "mean" else 0.0)
+            _number(value, f"{what} {key}", minimum=low, maximum=high)
 
 
 def _classification_metrics(metrics: dict[str, Any]) -> None:
@@ -210,7 +261,7 @@ def _classification_metrics(metrics: dict[str, Any]) -> None:
     n = _count(metrics.get("n"), "metrics n")
     _count(metrics.get("correct"), "metrics correct", high=n)
     _count(metrics.get("unscored", 0), "metrics unscored")
-    _number(metrics.get("log_loss_sum"), "metrics log_loss_sum", minimum=0.0)
+    _number(metrics.get("log_loss_sum"), "metrics log_loss_sum", minimum=0.0, maximum=MAX_SUM)
     confusion = _list(metrics.get("confusion"), "confusion", MAX_CLASSES)
     for row in confusion:
         if len(_list(row, "confusion row", len(confusion))) != len(confusion):
@@ -230,8 +281,8 @@ def _regression_metrics(metrics: dict[str, Any]) -> None:
     _count(metrics["n"], "regression n")
     _count(metrics.get("unscored", 0), "regression unscored")
     for key in ("abs_sum", "sq_sum", "y_m2"):
-        _number(metrics[key], f"regression {key}", minimum=0.0)
-    _number(metrics["y_mean"], "regression y_mean")
+        _number(metrics[key], f"regression {key}", minimum=0.0, maximum=MAX_SUM)
+    _number(metrics["y_mean"], "regression y_mean", minimum=-MAX_MEAN, maximum=MAX_MEAN)
 
 
 def _dims(dims: Any, task: Any, classes: list[Any], n_columns: int) -> tuple[int, int]:
@@ -311,6 +362,15 @@ def _tensor_values(name: str, tensor: torch.Tensor) -> None:
 def _optimizer_group(group: dict[str, Any], config: TrainerConfig) -> None:
     fresh = _optimizer(config.optimizer, [torch.nn.Parameter(torch.zeros(1))], config)
     reference = {k: v for k, v in fresh.param_groups[0].items() if k != "params"}
+    # The hyperparameters (numbers) are read at every step; flags torch fills in by itself.
+    needed = [
+        k
+        for k, v in reference.items()
+        if isinstance(v, int | float | tuple | list) and not isinstance(v, bool)
+    ]
+    missing = [k for k in needed if k not in group]
+    if missing:
+        _fail(f"optimizer group lacks {missing}")
     for key, value in group.items():
         if key == "params":
             _fail("optimizer group must not list params")
@@ -329,6 +389,9 @@ def _optimizer_group(group: dict[str, Any], config: TrainerConfig) -> None:
             _fail(f"optimizer {key} must be a plain value, got {type(value).__name__}")
     if "lr" in group and not group["lr"] > 0:
         _fail(f"optimizer lr must be > 0, got {group['lr']!r}")
+    for beta in group.get("betas") or []:
+        if not 0 <= beta < 1:
+            _fail(f"optimizer betas must lie in [0, 1), got {group['betas']!r}")
 
 
 def _rng(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -381,11 +444,11 @@ def _count(value: Any, what: str, *, low: int = 0, high: int = _INT_LIMIT - 1) -
     return value
 
 
-def _number(value: Any, what: str, *, minimum: float | None = None) -> float:
+def _number(value: Any, what: str, *, minimum: float = -MAX_SUM, maximum: float = MAX_SUM) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         _fail(f"{what} must be a number, got {str(value)[:40]}")
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        _fail(f"{what} must be finite{'' if minimum is None else f' and >= {minimum}'}: {value}")
+    if not minimum <= value <= maximum:  # NaN fails too
+        _fail(f"{what} must be in [{minimum:g}, {maximum:g}], got {value:g}")
     return float(value)
 
 

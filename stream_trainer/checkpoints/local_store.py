@@ -178,10 +178,10 @@ class LocalDirCheckpointStore(VersionedStore):
         if data is None:
             return 0
         epoch = data.get("epoch") if isinstance(data, dict) else None
-        if not _is_version(epoch):
+        if not isinstance(epoch, int) or not _is_version(epoch):
             msg = f"the EPOCH file in {self.directory} is unreadable ({epoch!r} is no epoch)"
             raise CheckpointError(msg)
-        return epoch  # type: ignore[no-any-return]
+        return epoch
 
     def _read_control(self, name: str) -> Any:
         """One of the small JSON files (``LATEST``, ``EPOCH``), read and parsed bounded."""

@@ -413,7 +413,7 @@ class RedisCheckpointStore(VersionedStore):
         members = self._call(lambda: self.client.zrange(self._key("versions"), 0, -1), "list")
         return sorted(self._number(member, "versions") for member in members)  # type: ignore[arg-type]
 
-    def _number(self, value: bytes, key: str) -> int:
+    def _number(self, value: bytes | str, key: str) -> int:
         """A version or epoch number stored under ``PREFIX:key``; a value that is not one is a
         damaged store (:class:`CheckpointCorruptError`), never a ``ValueError``."""
         if len(value) <= 20 and value.isdigit():

@@ -285,8 +285,7 @@ class VersionedStore(abc.ABC):
                 continue
             return Restored(checkpoint, value, rejected=rejected, reasons=reasons)
         if rejected:
-            reasons = "; ".join(rejected.values())
-            msg = f"no stored checkpoint passes its checks: {reasons}"
+            msg = f"no stored checkpoint passes its checks: {'; '.join(rejected.values())}"
             raise CheckpointCorruptError(msg)
         return None
 

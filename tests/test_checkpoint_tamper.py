@@ -41,7 +41,7 @@ from stream_trainer.checkpoints import (
 from stream_trainer.checkpoints.store import VersionedStore
 from stream_trainer.cli import main as cli_main
 from stream_trainer.commands.checkpoints import check_version
-from stream_trainer.errors import CheckpointCorruptError
+from stream_trainer.errors import CheckpointCorruptError, ConfigError
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.restore import restore_checkpoint
 from tests.test_checkpoint_store_contract import (
@@ -480,3 +480,17 @@ def test_every_version_invalid_refuses_to_start_instead_of_a_new_model(
             _edit(tensors=_set("model.head.weight", math.nan))(tamper, version)
     with pytest.raises(CheckpointCorruptError, match="no stored checkpoint passes its checks"):
         _service(config, stores)
+
+
+def test_a_version_of_another_configuration_stops_the_service_instead_of_falling_back(
+    tmp_path: Path, csv_source: Path, stores: Stores
+) -> None:
+    _history(tmp_path, csv_source, stores)
+    settings = {"source": str(csv_source), "checkpoint": stores.url, "metrics_address": "off"}
+    other = load_service_config(
+        flags={**settings, "progress": False},
+        trainer_flags={"target": "label", "task": "classification", "hidden": (16,), "seed": 3},
+        environ={},
+    )
+    with pytest.raises(ConfigError, match=r"v3 was written with another trainer configuration"):
+        _service(other, stores)

@@ -207,3 +207,25 @@ def test_a_mutated_state_is_refused_or_restores_to_a_working_trainer(
     trainer.step(records)
     again = json.loads(json.dumps(trainer.state_json(), allow_nan=False))
     validate_trainer_state(trainer.state_tensors(), again)
+
+
+def test_states_written_before_later_settings_still_validate() -> None:
+    """A version-1 state (no ``skip``, ``lr_scale_min``, ``lr_decay_samples``) and one from
+    before the linear expert and ``momentum_in_samples`` (no keys, no mixture) validate and
+    restore, as :meth:`IncrementalTrainer.from_state` upgrades them."""
+    old = {
+        "skip": False,
+        "lr_scale_min": 0.0,
+        "lr_decay_samples": None,
+        "linear_expert": False,
+        "momentum_in_samples": False,
+    }
+    trainer = _trained(old)
+    state = json.loads(json.dumps(trainer.state_json()))
+    state["version"] = 1
+    for key in old:
+        del state["config"][key]
+    del state["mixture"]
+    validate_trainer_state(trainer.state_tensors(), state, fingerprint=trainer.config.fingerprint())
+    restored = restore_trainer(trainer.state_tensors(), state)
+    assert restored.config == trainer.config and restored.expert is None

@@ -10,6 +10,27 @@ import torch
 
 from stream_trainer.checkpoints import HMAC_KEY_ENV, Checkpoint, open_store
 from stream_trainer.cli import main
+from stream_trainer.records import Record
+from stream_trainer.training import IncrementalTrainer, TrainerConfig
+
+
+def service_checkpoint(seed: int) -> Checkpoint:
+    """A checkpoint as the service writes it: a trained trainer's state and tensors."""
+    trainer = IncrementalTrainer(TrainerConfig(target="y", hidden=(4,), seed=0))
+    trainer.step([Record({"x": float(i), "c": "ab"[i % 2], "y": i % 2}) for i in range(8)])
+    with torch.no_grad():
+        trainer.model.head.weight.fill_(0.123456)  # type: ignore[union-attr]
+    service = {"version": 1, "run_name": "cli", "batch_log_lines": 0, "dead_lettered": {}}
+    return Checkpoint(
+        tensors=trainer.state_tensors(),
+        state={"trainer": trainer.state_json(), "service": service},
+        offsets={"clicks:0": 10 * seed},
+        samples=100 * seed,
+        step=seed,
+        config_fingerprint=trainer.config.fingerprint(),
+        writer_id="w1",
+        epoch=0,
+    )
 
 
 @pytest.fixture
@@ -18,18 +39,7 @@ def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     url = f"file://{tmp_path / 'ck'}?chunk_size=100"
     with open_store(url) as store:
         for seed in (1, 2):
-            store.save(
-                Checkpoint(
-                    tensors={"layer.weight": torch.full((2, 3), 0.123456, dtype=torch.float64)},
-                    state={"labels": ["x"]},
-                    offsets={"clicks:0": 10 * seed},
-                    samples=100 * seed,
-                    step=seed,
-                    config_fingerprint="cfg",
-                    writer_id="w1",
-                    epoch=0,
-                )
-            )
+            store.save(service_checkpoint(seed))
     return url
 
 
@@ -49,7 +59,7 @@ def test_list_table_and_show(url: str, capsys: pytest.CaptureFixture[str]) -> No
     assert "2*" in table and "w1/0" in table and "clicks:0=20" in table
     assert main(["checkpoints", "show", "--checkpoint", url, "--version", "1"]) == 0
     shown = capsys.readouterr().out
-    assert "layer.weight  float64  (2, 3)" in shown and "samples: 100" in shown
+    assert "model.head.weight  float32  (2, 4)" in shown and "samples: 100" in shown
     assert "0.123" not in shown, "tensor values must never be printed"
 
 

@@ -24,10 +24,12 @@ from stream_trainer.checkpoints import (
     HMAC_KEY_ENV,
     Checkpoint,
     CheckpointCodec,
+    CheckpointInvalidError,
     CheckpointStore,
     LocalDirCheckpointStore,
     MemoryCheckpointStore,
     RedisCheckpointStore,
+    UnsignedWriterError,
 )
 from stream_trainer.checkpoints.store import VersionedStore
 from stream_trainer.errors import CheckpointCorruptError, CheckpointError, FencedWriterError
@@ -313,6 +315,10 @@ def _unsigned(t: Tamper, v: int, key: bytes | None) -> None:
     rewrite_manifest(t, v, lambda body: None, None)
 
 
+def _deep_manifest(t: Tamper, v: int, key: bytes | None) -> None:
+    t.set_manifest(v, b'{"manifest":' * 100_000 + b"{}" + b"}" * 100_000)
+
+
 CORRUPTIONS = {
     "flipped-byte": (_flip, None),
     "truncated-part": (_truncate, None),
@@ -321,6 +327,8 @@ CORRUPTIONS = {
     "bad-hmac": (_bad_hmac, KEY),
     "unsigned-with-key-set": (_unsigned, KEY),
     "flipped-byte-signed": (_flip, KEY),
+    "manifest-nested-100000-deep": (_deep_manifest, None),
+    "manifest-nested-100000-deep-signed": (_deep_manifest, KEY),
 }
 
 
@@ -442,7 +450,7 @@ def test_fencing_is_rechecked_at_the_pointer_switch(backend: Backend) -> None:
     version, encoded = writer_a._stage(make_checkpoint(1, epoch=epoch_a, writer="a"))
     writer_b.acquire_epoch("b")  # takes over while a is writing
     with pytest.raises(FencedWriterError):
-        writer_a._publish(version, epoch_a, len(encoded.parts))
+        writer_a._publish(version, epoch_a, len(encoded.parts), [])
     assert writer_b.latest_version() is None and writer_b.load_latest() is None
 
 
@@ -452,7 +460,7 @@ def test_publish_refuses_an_incomplete_version(backend: Backend) -> None:
     version, encoded = store._stage(make_checkpoint(2))
     backend.tamper.delete_part(version, 1)
     with pytest.raises(CheckpointError, match="incomplete"):
-        store._publish(version, 0, len(encoded.parts))
+        store._publish(version, 0, len(encoded.parts), [])
     assert store.latest_version() == 1
 
 
@@ -462,3 +470,109 @@ def test_close_is_idempotent_and_final(backend: Backend) -> None:
     store.close()
     with pytest.raises(CheckpointError, match="closed"):
         store.load_latest()
+
+
+def test_list_and_verify_report_a_hostile_manifest_without_raising(backend: Backend) -> None:
+    store = backend.open()
+    store.save(make_checkpoint(1))
+    store.save(make_checkpoint(2))
+    _deep_manifest(backend.tamper, 2, None)
+    infos = store.list_versions()
+    assert [info.version for info in infos] == [1, 2]
+    assert infos[0].error is None and "nested 100001 deep" in (infos[1].error or "")
+    result = store.verify(2)
+    assert not result.ok and "nested 100001 deep" in (result.error or "")
+    restored = store.load_newest(lambda checkpoint: checkpoint.samples)
+    assert restored is not None and restored.checkpoint.version == 1 and restored.value == 100
+    assert list(restored.rejected) == [2] and restored.reasons == {2: "manifest"}
+
+
+def test_a_validation_failure_falls_back_like_a_checksum_failure(backend: Backend) -> None:
+    store = backend.open()
+    for seed in (1, 2, 3):
+        store.save(make_checkpoint(seed))
+
+    def restore(checkpoint: Checkpoint) -> int:
+        if checkpoint.state["seed"] == 3:
+            raise CheckpointInvalidError("seed 3 is not wanted", reason="state")
+        return int(checkpoint.state["seed"])
+
+    restored = store.load_newest(restore)
+    assert restored is not None and restored.value == 2
+    assert restored.rejected == {3: "seed 3 is not wanted"} and restored.reasons == {3: "state"}
+    assert store.verify(3, validate=restore).error == "seed 3 is not wanted"
+    assert store.verify(2, validate=restore).ok
+
+
+def test_signed_store_keeps_unsigned_versions_and_counts_only_signed_ones(
+    backend: Backend,
+) -> None:
+    unsigned_writer = backend.open(keep=2)
+    unsigned_writer.save(make_checkpoint(1))
+    unsigned_writer.save(make_checkpoint(2))
+    signed_writer = backend.open(keep=2, codec=CheckpointCodec(chunk_size=CHUNK, hmac_key=KEY))
+    for seed in (3, 4, 5, 6):
+        signed_writer.save(make_checkpoint(seed))
+    # Versions 1 and 2 are unsigned: never loaded, never pruned; keep=2 counts signed ones only.
+    assert [info.version for info in signed_writer.list_versions()] == [1, 2, 5, 6]
+    assert [info.signed for info in signed_writer.list_versions()] == [False, False, True, True]
+    assert backend.tamper.exists(1) and not backend.tamper.exists(3)
+    for version in (1, 2):
+        assert "unsigned checkpoint refused" in (signed_writer.verify(version).error or "")
+    latest = signed_writer.load_latest()
+    assert latest is not None and latest.version == 6
+
+
+def test_a_writer_without_the_key_refuses_a_store_with_signed_versions(
+    backend: Backend,
+) -> None:
+    signed = backend.open(codec=CheckpointCodec(chunk_size=CHUNK, hmac_key=KEY))
+    signed.save(make_checkpoint(1))
+    signed.save(make_checkpoint(2))
+    unsigned = backend.open()
+    with pytest.raises(UnsignedWriterError, match=r"signed checkpoints \(versions \[1, 2\]\)"):
+        unsigned.acquire_epoch("no-key")
+    with pytest.raises(UnsignedWriterError) as info:
+        unsigned.save(make_checkpoint(3))
+    assert info.value.retriable is False
+    assert [i.version for i in unsigned.list_versions()] == [1, 2]  # reading is still allowed
+    assert unsigned.current_epoch() == 0 and backend.tamper.exists(1)
+
+
+def test_an_unreadable_pointer_is_never_mistaken_for_an_empty_store(backend: Backend) -> None:
+    store = backend.open()
+    store.save(make_checkpoint(1))
+    store.save(make_checkpoint(2))
+    if backend.kind == "memory":
+        pytest.skip("the memory store's pointer is an int in process memory: nothing to damage")
+    if backend.kind == "redis":
+        assert isinstance(backend.tamper, RedisTamper)
+        backend.tamper.client.set(f"{backend.tamper.prefix}:latest", b"[[[[not a number")
+        latest = store.load_latest()  # the published versions remain: the newest is loaded
+        assert latest is not None and latest.version == 2
+        return
+    assert isinstance(backend.tamper, LocalTamper)
+    (backend.tamper.root / "LATEST").write_bytes(b"[" * 100_000)
+    with pytest.raises(CheckpointInvalidError, match="LATEST is unreadable"):
+        store.load_latest()
+
+
+def test_a_part_grown_out_of_bounds_is_refused_without_reading_it_whole(
+    backend: Backend, decoded: list[int]
+) -> None:
+    store = backend.open()
+    store.save(make_checkpoint(1))
+    store.save(make_checkpoint(2))
+    backend.tamper.set_part(2, 0, backend.tamper.part(2, 0) + b"\0" * (8 * 2**20))
+    if isinstance(store, LocalDirCheckpointStore):
+        parts, _ = store._read_parts_hashed(2, [CHUNK, CHUNK])
+        assert [len(part or b"") for part in parts] == [CHUNK + 1, CHUNK]
+    decoded.clear()
+    result = store.verify(2)
+    if backend.kind == "redis":
+        # GETRANGE reads only the manifest's byte ranges, which are intact: the version loads.
+        assert result.ok and decoded and max(decoded) < 2**20
+        return
+    assert not result.ok and "bytes, manifest says" in (result.error or "") and decoded == []
+    latest = store.load_latest()
+    assert latest is not None and latest.version == 1

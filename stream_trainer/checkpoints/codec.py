@@ -30,9 +30,12 @@ Encoding comes in two steps so that a store can hash the payload while it writes
 :meth:`CheckpointCodec.encode` does both. A store writes every part, then the manifest, then
 publishes; the tensors must not change until the save returns (the views read them in place).
 
-Reading checks, in this order, before anything is decoded: manifest HMAC (when a key is set),
-manifest schema and format version, number and size of parts, SHA-256 of the payload. Only then
-are the safetensors header and the JSON document parsed.
+Reading checks, in this order, before anything is decoded: manifest size and nesting (it is
+parsed bounded, :func:`~stream_trainer.checkpoints.validation.load_json`), manifest HMAC (when a
+key is set), manifest schema and format version (and a state section of at most
+:data:`MAX_STATE_BYTES`), number and size of parts, SHA-256 of the payload. Only then are the
+safetensors header and the JSON document (bounded again) parsed. A failed check raises
+:class:`~stream_trainer.checkpoints.validation.CheckpointInvalidError` with its reason.
 """
 
 from __future__ import annotations
@@ -51,12 +54,20 @@ import safetensors.torch
 import torch
 
 from stream_trainer.checkpoints.checkpoint import FORMAT_VERSION, Checkpoint
-from stream_trainer.errors import CheckpointCorruptError, CheckpointError, ConfigError
+from stream_trainer.checkpoints.validation import (
+    MAX_MANIFEST_DEPTH,
+    MAX_STATE_DEPTH,
+    CheckpointInvalidError,
+    json_depth,
+    load_json,
+)
+from stream_trainer.errors import CheckpointError, ConfigError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "HMAC_KEY_ENV",
     "MAX_CHUNK_SIZE",
+    "MAX_STATE_BYTES",
     "UPGRADES",
     "CheckpointCodec",
     "CheckpointLayout",
@@ -71,6 +82,9 @@ DEFAULT_CHUNK_SIZE = 64 * 2**20
 MAX_CHUNK_SIZE = 512 * 2**20
 HMAC_KEY_ENV = "STREAM_TRAINER_CHECKPOINT_HMAC_KEY"
 _MAX_MANIFEST_BYTES = 16 * 2**20
+#: Largest state document read back (it holds the feature schema, labels and metrics; the
+#: tensors are apart): a manifest that announces more is refused before any part is read.
+MAX_STATE_BYTES = 256 * 2**20
 
 #: ``UPGRADES[n]`` turns a format-``n`` state document into a format-``n + 1`` one. Loading runs
 #: the chain up to :data:`FORMAT_VERSION`; a format with no path is refused with a clear error.
@@ -297,6 +311,9 @@ class CheckpointCodec:
         except (TypeError, ValueError) as exc:
             msg = f"checkpoint state is not JSON (no NaN/inf, no objects): {exc}"
             raise CheckpointError(msg) from exc
+        if json_depth(doc) > MAX_STATE_DEPTH:
+            msg = f"checkpoint state is nested deeper than {MAX_STATE_DEPTH} (it could not be read)"
+            raise CheckpointError(msg)
         if json.loads(doc)["state"] != checkpoint.state:
             msg = "checkpoint state does not survive JSON unchanged (tuples? non-str keys?)"
             raise CheckpointError(msg)
@@ -337,37 +354,29 @@ class CheckpointCodec:
     # ------------------------------------------------------------------ decode
 
     def read_manifest(self, data: bytes, *, version: int) -> Manifest:
-        """Check and parse a manifest: HMAC first, then format version, then schema.
+        """Check and parse a manifest: size and nesting, then HMAC, then format, then schema.
 
-        Raises :class:`CheckpointCorruptError` when it fails a check, :class:`CheckpointError`
+        Raises :class:`CheckpointInvalidError` when it fails a check, :class:`CheckpointError`
         when it comes from a newer format or one with no upgrade path.
         """
         where = f"checkpoint version {version}"
         if len(data) > _MAX_MANIFEST_BYTES:
             msg = f"{where}: manifest of {len(data)} bytes is over {_MAX_MANIFEST_BYTES}"
-            raise CheckpointCorruptError(msg)
-        try:
-            envelope = json.loads(data)
-            body = envelope["manifest"]
-            signature = envelope["hmac"]
-        except (ValueError, TypeError, KeyError) as exc:
-            msg = f"{where}: manifest is not valid JSON of the expected shape ({exc})"
-            raise CheckpointCorruptError(msg) from exc
-        if not isinstance(body, dict) or not (signature is None or isinstance(signature, str)):
-            msg = f"{where}: manifest is not valid JSON of the expected shape"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="manifest")
+        envelope = self._envelope(data, where)
+        body, signature = envelope["manifest"], envelope["hmac"]
         if self._hmac_key is not None:
             if signature is None:
                 msg = f"{where}: unsigned checkpoint refused ({HMAC_KEY_ENV} is set)"
-                raise CheckpointCorruptError(msg)
+                raise CheckpointInvalidError(msg, reason="unsigned")
             expected = hmac.new(self._hmac_key, _canonical(body), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(expected, signature):
                 msg = f"{where}: HMAC does not match (wrong key or tampered manifest)"
-                raise CheckpointCorruptError(msg)
+                raise CheckpointInvalidError(msg, reason="signature")
         fmt = body.get("format_version")
         if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
             msg = f"{where}: manifest has no valid format_version ({fmt!r})"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="manifest")
         _check_format(fmt, where)
         try:
             sections = body["sections"]
@@ -392,10 +401,10 @@ class CheckpointCodec:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             msg = f"{where}: manifest field missing or of the wrong type ({exc!r})"
-            raise CheckpointCorruptError(msg) from exc
+            raise CheckpointInvalidError(msg, reason="manifest") from exc
         if manifest.version != version:
             msg = f"{where}: manifest belongs to version {manifest.version}"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="manifest")
         sizes = manifest.part_sizes
         if (
             len(manifest.sha256) != 64
@@ -404,8 +413,43 @@ class CheckpointCodec:
             or sum(sizes[manifest.tensor_parts :]) != manifest.state_size
         ):
             msg = f"{where}: manifest sizes or checksum field are inconsistent"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="manifest")
+        if manifest.state_size > MAX_STATE_BYTES:
+            size = manifest.state_size
+            msg = f"{where}: state document of {size} bytes is over {MAX_STATE_BYTES}"
+            raise CheckpointInvalidError(msg, reason="manifest")
         return manifest
+
+    def is_signed(self, data: bytes) -> bool | None:
+        """Whether a stored manifest carries a signature that checks with this codec's key (with
+        no key: any signature); ``None`` when the manifest cannot be read at all."""
+        try:
+            envelope = self._envelope(data, "manifest")
+        except CheckpointInvalidError:
+            return None
+        signature = envelope["hmac"]
+        if signature is None or self._hmac_key is None:
+            return signature is not None
+        expected = hmac.new(self._hmac_key, _canonical(envelope["manifest"]), hashlib.sha256)
+        return hmac.compare_digest(expected.hexdigest(), signature)
+
+    @staticmethod
+    def _envelope(data: bytes, where: str) -> dict[str, Any]:
+        """The manifest's ``{"manifest": {...}, "hmac": str | None}``, parsed bounded."""
+        if len(data) > _MAX_MANIFEST_BYTES:
+            msg = f"{where}: manifest of {len(data)} bytes is over {_MAX_MANIFEST_BYTES}"
+            raise CheckpointInvalidError(msg, reason="manifest")
+        try:
+            envelope = load_json(data, max_depth=MAX_MANIFEST_DEPTH)
+            body = envelope["manifest"]
+            signature = envelope["hmac"]
+        except (ValueError, TypeError, KeyError) as exc:
+            msg = f"{where}: manifest is not valid JSON of the expected shape ({exc})"
+            raise CheckpointInvalidError(msg, reason="manifest") from exc
+        if not isinstance(body, dict) or not (signature is None or isinstance(signature, str)):
+            msg = f"{where}: manifest is not valid JSON of the expected shape"
+            raise CheckpointInvalidError(msg, reason="manifest")
+        return {"manifest": body, "hmac": signature}
 
     def check_parts(
         self, manifest: Manifest, parts: Sequence[PartData | None], *, sha256: str | None = None
@@ -418,26 +462,30 @@ class CheckpointCodec:
         where = f"checkpoint version {manifest.version}"
         if len(parts) != len(manifest.part_sizes):
             msg = f"{where}: {len(parts)} parts read, manifest lists {len(manifest.part_sizes)}"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="missing")
         digest = hashlib.sha256()
         for index, (part, size) in enumerate(zip(parts, manifest.part_sizes, strict=True)):
             if part is None:
                 msg = f"{where}: part {index} is missing"
-                raise CheckpointCorruptError(msg)
+                raise CheckpointInvalidError(msg, reason="missing")
             if len(part) != size:
                 msg = f"{where}: part {index} has {len(part)} bytes, manifest says {size}"
-                raise CheckpointCorruptError(msg)
+                raise CheckpointInvalidError(msg, reason="checksum")
             if sha256 is None:
                 for piece in part.chunks if isinstance(part, ChunkedPart) else (part,):
                     digest.update(piece)
         if not hmac.compare_digest(sha256 or digest.hexdigest(), manifest.sha256):
             msg = f"{where}: SHA-256 of the payload does not match the manifest"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="checksum")
 
     def decode(
         self, manifest: Manifest, parts: Sequence[PartData | None], *, sha256: str | None = None
     ) -> Checkpoint:
-        """Check the parts (:meth:`check_parts`), then decode them into a :class:`Checkpoint`."""
+        """Check the parts (:meth:`check_parts`), then decode them into a :class:`Checkpoint`.
+
+        The state document is parsed bounded (:func:`~stream_trainer.checkpoints.validation.
+        load_json`: nesting, finite numbers); what it holds is the caller's to validate.
+        """
         self.check_parts(manifest, parts, sha256=sha256)
         where = f"checkpoint version {manifest.version}"
         blob = _join(parts[: manifest.tensor_parts])
@@ -448,20 +496,20 @@ class CheckpointCodec:
             tensors = safetensors.torch.load(blob)
         except Exception as exc:  # the parser's own error types vary between versions
             msg = f"{where}: tensor section is not a valid safetensors blob ({exc})"
-            raise CheckpointCorruptError(msg) from exc
+            raise CheckpointInvalidError(msg, reason="tensors") from exc
         try:
-            document = json.loads(doc)
+            document = load_json(doc, max_depth=MAX_STATE_DEPTH)
             if not isinstance(document, dict):
                 raise TypeError("state document is not a JSON object")
         except (ValueError, TypeError) as exc:
             msg = f"{where}: state section is not a JSON object ({exc})"
-            raise CheckpointCorruptError(msg) from exc
+            raise CheckpointInvalidError(msg, reason="state") from exc
         document = _upgrade(document, manifest.format_version, where)
         meta = {key: document.get(key) for key in _META_KEYS}
         expected = {key: getattr(manifest, key) for key in _META_KEYS}
         if meta != expected or document.get("version") != manifest.version:
             msg = f"{where}: state document disagrees with its manifest"
-            raise CheckpointCorruptError(msg)
+            raise CheckpointInvalidError(msg, reason="state")
         try:
             return Checkpoint(
                 tensors=dict(tensors),
@@ -472,7 +520,7 @@ class CheckpointCodec:
             )
         except (KeyError, CheckpointError) as exc:
             msg = f"{where}: state document is invalid ({exc})"
-            raise CheckpointCorruptError(msg) from exc
+            raise CheckpointInvalidError(msg, reason="state") from exc
 
 
 def safetensors_segments(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
@@ -591,8 +639,8 @@ def _is_int(value: object) -> bool:
 
 
 def _int(value: object) -> int:
-    if not _is_int(value) or value < 0:  # type: ignore[operator]
-        raise ValueError(f"expected an int >= 0, got {value!r}")
+    if not _is_int(value) or not 0 <= value < 2**63:  # type: ignore[operator]
+        raise ValueError(f"expected an int in [0, 2**63), got {value!r}")
     return value  # type: ignore[return-value]
 
 

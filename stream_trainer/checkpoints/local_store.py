@@ -27,11 +27,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint
+from stream_trainer.checkpoints.codec import CheckpointCodec, EncodedCheckpoint, PartData
 from stream_trainer.checkpoints.store import DEFAULT_KEEP, VersionedStore
-from stream_trainer.errors import CheckpointCorruptError, CheckpointError, FencedWriterError
+from stream_trainer.checkpoints.validation import CheckpointInvalidError, load_json
+from stream_trainer.errors import CheckpointError, FencedWriterError
 
 __all__ = ["LocalDirCheckpointStore"]
+
+_MAX_CONTROL_BYTES = 1 << 20  # LATEST lists the published versions: a few bytes each
 
 
 class LocalDirCheckpointStore(VersionedStore):
@@ -69,8 +72,7 @@ class LocalDirCheckpointStore(VersionedStore):
 
     # ------------------------------------------------------------ epoch
 
-    def acquire_epoch(self, writer_id: str) -> int:
-        self._check_open()
+    def _acquire_epoch(self, writer_id: str) -> int:
         with self._locked():
             epoch = self._read_epoch() + 1
             self._write_atomic("EPOCH", _json({"epoch": epoch, "writer_id": writer_id}))
@@ -109,7 +111,7 @@ class LocalDirCheckpointStore(VersionedStore):
             msg = f"cannot write checkpoint version {version} in {self.directory}: {exc}"
             raise CheckpointError(msg) from exc
 
-    def _publish(self, version: int, epoch: int, parts: int) -> None:
+    def _publish(self, version: int, epoch: int, parts: int, drop: Sequence[int]) -> None:
         with self._locked():
             current = self._read_epoch()
             if epoch != current:
@@ -125,7 +127,7 @@ class LocalDirCheckpointStore(VersionedStore):
             if missing:
                 msg = f"version {version} is incomplete (missing {missing}); not published"
                 raise CheckpointError(msg)
-            published = [*published, version][-self.keep :]
+            published = [v for v in published if v not in set(drop)] + [version]
             self._write_atomic("LATEST", _json({"latest": version, "published": published}))
             self._prune(version, set(published))
 
@@ -135,6 +137,15 @@ class LocalDirCheckpointStore(VersionedStore):
     def _read_parts(self, version: int, count: int) -> Sequence[bytes | None]:
         folder = self.directory / "versions" / str(version)
         return [_read(folder / _part_name(index)) for index in range(count)]
+
+    def _read_parts_hashed(
+        self, version: int, sizes: Sequence[int]
+    ) -> tuple[Sequence[PartData | None], str | None]:
+        """Each part read up to one byte past the size its manifest gives: a part file grown
+        out of bounds is never read whole (the size check then refuses it)."""
+        folder = self.directory / "versions" / str(version)
+        parts = [_read(folder / _part_name(i), limit=size) for i, size in enumerate(sizes)]
+        return parts, None
 
     def _pointer(self) -> int | None:
         return self._read_pointer()[0]
@@ -159,31 +170,41 @@ class LocalDirCheckpointStore(VersionedStore):
         return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
 
     def _read_pointer(self) -> tuple[int | None, list[int]]:
-        data = _read(self.directory / "LATEST")
-        if data is None:
+        pointer = self._read_control("LATEST")
+        if pointer is None:
             return None, []
         try:
-            pointer: Any = json.loads(data)
             latest, published = pointer["latest"], pointer["published"]
-            if not isinstance(latest, int) or not all(isinstance(v, int) for v in published):
-                raise TypeError("not integers")
-        except (ValueError, TypeError, KeyError) as exc:
+            if not _is_version(latest) or not all(_is_version(v) for v in published):
+                raise TypeError("not version numbers")
+        except (TypeError, KeyError) as exc:
             msg = f"the LATEST pointer in {self.directory} is unreadable ({exc!r})"
-            raise CheckpointCorruptError(msg) from exc
+            raise CheckpointInvalidError(msg, reason="manifest") from exc
         return latest, sorted(published)
 
     def _read_epoch(self) -> int:
-        data = _read(self.directory / "EPOCH")
+        data = self._read_control("EPOCH")
         if data is None:
             return 0
-        try:
-            epoch = json.loads(data)["epoch"]
-            if not isinstance(epoch, int):
-                raise TypeError("not an integer")
-        except (ValueError, TypeError, KeyError) as exc:
-            msg = f"the EPOCH file in {self.directory} is unreadable ({exc!r})"
-            raise CheckpointError(msg) from exc
+        epoch = data.get("epoch") if isinstance(data, dict) else None
+        if not isinstance(epoch, int) or not _is_version(epoch):
+            msg = f"the EPOCH file in {self.directory} is unreadable ({epoch!r} is no epoch)"
+            raise CheckpointError(msg)
         return epoch
+
+    def _read_control(self, name: str) -> Any:
+        """One of the small JSON files (``LATEST``, ``EPOCH``), read and parsed bounded."""
+        path = self.directory / name
+        data = _read(path, limit=_MAX_CONTROL_BYTES)
+        if data is None:
+            return None
+        try:
+            if len(data) > _MAX_CONTROL_BYTES:
+                raise ValueError(f"larger than {_MAX_CONTROL_BYTES} bytes")
+            return load_json(data, max_depth=2)
+        except ValueError as exc:
+            msg = f"{path} is unreadable ({exc})"
+            raise CheckpointInvalidError(msg, reason="manifest") from exc
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -227,8 +248,16 @@ def _part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def _read(path: Path) -> bytes | None:
+def _is_version(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _read(path: Path, *, limit: int | None = None) -> bytes | None:
+    """The file's bytes (at most ``limit + 1`` with a limit), ``None`` if it is absent."""
     try:
+        if limit is not None:
+            with open(path, "rb") as handle:
+                return handle.read(limit + 1)
         return path.read_bytes()
     except FileNotFoundError:
         return None

@@ -54,8 +54,7 @@ class MemoryCheckpointStore(VersionedStore):
             _space=self._space,
         )
 
-    def acquire_epoch(self, writer_id: str) -> int:
-        self._check_open()
+    def _acquire_epoch(self, writer_id: str) -> int:
         with self._space.lock:
             self._space.epoch += 1
             self._space.epoch_writer = writer_id
@@ -77,7 +76,7 @@ class MemoryCheckpointStore(VersionedStore):
                 self._space.parts[version, index] = bytes(part)
             self._space.manifests[version] = encoded.manifest_bytes
 
-    def _publish(self, version: int, epoch: int, parts: int) -> None:
+    def _publish(self, version: int, epoch: int, parts: int, drop: Sequence[int]) -> None:
         space = self._space
         with space.lock:
             if epoch != space.epoch:
@@ -91,9 +90,9 @@ class MemoryCheckpointStore(VersionedStore):
                 msg = f"version {version} is incomplete (missing parts {missing}); not published"
                 raise CheckpointError(msg)
             space.latest = version
-            space.published.append(version)
-            old, space.published = space.published[: -self.keep], space.published[-self.keep :]
-            for gone in old:
+            gone_versions = [v for v in space.published if v in set(drop)]
+            space.published = [v for v in space.published if v not in gone_versions] + [version]
+            for gone in gone_versions:
                 space.manifests.pop(gone, None)
                 for key in [key for key in space.parts if key[0] == gone]:
                     del space.parts[key]

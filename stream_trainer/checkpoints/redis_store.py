@@ -22,7 +22,8 @@ A save writes, in this order:
    exist for a reader, so a manifest only ever stands beside parts that were all written.
 3. a Lua script publishes version N atomically: it refuses if the writer's epoch is not
    ``PREFIX:epoch`` or if the manifest or any part of N is missing, otherwise it removes the
-   TTLs, points ``PREFIX:latest`` at N and unlinks the versions beyond ``keep``.
+   TTLs, points ``PREFIX:latest`` at N and unlinks the published versions the store chose to
+   prune (beyond ``keep``; see :mod:`~stream_trainer.checkpoints.store` for signed stores).
 
 Keys of a write that never got published expire by themselves (``pending_ttl_s``). A load reads
 the manifest, then the parts, and checks their sizes and SHA-256 before decoding anything, so a
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -57,13 +59,9 @@ from stream_trainer.checkpoints.codec import (
     PartData,
 )
 from stream_trainer.checkpoints.retry import RetryPolicy
-from stream_trainer.checkpoints.store import DEFAULT_KEEP, VersionedStore
-from stream_trainer.errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    ConfigError,
-    FencedWriterError,
-)
+from stream_trainer.checkpoints.store import DEFAULT_KEEP, StoreAccessError, VersionedStore
+from stream_trainer.checkpoints.validation import CheckpointInvalidError
+from stream_trainer.errors import CheckpointError, ConfigError, FencedWriterError
 
 __all__ = ["DEFAULT_PREFIX", "RedisCheckpointStore"]
 
@@ -73,10 +71,11 @@ DEFAULT_PREFIX = "stream-trainer:checkpoints"
 # larger ones are sent as they are, without a copy.
 _COALESCE_BELOW = 64 * 1024
 
-# KEYS: latest, epoch, versions, parts-hash.  ARGV: prefix, version, epoch, parts, keep.
+# KEYS: latest, epoch, versions, parts-hash.  ARGV: prefix, version, epoch, parts, then the
+# published versions to delete (chosen by VersionedStore._to_drop).
 _PUBLISH = """
 local prefix, version = ARGV[1], tonumber(ARGV[2])
-local epoch, nparts, keep = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local epoch, nparts = tonumber(ARGV[3]), tonumber(ARGV[4])
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current ~= epoch then return {'FENCED', tostring(current)} end
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -92,7 +91,10 @@ for i = 0, nparts - 1 do redis.call('PERSIST', base .. ':part:' .. i) end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[3], version, ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[2], nparts)
-local old = redis.call('ZRANGE', KEYS[3], 0, -(keep + 1))
+local old = {}
+for i = 5, #ARGV do
+  if redis.call('ZSCORE', KEYS[3], ARGV[i]) then table.insert(old, ARGV[i]) end
+end
 for _, gone in ipairs(old) do
   local count = tonumber(redis.call('HGET', KEYS[4], gone) or '0')
   local gbase = prefix .. ':v:' .. gone
@@ -188,17 +190,28 @@ class RedisCheckpointStore(VersionedStore):
         return ":".join([self.prefix, *map(str, parts)])
 
     def _call(self, operation: Callable[[], T], what: str) -> T:
+        """``operation`` under the retry policy. A refusal of this client (credentials, TLS
+        certificate, ACL) is raised at once as :class:`StoreAccessError`, never retried."""
+
+        def attempt() -> T:
+            try:
+                return operation()
+            except redis.RedisError as exc:
+                problem = _access_problem(exc)
+                if problem is None:
+                    raise
+                msg = f"redis {what}: {problem} ({exc})"
+                raise StoreAccessError(msg) from exc
+
         try:
-            return self._retry.call(operation, what=f"redis {what}")
+            return self._retry.call(attempt, what=f"redis {what}")
         except redis.RedisError as exc:
             msg = f"redis {what} failed: {exc}"
             raise CheckpointError(msg) from exc
 
     # ------------------------------------------------------------ epoch
 
-    def acquire_epoch(self, writer_id: str) -> int:
-        self._check_open()
-
+    def _acquire_epoch(self, writer_id: str) -> int:
         def run() -> int:
             pipe = self.client.pipeline(transaction=True)
             pipe.incr(self._key("epoch"))
@@ -210,7 +223,7 @@ class RedisCheckpointStore(VersionedStore):
     def current_epoch(self) -> int:
         self._check_open()
         value = self._call(lambda: self.client.get(self._key("epoch")), "read epoch")
-        return 0 if value is None else int(value)
+        return 0 if value is None else self._number(value, "epoch")
 
     # ------------------------------------------------------------ primitives
 
@@ -294,9 +307,9 @@ class RedisCheckpointStore(VersionedStore):
             msg = f"unexpected replies to SET: {replies!r}"
             raise CheckpointError(msg)
 
-    def _publish(self, version: int, epoch: int, parts: int) -> None:
+    def _publish(self, version: int, epoch: int, parts: int, drop: Sequence[int]) -> None:
         keys = [self._key("latest"), self._key("epoch"), self._key("versions"), self._key("parts")]
-        args: list[str | int] = [self.prefix, version, epoch, parts, self.keep]
+        args: list[str | int] = [self.prefix, version, epoch, parts, *drop]
         status, detail = self._call(
             lambda: self._publish_script(keys=keys, args=args), f"publish version {version}"
         )
@@ -394,17 +407,19 @@ class RedisCheckpointStore(VersionedStore):
 
     def _pointer(self) -> int | None:
         value = self._call(lambda: self.client.get(self._key("latest")), "read latest")
-        if value is None:
-            return None
-        try:
-            return int(value)
-        except ValueError as exc:
-            msg = f"{self._key('latest')} holds {value!r}, not a version number"
-            raise CheckpointCorruptError(msg) from exc
+        return None if value is None else self._number(value, "latest")
 
     def _published(self) -> list[int]:
         members = self._call(lambda: self.client.zrange(self._key("versions"), 0, -1), "list")
-        return sorted(int(member) for member in members)  # type: ignore[arg-type]
+        return sorted(self._number(member, "versions") for member in members)  # type: ignore[arg-type]
+
+    def _number(self, value: bytes | str, key: str) -> int:
+        """A version or epoch number stored under ``PREFIX:key``; a value that is not one is a
+        damaged store (:class:`CheckpointCorruptError`), never a ``ValueError``."""
+        if len(value) <= 20 and value.isdigit():
+            return int(value)
+        msg = f"{self._key(key)} holds {value[:40]!r}, not a number"
+        raise CheckpointInvalidError(msg, reason="manifest")
 
     def _close(self) -> None:
         if self._owns_client:
@@ -426,3 +441,31 @@ def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]
     if pending:
         out.append(bytes(pending))
     return out
+
+
+# Transient TLS failures (the peer went away mid-handshake): retried like any connection error.
+_TRANSIENT_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)
+
+
+def _access_problem(error: BaseException) -> str | None:
+    """What makes ``error`` a refusal of this client rather than an outage, or ``None``.
+
+    Decided on exception types only: redis-py's :class:`~redis.AuthenticationError` (WRONGPASS,
+    NOAUTH, invalid password) and :class:`~redis.exceptions.NoPermissionError` (ACL), and an
+    :class:`ssl.SSLError` in the error's cause chain (redis-py keeps the socket error as the
+    cause), except the transient ones above.
+    """
+    if isinstance(error, redis.AuthenticationError):
+        return "authentication failed: check the password (and user) in the store URL"
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return "permission denied by the server's ACL for this user"
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "TLS certificate verification failed: check the server certificate and CA"
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TRANSIENT_TLS):
+            return "TLS handshake refused: check the TLS settings of the URL and the server"
+        cause = cause.__cause__ or cause.__context__
+    return None

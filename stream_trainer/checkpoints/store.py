@@ -14,25 +14,34 @@ Saving follows one order, which is what makes a crash at any point harmless:
 5. delete versions older than the newest ``keep``.
 
 Loaders only follow the pointer (and published versions below it), so they see ``N - 1`` or
-``N``, never a mix. :meth:`load_latest` falls back to older versions when the newest fails its
-checks, counting each failure in ``corrupt_loads``.
+``N``, never a mix. :meth:`load_newest` falls back to older versions when the newest fails its
+checks (those of the codec, then the caller's own validation), counting each failure in
+``corrupt_loads`` and naming it in :attr:`Restored.rejected`.
+
+Signatures. With a key (see :mod:`~stream_trainer.checkpoints.codec`) an unsigned or wrongly
+signed version is never loaded and never pruned: ``keep`` counts the versions whose signature
+checks, and only those are deleted. Without a key a writer refuses a store that holds signed
+versions (:class:`UnsignedWriterError`, at :meth:`acquire_epoch` and at each save), so it can
+neither continue signed history nor prune it.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from stream_trainer.checkpoints.checkpoint import Checkpoint
 from stream_trainer.checkpoints.codec import (
+    HMAC_KEY_ENV,
     CheckpointCodec,
     EncodedCheckpoint,
     Manifest,
     PartData,
 )
+from stream_trainer.checkpoints.validation import CheckpointInvalidError, rejection_reason
 from stream_trainer.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -40,7 +49,18 @@ from stream_trainer.errors import (
     FencedWriterError,
 )
 
-__all__ = ["DEFAULT_KEEP", "CheckpointInfo", "CheckpointStore", "VerifyResult"]
+__all__ = [
+    "DEFAULT_KEEP",
+    "CheckpointInfo",
+    "CheckpointStore",
+    "Restored",
+    "StoreAccessError",
+    "UnsignedWriterError",
+    "VerifyResult",
+    "VersionMissingError",
+]
+
+T = TypeVar("T")
 
 DEFAULT_KEEP = 3
 logger = logging.getLogger("stream_trainer.checkpoints")
@@ -79,6 +99,30 @@ class VerifyResult:
     signature_checked: bool = False
 
 
+@dataclass(frozen=True)
+class Restored(Generic[T]):
+    """What :meth:`CheckpointStore.load_newest` restored.
+
+    ``value`` is what the caller's ``restore`` made of ``checkpoint``; ``rejected`` maps each
+    newer version that was tried and refused to why (the error's message), ``reasons`` to the
+    :data:`~stream_trainer.checkpoints.validation.REJECT_REASONS` value of that error.
+    """
+
+    checkpoint: Checkpoint
+    value: T
+    rejected: dict[int, str] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+class UnsignedWriterError(CheckpointError):
+    """A writer without a key met a store that holds signed versions. Never retriable."""
+
+
+class StoreAccessError(CheckpointError):
+    """The store refused this client (wrong password, rejected TLS certificate, no
+    permission): retrying the same credentials cannot succeed. Never retriable."""
+
+
 @runtime_checkable
 class CheckpointStore(Protocol):
     """Where checkpoints live. Implementations: memory, local directory, Redis."""
@@ -100,6 +144,15 @@ class CheckpointStore(Protocol):
         """
         ...
 
+    def load_newest(self, restore: Callable[[Checkpoint], T]) -> Restored[T] | None:
+        """The newest version that passes every check and that ``restore`` accepts.
+
+        ``restore`` validates and applies a decoded checkpoint; a :class:`CheckpointCorruptError`
+        from it rejects the version like a failed checksum (any other error propagates). ``None``
+        when nothing was ever saved; :class:`CheckpointCorruptError` when every version fails.
+        """
+        ...
+
     def load(self, version: int) -> Checkpoint:
         """One version; :class:`CheckpointCorruptError` when it fails a check."""
         ...
@@ -112,8 +165,11 @@ class CheckpointStore(Protocol):
         """Published versions, oldest first, from their manifests only."""
         ...
 
-    def verify(self, version: int) -> VerifyResult:
-        """Run every check on one version; never raises for a bad version."""
+    def verify(
+        self, version: int, validate: Callable[[Checkpoint], object] | None = None
+    ) -> VerifyResult:
+        """Run every check on one version, then ``validate`` on the decoded checkpoint; never
+        raises for a bad version."""
         ...
 
     def acquire_epoch(self, writer_id: str) -> int:
@@ -129,8 +185,11 @@ class CheckpointStore(Protocol):
         ...
 
 
-class VersionMissingError(CheckpointError):
+class VersionMissingError(CheckpointInvalidError):
     """The asked-for version has no manifest in the store (never saved, pruned, or lost)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="missing")
 
 
 class VersionedStore(abc.ABC):
@@ -155,8 +214,9 @@ class VersionedStore(abc.ABC):
         """Write parts and manifest of ``version`` without publishing it."""
 
     @abc.abstractmethod
-    def _publish(self, version: int, epoch: int, parts: int) -> None:
-        """Atomically: check parts and epoch, switch the pointer, then prune to ``keep``."""
+    def _publish(self, version: int, epoch: int, parts: int, drop: Sequence[int]) -> None:
+        """Atomically: check parts and epoch, switch the pointer, then delete the published
+        versions ``drop`` (those :meth:`_to_drop` chose)."""
 
     @abc.abstractmethod
     def _read_manifest(self, version: int) -> bytes | None: ...
@@ -172,7 +232,7 @@ class VersionedStore(abc.ABC):
         """Published versions, ascending."""
 
     @abc.abstractmethod
-    def acquire_epoch(self, writer_id: str) -> int: ...
+    def _acquire_epoch(self, writer_id: str) -> int: ...
 
     @abc.abstractmethod
     def current_epoch(self) -> int: ...
@@ -182,11 +242,18 @@ class VersionedStore(abc.ABC):
 
     # ------------------------------------------------------------ the protocol
 
+    def acquire_epoch(self, writer_id: str) -> int:
+        self._check_open()
+        self._signatures()  # a writer without a key stops here on a signed store
+        return self._acquire_epoch(writer_id)
+
     def save(self, checkpoint: Checkpoint) -> int:
         self._check_open()
         self._check_epoch(checkpoint)
+        signatures = self._signatures()
         version, encoded = self._stage(checkpoint)
-        self._publish(version, checkpoint.epoch, len(encoded.parts))
+        drop = self._to_drop(signatures)
+        self._publish(version, checkpoint.epoch, len(encoded.parts), drop)
         logger.info(
             "checkpoint version %d saved (%d bytes, %d parts, epoch %d)",
             version,
@@ -197,20 +264,28 @@ class VersionedStore(abc.ABC):
         return version
 
     def load_latest(self) -> Checkpoint | None:
+        restored = self.load_newest(lambda checkpoint: checkpoint)
+        return None if restored is None else restored.checkpoint
+
+    def load_newest(self, restore: Callable[[Checkpoint], T]) -> Restored[T] | None:
         self._check_open()
-        pointer = self._pointer()
-        candidates = [] if pointer is None else [pointer]
-        candidates += [v for v in reversed(self._published()) if pointer is None or v < pointer]
-        failures = []
+        candidates = self._candidates()
+        rejected: dict[int, str] = {}
+        reasons: dict[int, str] = {}
         for version in candidates:
             try:
-                return self.load(version)
-            except (CheckpointCorruptError, VersionMissingError) as exc:
+                checkpoint = self.load(version)
+                value = restore(checkpoint)
+            except CheckpointCorruptError as exc:
                 self.corrupt_loads += 1
-                failures.append(str(exc))
-                logger.warning("skipping checkpoint version %d: %s", version, exc)
-        if failures:
-            msg = f"no stored checkpoint passes its checks: {'; '.join(failures)}"
+                rejected[version], reasons[version] = str(exc), rejection_reason(exc)
+                logger.warning(
+                    "skipping checkpoint version %d (%s): %s", version, reasons[version], exc
+                )
+                continue
+            return Restored(checkpoint, value, rejected=rejected, reasons=reasons)
+        if rejected:
+            msg = f"no stored checkpoint passes its checks: {'; '.join(rejected.values())}"
             raise CheckpointCorruptError(msg)
         return None
 
@@ -230,6 +305,8 @@ class VersionedStore(abc.ABC):
             try:
                 manifest = self._manifest(version)
             except CheckpointError as exc:
+                if exc.retriable:
+                    raise
                 infos.append(CheckpointInfo(version=version, error=str(exc)))
                 continue
             infos.append(
@@ -249,12 +326,16 @@ class VersionedStore(abc.ABC):
             )
         return infos
 
-    def verify(self, version: int) -> VerifyResult:
+    def verify(
+        self, version: int, validate: Callable[[Checkpoint], object] | None = None
+    ) -> VerifyResult:
         self._check_open()
         manifest = None
         try:
             manifest, parts, sha256 = self._read(version)
-            self.codec.decode(manifest, parts, sha256=sha256)
+            checkpoint = self.codec.decode(manifest, parts, sha256=sha256)
+            if validate is not None:
+                validate(checkpoint)
         except CheckpointError as exc:
             if exc.retriable:
                 raise
@@ -293,6 +374,53 @@ class VersionedStore(abc.ABC):
         encoded = self.codec.encode(replace(checkpoint, version=version))
         self._write_version(version, encoded)
         return version, encoded
+
+    def _candidates(self) -> list[int]:
+        """Versions to try, newest first: the pointer's, then the published ones below it.
+
+        An unreadable pointer is logged and skipped (the published versions remain); with
+        neither a pointer nor published versions, that unreadable pointer is raised: a store
+        whose history cannot be found must not pass for an empty one.
+        """
+        try:
+            pointer = self._pointer()
+        except CheckpointCorruptError as exc:
+            logger.warning("the latest pointer is unreadable, trying published versions: %s", exc)
+            published = self._published()
+            if not published:
+                raise
+            return list(reversed(published))
+        candidates = [] if pointer is None else [pointer]
+        candidates += [v for v in reversed(self._published()) if pointer is None or v < pointer]
+        return candidates
+
+    def _signatures(self) -> dict[int, bool | None]:
+        """Each published version -> whether its manifest is signed (with a key: signed with
+        it), ``None`` when unreadable. Raises :class:`UnsignedWriterError` for a writer without a
+        key on a store that holds signed versions."""
+        signatures: dict[int, bool | None] = {}
+        for version in self._published():
+            data = self._read_manifest(version)
+            signatures[version] = None if data is None else self.codec.is_signed(data)
+        if not self.codec.signs:
+            signed = sorted(v for v, is_signed in signatures.items() if is_signed)
+            if signed:
+                msg = (
+                    f"this store holds signed checkpoints (versions {signed}) and this writer has "
+                    f"no key: set {HMAC_KEY_ENV} to the key they were signed with, or use "
+                    "another store"
+                )
+                raise UnsignedWriterError(msg)
+        return signatures
+
+    def _to_drop(self, signatures: dict[int, bool | None]) -> list[int]:
+        """Published versions to delete once one more is published: beyond the newest
+        ``keep - 1``; with a key only versions whose signature checks count and go."""
+        if self.codec.signs:
+            prunable = [v for v, is_signed in sorted(signatures.items()) if is_signed]
+        else:
+            prunable = sorted(signatures)
+        return prunable[: max(0, len(prunable) - (self.keep - 1))]
 
     def _check_epoch(self, checkpoint: Checkpoint) -> None:
         current = self.current_epoch()

@@ -1,4 +1,10 @@
-"""``stream-trainer checkpoints list|show|verify --checkpoint URL``: inspect a checkpoint store."""
+"""``stream-trainer checkpoints list|show|verify --checkpoint URL``: inspect a checkpoint store.
+
+``list`` and ``verify`` run every check the service runs before it restores a version (checksum,
+signature, the state's structural validation, the trainer rebuilt:
+:func:`~stream_trainer.service.restore.restore_checkpoint`), so a version they call ok is one
+``run`` would restore; a version that fails is shown with its reason, never as a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,11 @@ import json
 import time
 from typing import Any
 
-from stream_trainer.checkpoints import open_store
+from stream_trainer.checkpoints import VerifyResult, open_store
 from stream_trainer.checkpoints.store import CheckpointInfo, VersionedStore
 from stream_trainer.checkpoints.urls import ACCEPTED_FORMS
+from stream_trainer.errors import CheckpointError
+from stream_trainer.service.restore import restore_checkpoint
 
 __all__ = ["register"]
 
@@ -24,7 +32,11 @@ def register(subparsers: Any) -> None:
     for name, helptext, handler in (
         ("list", "every kept version with its metadata and checksum status", _list),
         ("show", "metadata and tensor names/shapes/dtypes of one version", _show),
-        ("verify", "full check of one version; exit code 1 when it fails", _verify),
+        (
+            "verify",
+            "full check of one version (or --all); exit code 1 when one fails",
+            _verify,
+        ),
     ):
         action = actions.add_parser(name, help=helptext, description=helptext)
         action.add_argument(
@@ -34,16 +46,29 @@ def register(subparsers: Any) -> None:
             action.add_argument(
                 "--version", type=int, metavar="N", help="version (default: the latest)"
             )
+        if name == "verify":
+            action.add_argument("--all", action="store_true", help="every kept version")
         action.add_argument("--json", action="store_true", help="print JSON")
         action.set_defaults(func=handler)
 
 
+def check_version(store: VersionedStore, version: int) -> VerifyResult:
+    """Every check the service runs before restoring ``version`` (module docstring)."""
+    return store.verify(version, validate=restore_checkpoint)
+
+
 def _list(args: argparse.Namespace) -> int:
     with open_store(args.checkpoint) as store:
-        latest = store.latest_version()
+        try:
+            latest = store.latest_version()
+        except CheckpointError as exc:
+            if exc.retriable:
+                raise
+            print(f"the latest pointer is unreadable: {exc}")
+            latest = None
         rows = []
         for info in store.list_versions():
-            result = store.verify(info.version)
+            result = check_version(store, info.version)
             rows.append(
                 {
                     **_info_dict(info),
@@ -133,18 +158,27 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     with open_store(args.checkpoint) as store:
-        version = _pick(store, args.version)
-        if version is None:
-            return 1
-        result = store.verify(version)
+        if args.all:
+            versions = [info.version for info in store.list_versions()]
+            if not versions:
+                print("no checkpoint has been saved in this store")
+                return 1
+        else:
+            version = _pick(store, args.version)
+            if version is None:
+                return 1
+            versions = [version]
+        results = [check_version(store, version) for version in versions]
     if args.json:
-        print(json.dumps(result.__dict__, indent=2))
-    elif result.ok:
-        signature = "signature checked" if result.signature_checked else "no signature check"
-        print(f"version {version}: ok ({_size(result.size_bytes)}, {signature})")
-    else:
-        print(f"version {version}: FAILED: {result.error}")
-    return 0 if result.ok else 1
+        documents = [result.__dict__ for result in results]
+        print(json.dumps(documents if args.all else documents[0], indent=2))
+    for result in [] if args.json else results:
+        if result.ok:
+            signature = "signature checked" if result.signature_checked else "no signature check"
+            print(f"version {result.version}: ok ({_size(result.size_bytes)}, {signature})")
+        else:
+            print(f"version {result.version}: FAILED: {result.error}")
+    return 0 if all(result.ok for result in results) else 1
 
 
 def _pick(store: VersionedStore, version: int | None) -> int | None:

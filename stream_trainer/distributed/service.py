@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from stream_trainer.checkpoints import Checkpoint, CheckpointStore, open_store
+from stream_trainer.checkpoints import Checkpoint, CheckpointStore, Restored, open_store
 from stream_trainer.distributed.collectives import Collectives
 from stream_trainer.distributed.process_group import World, init_process_group
 from stream_trainer.distributed.trainer import DistributedTrainer
@@ -53,11 +54,12 @@ from stream_trainer.service.runner import TrainerService, batch_first_offset
 __all__ = ["DistributedTrainerService"]
 
 log = logging.getLogger("stream_trainer.service")
+T = TypeVar("T")
 
 
 class _ReadOnlyStore:
     """The checkpoint store as replicas other than rank 0 see it: no epoch, no save, and
-    :meth:`load_latest` loads the version rank 0 loaded (received from rank 0)."""
+    :meth:`load_newest` restores the version rank 0 restored (received from rank 0)."""
 
     def __init__(self, store: CheckpointStore, comm: Collectives) -> None:
         self._store = store
@@ -66,9 +68,12 @@ class _ReadOnlyStore:
     def acquire_epoch(self, writer_id: str) -> int:
         return 0  # never current: the store itself would refuse a save with it
 
-    def load_latest(self) -> Checkpoint | None:
+    def load_newest(self, restore: Callable[[Checkpoint], T]) -> Restored[T] | None:
         version = _broadcast_version(self._comm, None)
-        return None if version is None else self._store.load(version)
+        if version is None:
+            return None
+        checkpoint = self._store.load(version)
+        return Restored(checkpoint, restore(checkpoint))
 
     def save(self, checkpoint: Checkpoint) -> int:
         raise FencedWriterError("only rank 0 writes checkpoints")

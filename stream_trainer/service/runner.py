@@ -91,6 +91,7 @@ from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.dead_letter_file import DeadLetterFile
 from stream_trainer.service.file_source import FileBatchSource
+from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.training import IncrementalTrainer, StepReport
@@ -178,34 +179,41 @@ class TrainerService:
         return target
 
     def _restore_or_create(self) -> IncrementalTrainer:
+        """Take the writer epoch, then restore the newest stored version that passes every check
+        (:func:`~stream_trainer.service.restore.restore_checkpoint`: checksum, signature,
+        structure, then the trainer rebuilt), falling back over the ones that do not. Each
+        rejected version newer than the restored one is in :attr:`rejected_versions` (version ->
+        why), logged and counted (``stream_trainer_checkpoint_rejected_total``)."""
         self.epoch = self.store.acquire_epoch(self.writer_id)
-        checkpoint = self.store.load_latest()
         trainer_config = self.config.trainer
         if trainer_config.target is None:
             from dataclasses import replace
 
             trainer_config = replace(trainer_config, target=self._target())
         self.trainer_config = trainer_config
+        restored = self.store.load_newest(self._restore)
+        self.rejected_versions: dict[int, str] = {} if restored is None else dict(restored.rejected)
+        self._rejections_unreported: Counter[str] = (
+            Counter() if restored is None else Counter(restored.reasons.values())
+        )
+        checkpoint = None if restored is None else restored.checkpoint
         self.restored = checkpoint
-        if checkpoint is None:
+        if restored is None or checkpoint is None:
             log.info(
                 "no checkpoint in %s: starting a new model", self.config.describe()["checkpoint"]
             )
             return IncrementalTrainer(trainer_config)
-        if checkpoint.config_fingerprint != trainer_config.fingerprint():
-            saved = checkpoint.state["trainer"]["config"]
-            now = trainer_config.to_dict()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ConfigError(
-                "the latest checkpoint was written with another trainer configuration "
-                f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
-            )
-        trainer = IncrementalTrainer.from_state(checkpoint.tensors, checkpoint.state["trainer"])
         self.pending_offsets = dict(checkpoint.offsets)
         self.saved_offsets = dict(checkpoint.offsets)
         self.checkpoint_version = checkpoint.version
         # Counted over the model's whole life, like samples: the checkpoint holds them.
         self.dead_lettered = Counter(checkpoint.state.get("service", {}).get("dead_lettered", {}))
+        if self.rejected_versions:
+            log.warning(
+                "fell back to checkpoint v%d: newer versions rejected: %s",
+                checkpoint.version,
+                "; ".join(f"v{v} ({restored.reasons[v]})" for v in self.rejected_versions),
+            )
         log.info(
             "restored checkpoint v%d: %d samples, step %d, offsets %s",
             checkpoint.version,
@@ -213,6 +221,20 @@ class TrainerService:
             checkpoint.step,
             checkpoint.offsets,
         )
+        return restored.value
+
+    def _restore(self, checkpoint: Checkpoint) -> IncrementalTrainer:
+        """One stored version, validated and rebuilt; a version written with another trainer
+        configuration stops the service (``ConfigError``) rather than being skipped."""
+        trainer = restore_checkpoint(checkpoint)
+        if checkpoint.config_fingerprint != self.trainer_config.fingerprint():
+            saved = checkpoint.state["trainer"]["config"]
+            now = self.trainer_config.to_dict()
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"checkpoint v{checkpoint.version} was written with another trainer configuration "
+                f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
+            )
         return trainer
 
     def _open_source(self) -> None:
@@ -395,6 +417,8 @@ class TrainerService:
                 self.metrics.set_model_version(
                     version=self.checkpoint_version, step=self.restored.step
                 )
+            for reason, n in self._rejections_unreported.items():
+                self.metrics.checkpoint_rejected(reason, n)
             # Records set aside before the task was known (no metrics yet) are counted now.
             for reason, n in self._dead_unreported.items():
                 self.metrics.dead_lettered(reason, n)

@@ -32,6 +32,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from stream_trainer import __version__
+from stream_trainer.checkpoints.validation import REJECT_REASONS
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import RejectReason
 
@@ -234,6 +235,12 @@ class ServiceMetrics:
         self._ckpt_failures = counter(
             "checkpoint_failures_total", "Checkpoints that could not be written."
         ).labels(**lab)
+        rejected = counter(
+            "checkpoint_rejected_total",
+            "Stored checkpoint versions refused at restore (the service fell back), by reason.",
+            ("reason",),
+        )
+        self._ckpt_rejected = {r: rejected.labels(**lab, reason=r) for r in REJECT_REASONS}
         self._version_family = gauge(
             "model_version",
             "Model version: checkpoint version and training step of the last saved checkpoint.",
@@ -390,6 +397,11 @@ class ServiceMetrics:
     def checkpoint_failed(self) -> None:
         """Count a checkpoint that could not be written."""
         self._ckpt_failures.inc()
+
+    def checkpoint_rejected(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` stored versions refused at restore for ``reason`` (one of
+        :data:`~stream_trainer.checkpoints.REJECT_REASONS`)."""
+        self._ckpt_rejected[reason].inc(n)
 
     # -- model health ------------------------------------------------------------------------
 

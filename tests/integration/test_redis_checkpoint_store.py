@@ -1,12 +1,18 @@
 """Redis-specific behaviour against a real redis-server: restarts, retries, TTLs, prefixes, the
-zero-copy write of the parts (manifest last) and corrupted parts."""
+zero-copy write of the parts (manifest last), corrupted parts, and refused credentials (a wrong
+password, an untrusted TLS certificate) failing at once instead of being retried."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy
@@ -21,9 +27,12 @@ from stream_trainer.checkpoints import (
     ExponentialBackoff,
     RedisCheckpointStore,
     RetryPolicy,
+    StoreAccessError,
 )
+from stream_trainer.cli import main as cli_main
 from stream_trainer.errors import CheckpointCorruptError, StoreUnavailableError
-from tests.fixtures.redis import RedisServer
+from tests.fixtures.redis import RedisServer, _free_port
+from tests.fixtures.redis import _binary as _redis_binary
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +244,116 @@ def test_a_failed_part_write_publishes_nothing_and_writes_no_manifest(
         assert store.client.get("fail:v:2:manifest") is None
         assert store.latest_version() == 1
         assert not any(t.name == "checkpoint-write" for t in threading.enumerate())
+
+
+# ------------------------------------------------------------------ refused credentials
+
+
+class _Private:
+    """A redis-server started with extra arguments (a password, TLS), stopped after the test."""
+
+    def __init__(self, directory: Path, *args: str, port_flag: str = "--port") -> None:
+        self.port = _free_port()
+        command = [_redis_binary(), "--port", "0", "--save", "", "--appendonly", "no"]
+        if port_flag == "--port":
+            command[2] = str(self.port)
+        else:
+            command += [port_flag, str(self.port)]
+        command += ["--bind", "127.0.0.1", "--dir", str(directory), *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"redis-server {' '.join(args)} did not start")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., _Private]]:
+    started: list[_Private] = []
+
+    def start(*args: str, port_flag: str = "--port") -> _Private:
+        server = _Private(tmp_path, *args, port_flag=port_flag)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _no_retry_sleeps() -> tuple[RetryPolicy, list[float]]:
+    sleeps: list[float] = []
+    return RetryPolicy(retries=8, sleep=sleeps.append), sleeps
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+def test_a_wrong_or_missing_password_fails_at_once_with_its_own_error(
+    private_redis: Callable[..., _Private], password: str | None
+) -> None:
+    server = private_redis("--requirepass", "s3cret")
+    retry, sleeps = _no_retry_sleeps()
+    auth = f":{password}@" if password else ""
+    with store_for(f"redis://{auth}127.0.0.1:{server.port}/0", retry) as store:
+        started = time.monotonic()
+        with pytest.raises(StoreAccessError, match="authentication failed") as info:
+            store.acquire_epoch("w")
+        assert time.monotonic() - started < 2.0
+    assert info.value.retriable is False and sleeps == [], "a refused password is never retried"
+    assert "unreachable" not in str(info.value) and "s3cret" not in str(info.value)
+    with store_for(f"redis://:s3cret@127.0.0.1:{server.port}/0", retry) as store:
+        assert store.acquire_epoch("w") == 1  # the right password works against the same server
+
+
+def test_a_wrong_password_stops_the_cli_with_a_clear_message(
+    private_redis: Callable[..., _Private], capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = private_redis("--requirepass", "s3cret")
+    url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+    assert cli_main(["checkpoints", "list", "--checkpoint", url]) == 2
+    err = capsys.readouterr().err
+    assert "authentication failed" in err and "unreachable" not in err
+
+
+def test_an_untrusted_tls_certificate_fails_at_once_with_its_own_error(
+    private_redis: Callable[..., _Private], tmp_path: Path
+) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [openssl, *request, "-keyout", str(key), "-out", str(cert), *subject],
+        check=True,
+        capture_output=True,
+    )
+    server = private_redis(
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no",
+        port_flag="--tls-port",
+    )  # fmt: skip
+    retry, sleeps = _no_retry_sleeps()
+    url = f"rediss://127.0.0.1:{server.port}/0"
+    refused = pytest.raises(StoreAccessError, match="TLS certificate verification failed")
+    with store_for(url, retry) as store, refused as info:
+        store.acquire_epoch("w")
+    assert info.value.retriable is False and sleeps == []
+    # The same server with its certificate trusted: the store works.
+    client = redis.Redis(
+        host="127.0.0.1", port=server.port, ssl=True, ssl_ca_certs=str(cert), socket_timeout=5
+    )
+    with RedisCheckpointStore(client, owns_client=True, retry=retry) as store:
+        assert store.acquire_epoch("w") == 1
+        assert store.save(replace(make(1), epoch=1)) == 1

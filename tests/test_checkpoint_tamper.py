@@ -264,6 +264,10 @@ def _bad_service_state(document: dict[str, Any]) -> None:
     document["state"]["service"]["dead_lettered"] = {"wrong_type": -5}
 
 
+def _bad_origins(document: dict[str, Any]) -> None:
+    document["state"]["service"]["origins"] = {"t:0": "the beginning"}
+
+
 def _state_not_object(document: dict[str, Any]) -> None:
     document["state"]["trainer"] = ["not", "a", "state"]
 
@@ -326,6 +330,7 @@ TAMPERINGS: dict[str, tuple[Callable[[Tamper, int], None], str]] = {
     "rolling-window-1e12": (_edit(document=_huge_window), "state"),
     "config-differs-from-fingerprint": (_edit(document=_other_config), "state"),
     "service-state-negative-count": (_edit(document=_bad_service_state), "state"),
+    "service-origins-not-offsets": (_edit(document=_bad_origins), "state"),
     "trainer-state-not-an-object": (_edit(document=_state_not_object), "state"),
     "rng-state-truncated": (_edit(tensors=_short_rng), "tensors"),
     "weights-of-another-dtype": (_edit(tensors=_float64_head), "tensors"),

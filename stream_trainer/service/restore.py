@@ -33,7 +33,8 @@ def restore_checkpoint(checkpoint: Checkpoint) -> IncrementalTrainer:
 
 def validate_service_state(state: dict[str, Any]) -> None:
     """``state["trainer"]`` is an object; ``state["service"]``, when present, has the types
-    the service reads (``batch_log_lines`` a count, ``dead_lettered`` counts by reason)."""
+    the service reads (``batch_log_lines`` a count, ``dead_lettered`` counts by reason,
+    ``origins`` a partition's first offset or ``null``)."""
     if not isinstance(state.get("trainer"), dict):
         _fail("the state has no trainer object")
     service = state.get("service", {})
@@ -46,6 +47,11 @@ def validate_service_state(state: dict[str, Any]) -> None:
     dead = service.get("dead_lettered", {})
     if not isinstance(dead, dict) or not all(_is_count(n) for n in dead.values()):
         _fail("service dead_lettered must map reasons to counts")
+    origins = service.get("origins", {})
+    if not isinstance(origins, dict) or not all(
+        isinstance(k, str) and (v is None or _is_count(v)) for k, v in origins.items()
+    ):
+        _fail("service origins must map partitions to offsets >= 0 or null")
 
 
 def _is_count(value: object) -> bool:

@@ -21,8 +21,9 @@ Conventions
   ``predict_proba_one`` and ``None`` from ``predict_one`` (the classifier, as before the first
   label: river's evaluation leaves it unscored), the mean of the targets learned so far from the
   regressor (``0.0`` before any).
-* A missing label (``None``, or NaN in a ``pandas.Series``) teaches nothing. In a DataFrame a NaN
-  cell is a missing feature (pandas' marker for it), left out of the record.
+* A missing label teaches nothing: ``None``, or NaN in a ``pandas.Series`` (pandas' marker for a
+  missing value; a NaN given to ``learn_one`` is a bad label). In a DataFrame a NaN cell is a
+  missing feature, left out of the record.
 * Class labels may be any hashable value the trainer accepts (strings, integers, booleans,
   integral floats; NumPy scalars included); predictions return the first label object seen for
   each class.
@@ -48,12 +49,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.torch
 from river import base
+from river.base.typing import ClfTarget
 
 from stream_trainer.records import Record
 from stream_trainer.training.config import DEFAULT_NORM_OPTIONS, TrainerConfig
@@ -81,7 +83,7 @@ def _native(value: Any) -> Any:
 def _features(x: Mapping[Any, Any]) -> dict[str, Any]:
     """The record value of features ``x``: names as ``str``, in sorted order, NumPy scalars as
     Python ones, the target field left out. A fresh dict: the caller's ``x`` is never kept."""
-    items = sorted((str(name), _native(value)) for name, value in x.items())
+    items = sorted(((str(name), _native(v)) for name, v in x.items()), key=lambda item: item[0])
     return {name: value for name, value in items if name != TARGET_FIELD}
 
 
@@ -94,6 +96,11 @@ def _frame_rows(X: pd.DataFrame) -> list[dict[str, Any]]:
             _features({c: v for c, v in zip(columns, values, strict=True) if not _is_missing(v)})
         )
     return rows
+
+
+def _series_labels(y: pd.Series) -> list[Any]:
+    """The labels of a series, NaN (pandas' missing value) as ``None``."""
+    return [None if _is_missing(v) else v for v in y]
 
 
 def _is_missing(value: Any) -> bool:
@@ -151,7 +158,7 @@ class _TrainerAdapter:
         self.max_categories = max_categories
         self.features = features
         # Classifier: class label (canonical string) -> the first label object river gave for it.
-        self._labels: dict[str, Hashable] = {}
+        self._labels: dict[str, ClfTarget] = {}
         # Validated now (ConfigError on a bad setting), not at the first record.
         self._trainer = IncrementalTrainer(self._config())
 
@@ -195,10 +202,10 @@ class _TrainerAdapter:
         return dict(self._trainer.rejected)
 
     def _learn_records(self, rows: Iterable[dict[str, Any]], labels: Iterable[Any]) -> None:
-        """One trainer step on the rows whose label is present (``y`` as river passes it)."""
+        """One trainer step on the rows whose label is not ``None`` (``y`` as river passes it)."""
         records, originals = [], []
         for value, y in zip(rows, labels, strict=True):
-            if _is_missing(y):
+            if y is None:
                 continue
             value[TARGET_FIELD] = _native(y)
             records.append(Record(value))
@@ -318,7 +325,7 @@ class MLPClassifier(_TrainerAdapter, base.MiniBatchClassifier):
             if isinstance(canonical, str):
                 self._labels.setdefault(canonical, originals[id(record)])
 
-    def _proba(self, rows: list[dict[str, Any]]) -> list[dict[Hashable, float]]:
+    def _proba(self, rows: list[dict[str, Any]]) -> list[dict[ClfTarget, float]]:
         probas = self._trainer.predict_proba_many([Record(row) for row in rows])
         labels = self._labels
         return [{} if p is None else {labels.get(c, c): v for c, v in p.items()} for p in probas]
@@ -327,12 +334,12 @@ class MLPClassifier(_TrainerAdapter, base.MiniBatchClassifier):
         self._learn_records([_features(x)], [y])
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
-        self._learn_records(_frame_rows(X), list(y))
+        self._learn_records(_frame_rows(X), _series_labels(y))
 
-    def predict_proba_one(self, x: dict[Any, Any]) -> dict[Hashable, float]:
+    def predict_proba_one(self, x: dict[Any, Any], **kwargs: Any) -> dict[ClfTarget, float]:
         return self._proba([_features(x)])[0]
 
-    def predict_one(self, x: dict[Any, Any]) -> Hashable | None:
+    def predict_one(self, x: dict[Any, Any], **kwargs: Any) -> ClfTarget | None:
         proba = self.predict_proba_one(x)
         return max(proba, key=proba.__getitem__) if proba else None
 
@@ -443,9 +450,9 @@ class MLPRegressor(_TrainerAdapter, base.MiniBatchRegressor):
         self._learn_records([_features(x)], [y])
 
     def learn_many(self, X: pd.DataFrame, y: pd.Series) -> None:
-        self._learn_records(_frame_rows(X), list(y))
+        self._learn_records(_frame_rows(X), _series_labels(y))
 
-    def predict_one(self, x: dict[Any, Any]) -> float:
+    def predict_one(self, x: dict[Any, Any], **kwargs: Any) -> float:
         return self._values([_features(x)])[0]
 
     def predict_many(self, X: pd.DataFrame) -> pd.Series:

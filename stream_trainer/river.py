@@ -57,6 +57,7 @@ import safetensors.torch
 from river import base
 from river.base.typing import ClfTarget
 
+from stream_trainer.errors import CheckpointError
 from stream_trainer.records import Record
 from stream_trainer.training.config import DEFAULT_NORM_OPTIONS, TrainerConfig
 from stream_trainer.training.labels import canonical_class
@@ -231,7 +232,7 @@ class _TrainerAdapter:
         version, tensors, document = state.pop("_trainer_state")
         if version != _PICKLE_VERSION:
             msg = f"pickled estimator format {version!r} is not {_PICKLE_VERSION}"
-            raise ValueError(msg)
+            raise CheckpointError(msg)
         self.__dict__.update(state)
         self._trainer = IncrementalTrainer.from_state(
             safetensors.torch.load(tensors), json.loads(document)

@@ -18,6 +18,7 @@ import pytest
 from river import base, checks, datasets, dummy, evaluate, metrics, preprocessing, stats
 
 import stream_trainer.river
+from stream_trainer.errors import CheckpointError
 from stream_trainer.records import Record
 from stream_trainer.river import TARGET_FIELD, MLPClassifier, MLPRegressor
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
@@ -150,6 +151,14 @@ def test_pickle_round_trip_predicts_and_learns_the_same(
         model.learn_one(x, y)
         restored.learn_one(x, y)
     assert restored.trainer.state_json() == model.trainer.state_json()
+
+
+def test_an_unknown_pickle_format_is_refused() -> None:
+    state = MLPRegressor().__getstate__()
+    _, tensors, document = state["_trainer_state"]
+    state["_trainer_state"] = (99, tensors, document)
+    with pytest.raises(CheckpointError, match="pickled estimator format 99 is not 1"):
+        MLPRegressor.__new__(MLPRegressor).__setstate__(state)
 
 
 def test_clone_is_a_fresh_model_with_the_same_settings() -> None:

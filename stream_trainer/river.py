@@ -161,7 +161,12 @@ class _TrainerAdapter:
         # Classifier: class label (canonical string) -> the first label object river gave for it.
         self._labels: dict[str, ClfTarget] = {}
         # Validated now (ConfigError on a bad setting), not at the first record.
-        self._trainer = IncrementalTrainer(self._config())
+        self._trainer = self._new_trainer(self._config())
+
+    def _new_trainer(self, config: TrainerConfig) -> IncrementalTrainer:
+        """The trainer behind the estimator (a subclass may put another learner of the same
+        protocol there, e.g. :class:`~stream_trainer.training.river_baselines.RiverLearner`)."""
+        return IncrementalTrainer(config)
 
     def _config(self) -> TrainerConfig:
         options = DEFAULT_NORM_OPTIONS if self.norm_options is None else self.norm_options

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from river import datasets, evaluate, metrics
 
+from stream_trainer.cli import main
 from stream_trainer.delayed_labels import evaluate_with_label_delay
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import Record
 from stream_trainer.river import MLPClassifier
+from stream_trainer.sources import open_source
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
 from stream_trainer.training.river_baselines import RiverLearner
 
@@ -93,3 +97,38 @@ def test_bad_and_unlabelled_records_are_counted_not_scored() -> None:
 def test_a_negative_delay_is_refused() -> None:
     with pytest.raises(ConfigError, match="label delay must be >= 0"):
         evaluate_with_label_delay([], IncrementalTrainer(TrainerConfig(target="y")), delay=-1)
+
+
+def test_evaluate_label_delay_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report_path = tmp_path / "report.json"
+    code = main([
+        "evaluate", "--source", "river:Phishing", "--limit", "300", "--label-delay", "20",
+        "--hidden", "16", "--no-progress", "--report-json", str(report_path),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["label_delay"] == 20 and report["samples"] == 300
+    assert report["unscored"] == 20 and 0.7 < report["accuracy"] <= 1.0
+    assert "accuracy=" in capsys.readouterr().out
+    # the same run through the function: the command adds nothing of its own
+    config = TrainerConfig(target="is_phishing", hidden=(16,))
+    source = open_source("river:Phishing", target="is_phishing")
+    result, _ = evaluate_with_label_delay(
+        source, IncrementalTrainer(config), delay=20, limit=300, progress=False
+    )
+    assert result.report["accuracy"] == report["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--label-delay", "5", "--batch-sizes", "1:16"], "one at a time; got batch size 1:16"),
+        (["--label-delay", "-1"], "label delay must be >= 0 records, got -1"),
+    ],
+)
+def test_evaluate_label_delay_refuses(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["evaluate", "--source", "river:Phishing", "--no-progress", *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -41,11 +41,11 @@ Served = dict[str, float] | float | None
 class _DelayedReplay:
     """The pending records, the served predictions and the metrics of one delayed replay."""
 
-    def __init__(self, learner: IncrementalTrainer) -> None:
+    def __init__(self, learner: IncrementalTrainer, predictions: list[Served] | None) -> None:
         self.learner = learner
         self.cls_metrics = ClassificationMetrics(learner.config.rolling_window)
         self.reg_metrics = RegressionMetrics()
-        self.predictions: list[Served] = []
+        self.predictions = predictions
         self.unlabelled = 0
 
     def serve(self, record: Record) -> Served:
@@ -56,7 +56,8 @@ class _DelayedReplay:
             served = None  # nothing learned yet: no prediction, whatever the task turns out to be
         else:
             served = learner.predict_proba_many([record])[0]
-        self.predictions.append(served)
+        if self.predictions is not None:
+            self.predictions.append(served)
         return served
 
     def reveal(self, record: Record, served: Served) -> None:
@@ -94,17 +95,19 @@ def evaluate_with_label_delay(
     limit: int | None = None,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
-) -> tuple[EvaluationResult, list[Served]]:
+    predictions: list[Served] | None = None,
+) -> EvaluationResult:
     """Replay ``items`` through ``learner`` with labels ``delay`` records late (module docstring).
 
     Returns the report (the fields of :func:`~stream_trainer.evaluation.evaluate_stream`'s, the
-    metrics scoring the predictions served at arrival, plus ``label_delay``) with its history,
-    and the served prediction of every record in arrival order.
+    metrics scoring the predictions served at arrival, plus ``label_delay``) with its history.
+    ``predictions``, when given, receives the served prediction of every record in arrival order
+    (kept only on request: the replay itself holds no more than the ``delay`` pending records).
     """
     if delay < 0:
         raise ConfigError(f"label delay must be >= 0 records, got {delay!r}")
     stream = itertools.islice(items, limit) if limit is not None else iter(items)
-    replay = _DelayedReplay(learner)
+    replay = _DelayedReplay(learner, predictions)
     pending: deque[tuple[int, Record, Served]] = deque()
     source_rejected: Counter[str] = Counter()
     history = StreamHistory()
@@ -152,4 +155,4 @@ def evaluate_with_label_delay(
         "label_delay": delay,
     }
     report.update(describe or {})
-    return EvaluationResult(report=report, history=history), replay.predictions
+    return EvaluationResult(report=report, history=history)

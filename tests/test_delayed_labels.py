@@ -52,7 +52,10 @@ def test_served_predictions_are_river_progressive_val_score_with_delay(
         trainer = RiverLearner("LogisticRegression", config)
         model = _RiverLogisticRegression(hidden=(16,), seed=0)
     records = [Record({**x, "y": y}) for x, y in data]
-    result, ours = evaluate_with_label_delay(records, trainer, delay=delay, progress=False)
+    ours: list[Any] = []
+    result = evaluate_with_label_delay(
+        records, trainer, delay=delay, progress=False, predictions=ours
+    )
     theirs = _river_predictions(model, data, delay)
     assert len(ours) == len(theirs) == 300
     # nothing learned before the first reveal: no prediction on either side
@@ -67,8 +70,9 @@ def test_scores_the_prediction_served_at_arrival() -> None:
     data = _phishing(400)
     config = TrainerConfig(target="y", task="classification", hidden=(16,), seed=0)
     records = [Record({**x, "y": y}) for x, y in data]
-    result, served = evaluate_with_label_delay(
-        records, IncrementalTrainer(config), delay=50, progress=False
+    served: list[Any] = []
+    result = evaluate_with_label_delay(
+        records, IncrementalTrainer(config), delay=50, progress=False, predictions=served
     )
     hits = [
         max(p, key=p.__getitem__) == ("true" if y else "false")
@@ -86,8 +90,9 @@ def test_bad_and_unlabelled_records_are_counted_not_scored() -> None:
     records[20].value["y"] = 0.5
     del records[30].value["y"]
     config = TrainerConfig(target="y", task="classification", hidden=(8,), seed=0)
-    result, served = evaluate_with_label_delay(
-        records, IncrementalTrainer(config), delay=5, progress=False
+    served: list[Any] = []
+    result = evaluate_with_label_delay(
+        records, IncrementalTrainer(config), delay=5, progress=False, predictions=served
     )
     assert served[10] is None  # its features fail the checks: no prediction
     assert result.report["rejected"] == {"bad_label": 1, "non_finite": 1}
@@ -113,7 +118,7 @@ def test_evaluate_label_delay_command(tmp_path: Path, capsys: pytest.CaptureFixt
     # the same run through the function: the command adds nothing of its own
     config = TrainerConfig(target="is_phishing", hidden=(16,))
     source = open_source("river:Phishing", target="is_phishing")
-    result, _ = evaluate_with_label_delay(
+    result = evaluate_with_label_delay(
         source, IncrementalTrainer(config), delay=20, limit=300, progress=False
     )
     assert result.report["accuracy"] == report["accuracy"]

@@ -116,7 +116,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if str(sizes) != "1":
             msg = f"--label-delay replays records one at a time; got batch size {sizes}"
             raise ConfigError(msg)
-        result, _ = evaluate_with_label_delay(
+        result = evaluate_with_label_delay(
             source,
             learner,
             delay=args.label_delay,

@@ -15,6 +15,7 @@ from stream_trainer.commands._learner_args import (
     build_learner,
     trainer_config,
 )
+from stream_trainer.delayed_labels import evaluate_with_label_delay
 from stream_trainer.errors import ConfigError
 from stream_trainer.evaluation import EvaluationResult, evaluate_stream
 from stream_trainer.sources import BatchSizes, default_target, open_source
@@ -39,6 +40,13 @@ def register(subparsers: Any) -> None:
         "--batch-sizes", help="MIN:MAX: each batch size drawn log-uniformly (seeded)"
     )
     p.add_argument("--limit", type=int, help="read at most N records")
+    p.add_argument(
+        "--label-delay",
+        type=int,
+        metavar="N",
+        help="labels arrive N records after their features: each record is predicted on arrival"
+        " and learned N records later (river's progressive_val_score delay=N; batch size 1)",
+    )
     p.add_argument("--report-json", type=Path, help="write the report as JSON here")
     p.add_argument("--plot", type=Path, help="write a PNG of rolling accuracy and batch sizes here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,23 +102,38 @@ def run_evaluate(args: argparse.Namespace) -> int:
     learner = build_learner(args, config)
     sizes = batch_sizes_from(args)
     norm = config.norm if isinstance(config.norm, str) else ",".join(config.norm)
-    result = evaluate_stream(
-        open_source(args.source, target=target),
-        learner,
-        batch_sizes=sizes,
-        seed=args.seed,
-        limit=args.limit,
-        progress=not args.no_progress,
-        describe={
-            "model": args.model,
-            "norm": norm if args.model == "mlp" else None,
-            "source": args.source,
-            "target": target,
-            "hidden": list(config.hidden),
-            "optimizer": config.optimizer,
-            "lr": config.lr,
-        },
-    )
+    describe = {
+        "model": args.model,
+        "norm": norm if args.model == "mlp" else None,
+        "source": args.source,
+        "target": target,
+        "hidden": list(config.hidden),
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+    }
+    source = open_source(args.source, target=target)
+    if args.label_delay is not None:
+        if str(sizes) != "1":
+            msg = f"--label-delay replays records one at a time; got batch size {sizes}"
+            raise ConfigError(msg)
+        result = evaluate_with_label_delay(
+            source,
+            learner,
+            delay=args.label_delay,
+            limit=args.limit,
+            progress=not args.no_progress,
+            describe={**describe, "seed": args.seed},
+        )
+    else:
+        result = evaluate_stream(
+            source,
+            learner,
+            batch_sizes=sizes,
+            seed=args.seed,
+            limit=args.limit,
+            progress=not args.no_progress,
+            describe=describe,
+        )
     print_summary(result)
     if args.report_json:
         args.report_json.parent.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ two classes learns the same boundary as a binary ``LogisticRegression``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.records import Record
 from stream_trainer.training.config import TrainerConfig
 from stream_trainer.training.trainer import IncrementalTrainer, StepReport
 
@@ -105,6 +106,16 @@ class RiverLearner(IncrementalTrainer):
             total = proba[i].sum()
             proba[i] = proba[i] / total if total > 0 else 1.0 / max(k, 1)
         report.proba = proba
+
+    def _serve(self, records: Sequence[Record]) -> tuple[np.ndarray | None, list[int]]:
+        """The read-only predictions of ``predict_many`` / ``predict_proba_many``: the records
+        that pass the checks, encoded with the current statistics, through the river model."""
+        ok = [i for i, r in enumerate(records) if self._check(r) is None]
+        if self.river_model is None or not ok:
+            return None, ok
+        report = StepReport(size=len(ok))
+        self._predict(self.encoder.transform([records[i].value for i in ok]), report)
+        return (report.values if self.task == "regression" else report.proba), ok
 
     def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
         model = self._ensure_model()

@@ -204,6 +204,9 @@ class IncrementalTrainer:
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
         self.predicted_only = 0
+        # Accepted records since the last labelled one, in arrival order (not checkpointed: it
+        # tells the service that labels stopped arriving, see its warning and metric).
+        self.records_since_label = 0
         self.steps = 0
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
@@ -392,6 +395,10 @@ class IncrementalTrainer:
         report.trained = len(labelled)
         report.predicted_only = len(accepted) - len(labelled)
         self.predicted_only += report.predicted_only
+        if labelled:
+            self.records_since_label = len(accepted) - 1 - labelled[-1]
+        else:
+            self.records_since_label += len(accepted)
         idx: np.ndarray | None = None  # None: every accepted record is labelled
         if len(labelled) < len(accepted):
             idx = np.asarray(labelled, dtype=np.int64)

@@ -73,6 +73,8 @@ from stream_trainer.training import IncrementalTrainer, StepReport
 __all__ = ["TrainerService"]
 
 log = logging.getLogger("stream_trainer.service")
+UNLABELLED_WARN_EVERY = 10_000
+"""Records in a row without a label between two warnings that labels are not arriving."""
 
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
@@ -163,6 +165,7 @@ class TrainerService:
                 f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
             )
         trainer = IncrementalTrainer.from_state(checkpoint.tensors, checkpoint.state["trainer"])
+        trainer.adopt_limits(trainer_config)  # screening limits: the configured ones
         self.pending_offsets = dict(checkpoint.offsets)
         self.saved_offsets = dict(checkpoint.offsets)
         self.checkpoint_version = checkpoint.version
@@ -377,6 +380,14 @@ class TrainerService:
             self.history.add(self.records_read, report.size, trainer.metrics())
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
+            since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY
+            if not report.trained and since // every > (since - report.predicted_only) // every:
+                log.warning(
+                    "%d records in a row without a value for the target field %r: they are "
+                    "predicted, never learned (is the target right?)",
+                    since,
+                    trainer.target,
+                )
         if metrics is None:
             self._dead_unreported.update(r.reason.value for r in rejected)
             return
@@ -389,6 +400,7 @@ class TrainerService:
                 learn_seconds=report.learn_seconds,
                 loss=report.loss,
             )
+            metrics.set_records_since_last_label(trainer.records_since_label)
             if trainer.samples_trained:
                 metrics.set_prequential(trainer.metrics())
                 metrics.set_expert_weights(trainer.expert_weights())

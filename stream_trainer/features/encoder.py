@@ -248,8 +248,9 @@ class FeatureEncoder:
         """Learn the schema and the running statistics from ``values``, then encode them.
 
         ``values`` must already have passed the screen (:meth:`screen_record`, then
-        :meth:`decide_kinds` and :class:`SchemaPlan` for a batch with new features). Returns ``(len(values), n_columns)``
-        float32, every entry finite (standardized numbers lie in ``[-clip, clip]``).
+        :meth:`decide_kinds` and :class:`SchemaPlan` for a batch with new features). Returns
+        ``(len(values), n_columns)`` float32, every entry finite (standardized numbers lie in
+        ``[-clip, clip]``).
         """
         self._learn_schema(values)
         return self._encode(values, learn=True)
@@ -298,7 +299,8 @@ class SchemaPlan:
     """The columns that one batch's records add to ``encoder``, taken record by record in arrival
     order, without changing the encoder: the screen's last word on a record's features.
 
-    ``kinds`` are the batch's decided kinds of its new features (:meth:`FeatureEncoder.decide_kinds`).
+    ``kinds`` are the batch's decided kinds of its new features
+    (:meth:`FeatureEncoder.decide_kinds`).
     :meth:`take` rejects a record with a value of the other kind (``wrong_type``), more than
     ``max_new`` new features (``too_many_new_features``) or new features that would take the
     encoder past ``max_features`` columns (``too_many_features``); otherwise it counts the record's

@@ -198,7 +198,8 @@ class TrainerConfig:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
             (
                 0.0 < self.max_abs_value <= MAX_ABS_VALUE_LIMIT,
-                f"max_abs_value must be in (0, {MAX_ABS_VALUE_LIMIT:g}], got {self.max_abs_value!r}",
+                f"max_abs_value must be in (0, {MAX_ABS_VALUE_LIMIT:g}], "
+                f"got {self.max_abs_value!r}",
             ),
             *(
                 (getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -60,7 +60,10 @@ def parse_label(
         return parse_regression_target(value, max_abs_value)
     label = canonical_class(value)
     if isinstance(label, str) and len(label) > max_length:
-        return RejectReason.TOO_LARGE, f"class label of {len(label)} characters > limit {max_length}"
+        return (
+            RejectReason.TOO_LARGE,
+            f"class label of {len(label)} characters > limit {max_length}",
+        )
     return label
 
 

@@ -100,8 +100,11 @@ class RejectedRecord:
     @classmethod
     def of(cls, record: Record, reason: RejectReason, detail: str) -> RejectedRecord:
         raw = record.raw
-        if raw is None:
-            raw = json.dumps(record.value, default=str).encode()
+        if raw is None:  # a record built in Python: any object, a cycle even
+            try:
+                raw = json.dumps(record.value, default=str).encode("utf-8", "backslashreplace")
+            except (TypeError, ValueError, RecursionError):
+                raw = repr(record.value)[:DEFAULT_MAX_RECORD_BYTES].encode("utf-8", "replace")
         return cls(
             reason=reason,
             detail=detail,

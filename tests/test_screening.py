@@ -425,3 +425,12 @@ def test_a_csv_row_the_csv_module_refuses_is_rejected_and_reading_goes_on(tmp_pa
     rejected = items[1]
     assert isinstance(rejected, RejectedRecord) and rejected.reason == RejectReason.WRONG_TYPE
     assert "field larger than field limit" in rejected.detail
+
+
+def test_a_python_record_that_json_cannot_write_is_rejected_not_raised() -> None:
+    cyclic: dict[str, Any] = {"x": 1.0, "y": 0}
+    cyclic["self"] = cyclic
+    trainer = _trainer()
+    report = trainer.step([Record(cyclic), Record({"x": 1.0, "y": 1})])
+    assert _reasons(report) == ["wrong_type"] and report.trained == 1
+    assert report.rejected[0].raw is not None and b"'x': 1.0" in report.rejected[0].raw

@@ -112,6 +112,13 @@ def test_screening_contract(batches: list[list[dict[Any, Any]]], limits: dict[st
         if trainer.model is not None:
             assert trainer.model.in_features <= config.max_features
 
+        # The screen's plan of new columns and the encoder's growth agree: every feature of an
+        # accepted record is registered, none silently dropped for want of a column.
+        for record in report.accepted:
+            for name, v in record.value.items():
+                if v is not None and name != "y":
+                    assert name in trainer.encoder.kinds
+
         state = trainer.state_json()
         text = json.dumps(state, allow_nan=False)  # a checkpoint holds strict JSON
         assert json.loads(text) == state

@@ -434,3 +434,35 @@ def test_a_python_record_that_json_cannot_write_is_rejected_not_raised() -> None
     report = trainer.step([Record(cyclic), Record({"x": 1.0, "y": 1})])
     assert _reasons(report) == ["wrong_type"] and report.trained == 1
     assert report.rejected[0].raw is not None and b"'x': 1.0" in report.rejected[0].raw
+
+
+def test_deep_values_cross_the_consumer_process_pipe_without_recursion() -> None:
+    """The consumer process decodes, then sends the decoded values of the records that are not
+    plain (and of the rejected ones) in a JSON frame header: nothing deeper than the depth limit
+    may reach it, or the service's read of the frame would recurse."""
+    import io
+
+    from consumers.deserializer import _Message
+    from consumers.process_frames import pack_polled, read_frame, unpack_batch, write_frame
+
+    nest = MAX_JSON_DEPTH - 1  # the label, inside the top-level object, at the limit exactly
+    messages = [
+        _Message(
+            b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b', "y": 1}', None, "t", 0, 0, 1, []
+        ),
+        _Message(b'{"x": ' + b"[" * 990 + b"]" * 990 + b"}", None, "t", 0, 1, 1, []),
+        _Message(b'{"x": 1.5, "y": ' + b"[" * nest + b"]" * nest + b"}", None, "t", 0, 2, 1, []),
+        _Message(b'{"x": 2.5, "y": 1}', None, "t", 0, 3, 1, []),
+    ]
+    fields, blob = pack_polled(RecordDecoder("y"), [("t", 0, messages)], {"t:0": 4})
+    stream = io.BytesIO()
+    write_frame(stream, {"type": "batch", **fields}, blob)
+    stream.seek(0)
+    batch = unpack_batch(*read_frame(stream))
+    assert [(r.offset, r.reason.value, r.value) for r in batch.rejected] == [
+        (0, "too_deep", None),
+        (1, "too_deep", None),
+    ]
+    assert [r.offset for r in batch.records] == [2, 3]
+    report = _trainer().step(batch.records)
+    assert _reasons(report) == ["bad_label"] and report.trained == 1

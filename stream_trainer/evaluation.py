@@ -129,6 +129,9 @@ def evaluate_stream(
         bar.close()
     elapsed = time.perf_counter() - start
     if seen and not labelled:
+        if not fields and source_rejected:
+            by_reason = dict(sorted(source_rejected.items()))
+            raise DataError(f"no record of the source could be read: rejected {by_reason}")
         raise DataError(_no_target_message(target, fields))
     if learner.task == "regression":
         history.metric_name = "rmse"

@@ -466,3 +466,12 @@ def test_deep_values_cross_the_consumer_process_pipe_without_recursion() -> None
     assert [r.offset for r in batch.records] == [2, 3]
     report = _trainer().step(batch.records)
     assert _reasons(report) == ["bad_label"] and report.trained == 1
+
+
+def test_evaluate_on_a_source_of_only_unreadable_lines_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"not json\n[1, 2]\n")
+    done = _cli("evaluate", "--source", str(path), "--target", "y", "--no-progress", cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "no record of the source could be read: rejected" in done.stderr
+    assert "'not_json': 1, 'not_object': 1" in done.stderr

@@ -64,7 +64,7 @@ _BATCHES = st.lists(st.lists(st.one_of(_RECORD, _WIDE), max_size=9), min_size=1,
 _CONFIGS = [
     {},  # the default limits
     {
-        "max_features": 12,
+        "max_features": 6,
         "max_new_features_per_record": 4,
         "max_classes": 3,
         "max_string_length": 8,
@@ -72,6 +72,7 @@ _CONFIGS = [
         "max_categories": 2,
     },
     {"task": "regression", "max_features": 30, "max_abs_value": 1e9},
+    {"max_features": 4, "max_categories": 8},  # full early: later categories find no column
 ]
 
 

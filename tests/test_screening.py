@@ -475,3 +475,55 @@ def test_evaluate_on_a_source_of_only_unreadable_lines_says_so(tmp_path: Path) -
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "no record of the source could be read: rejected" in done.stderr
     assert "'not_json': 1, 'not_object': 1" in done.stderr
+
+
+def test_the_service_keeps_checkpointing_through_hostile_records(tmp_path: Path) -> None:
+    """Through ``run`` (file source, local checkpoints): the records that used to stop the
+    service are dead-lettered with their reasons, every checkpoint succeeds, and a restart
+    restores the last one and screens with the configured limits."""
+    from stream_trainer.service import TrainerService, load_service_config
+
+    good = [json.dumps({"x": i % 5 / 5, "c": "abc"[i % 3], "label": i % 2}) for i in range(120)]
+    hostile = {
+        json.dumps({"x": 2**600, "label": 1}): "out_of_range",
+        json.dumps({"x": 1e200, "label": 0}): "out_of_range",
+        json.dumps({"x": 0.5, "label": 1, "new": "s"}): None,  # decides "new": categorical
+        json.dumps({"x": 0.5, "label": 1, "new": 3}): "wrong_type",
+        json.dumps({"x": "oops", "label": 1}): "wrong_type",
+        json.dumps({**{f"k{i}": 1.0 for i in range(1500)}, "label": 0}): "too_many_new_features",
+        json.dumps({"x": 0.5, "label": "third"}): "too_many_classes",
+        json.dumps({"x": "z" * 5000, "label": 0}): "too_large",
+        '{"x": ' + "[" * 5000 + "]" * 5000 + ', "label": 1}': "too_deep",
+        json.dumps({"label": 1}): "no_features",
+    }
+    lines = good[:3] + list(hostile) + good[3:]  # the first batches meet them
+    source = tmp_path / "hostile.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    settings = {
+        "source": str(source),
+        "checkpoint": f"file://{tmp_path / 'checkpoints'}",
+        "checkpoint_every_records": 20,
+        "batch_sizes": "1:8",
+        "dead_letter": str(tmp_path / "dead.jsonl"),
+        "metrics_address": "off",
+        "progress": False,
+    }
+    trainer = {"target": "label", "hidden": (8,), "seed": 0, "max_classes": 2}
+    config = load_service_config(flags=settings, trainer_flags=trainer, environ={})
+    report = TrainerService(config).run()
+    assert report["final_checkpoint_ok"] is True
+    expected: dict[str, int] = {}
+    for reason in hostile.values():
+        if reason is not None:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert report["rejected"] == dict(sorted(expected.items()))
+    assert report["samples"] == len(good) + 1
+    letters = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert sorted(d["reason"] for d in letters) == sorted(r for r in hostile.values() if r)
+
+    with_more_classes = load_service_config(
+        flags=settings, trainer_flags={**trainer, "max_classes": 5}, environ={}
+    )
+    service = TrainerService(with_more_classes)
+    assert service.restored is not None and service.trainer.samples_trained == len(good) + 1
+    assert service.trainer.config.max_classes == 5

@@ -527,3 +527,18 @@ def test_the_service_keeps_checkpointing_through_hostile_records(tmp_path: Path)
     service = TrainerService(with_more_classes)
     assert service.restored is not None and service.trainer.samples_trained == len(good) + 1
     assert service.trainer.config.max_classes == 5
+
+
+def test_evaluate_takes_the_limits_as_flags_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    path = tmp_path / "f.csv"
+    path.write_text("a,y\n" + "".join(f"{i},{'pqr'[i % 3]}\n" for i in range(30)))
+    report_path = tmp_path / "r.json"
+    done = _cli("evaluate", "--source", str(path), "--target", "y", "--no-progress",
+                "--hidden", "8", "--max-classes", "2", "--report-json", str(report_path),
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["classes"] == ["p", "q"] and report["rejected"] == {"too_many_classes": 10}
+    done = _cli("evaluate", "--source", str(path), "--target", "y", "--max-features", "0",
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "max_features must be >= 1, got 0" in done.stderr

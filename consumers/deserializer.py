@@ -1,11 +1,11 @@
 """Kafka message bytes -> :class:`~stream_trainer.records.Record` or
 :class:`~stream_trainer.records.RejectedRecord`.
 
-Every value goes through :func:`~stream_trainer.records.decode_json_record` (size, UTF-8, JSON,
-object) and then :func:`~stream_trainer.records.check_values` (finite scalars). Python's ``json``
-accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``; they decode to
-non-finite floats and are rejected here as ``non_finite``. A null value (a tombstone) is
-rejected as ``not_json``.
+Every value goes through :func:`~stream_trainer.records.decode_json_record` (size, nesting depth
+before parsing, UTF-8, JSON, object) and then :func:`~stream_trainer.records.check_values` (finite
+scalars; the trainer's screen applies the magnitude and length limits). Python's ``json`` accepts
+the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``; they decode to non-finite floats
+and are rejected here as ``non_finite``. A null value (a tombstone) is rejected as ``not_json``.
 
 When a feature subset is configured, only those fields and the target are kept, and the checks run
 on what is kept (a malformed field that the model never reads does not reject the record).

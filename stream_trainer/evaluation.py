@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stream_trainer.errors import DataError
 from stream_trainer.records import Record, RejectedRecord
 from stream_trainer.sources import BatchSizes, iter_batches
 from stream_trainer.training import IncrementalTrainer
@@ -54,6 +55,19 @@ class StreamHistory:
             self.stride *= 2
 
 
+_MAX_FIELDS_SHOWN = 50
+
+
+def _no_target_message(target: str, fields: set[str]) -> str:
+    shown = ", ".join(repr(name) for name in sorted(fields)[:_MAX_FIELDS_SHOWN])
+    if target in fields:
+        return f"no record has a value for the target field {target!r}: nothing was learned"
+    return (
+        f"no record has the target field {target!r}: nothing was learned; fields seen: "
+        f"{shown or 'none'} (choose the label with --target)"
+    )
+
+
 @dataclass
 class EvaluationResult:
     report: dict[str, Any]
@@ -78,11 +92,17 @@ def evaluate_stream(
     (labelled samples that came before the model existed, so had no prediction and are in no
     metric: river's prequential protocol, :mod:`stream_trainer.training.metrics`), steps, plus
     ``describe`` (norm, batch_size, model, source...).
+
+    Raises :class:`~stream_trainer.errors.DataError`, naming the fields it saw, when records were
+    read but none has a value for the learner's target: nothing could be learned or scored.
     """
     stream = itertools.islice(items, limit) if limit is not None else iter(items)
     source_rejected: Counter[str] = Counter()
     history = StreamHistory()
     seen = 0
+    target = learner.target
+    labelled = 0  # records with a value for the target
+    fields: set[str] = set()  # the field names seen, while the target has not been
     bar = tqdm(total=limit, unit="rec", disable=not progress, file=sys.stderr, mininterval=0.5)
     start = time.perf_counter()
     try:
@@ -93,6 +113,11 @@ def evaluate_stream(
                     source_rejected[item.reason.value] += 1
                 else:
                     records.append(item)
+                    label = item.value.get(target)
+                    if label is not None and label != "":
+                        labelled += 1
+                    elif not labelled and len(fields) < _MAX_FIELDS_SHOWN:
+                        fields.update(str(name) for name in item.value)
             learner.step(records)
             seen += len(batch)
             metrics = learner.metrics()
@@ -103,6 +128,11 @@ def evaluate_stream(
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
+    if seen and not labelled:
+        if not fields and source_rejected:
+            by_reason = dict(sorted(source_rejected.items()))
+            raise DataError(f"no record of the source could be read: rejected {by_reason}")
+        raise DataError(_no_target_message(target, fields))
     if learner.task == "regression":
         history.metric_name = "rmse"
     rejected = Counter(learner.rejected) + source_rejected

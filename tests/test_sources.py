@@ -15,7 +15,7 @@ from stream_trainer.errors import ConfigError, DataError
 from stream_trainer.records import Record, RejectedRecord
 from stream_trainer.sources import BatchSizes, default_target, iter_batches, open_source
 
-# 90 % of a column's cells must parse as numbers for it to be numeric: 20 clean rows first.
+# Half of a column's cells must parse as numbers for it to be numeric: 20 clean rows first.
 CSV = (
     "a,b,c,y\n1,2.5,x,0\n2,junk,y,1\n3,nan,x,\n4,inf,z,1\n,1.0,x,0\n"
     + "".join(f"{i},{i}.5,x,1\n" for i in range(20))

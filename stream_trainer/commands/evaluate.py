@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from stream_trainer.delayed_labels import evaluate_with_label_delay
 from stream_trainer.errors import ConfigError
 from stream_trainer.evaluation import EvaluationResult, evaluate_stream
 from stream_trainer.sources import BatchSizes, default_target, open_source
+from stream_trainer.training.config import SCREENING_SETTINGS
 
 __all__ = ["register"]
 
@@ -58,6 +60,24 @@ def register(subparsers: Any) -> None:
         " pool per kernel costs more than it saves, by far on a busy machine)",
     )
     add_learner_arguments(p)
+    limits = p.add_argument_group(
+        "screening limits", "a record beyond one is rejected whole, with the reason in brackets"
+    )
+    limits.add_argument(
+        "--max-abs-value", type=float, help="largest magnitude of a number [out_of_range]"
+    )
+    limits.add_argument(
+        "--max-string-length", type=int, help="longest string, field name or label [too_large]"
+    )
+    limits.add_argument(
+        "--max-new-features-per-record",
+        type=int,
+        help="most features one record may add [too_many_new_features]",
+    )
+    limits.add_argument(
+        "--max-features", type=int, help="most input columns of the model [too_many_features]"
+    )
+    limits.add_argument("--max-classes", type=int, help="most classes [too_many_classes]")
     p.set_defaults(func=run_evaluate)
 
 
@@ -99,6 +119,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads!r}")
     torch.set_num_threads(args.torch_threads)
     config = trainer_config(args, target)
+    given = {k: getattr(args, k) for k in SCREENING_SETTINGS if getattr(args, k) is not None}
+    config = dataclasses.replace(config, **given)  # validated again: a bad limit is refused
     learner = build_learner(args, config)
     sizes = batch_sizes_from(args)
     norm = config.norm if isinstance(config.norm, str) else ",".join(config.norm)

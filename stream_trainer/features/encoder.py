@@ -2,9 +2,12 @@
 
 Policy (the same for every source):
 
-- A feature's *kind* is fixed by the first non-missing value seen for it: numbers and booleans make
-  it numeric, strings make it categorical. A later value of the other kind rejects the record
-  (``wrong_type``); the record never reaches the model and the feature keeps its kind.
+- A feature's *kind* is decided by the batch in which it first appears, over all of that batch's
+  records before any of them is learned: numbers and booleans count as numeric, strings as
+  categorical, and the majority of the non-missing values wins (a tie is numeric), so one stray
+  string in a numeric column does not turn it categorical (:meth:`FeatureEncoder.decide_kinds`).
+  A value of the other kind, in that batch or later, rejects its record (``wrong_type``); the
+  record never reaches the model and the feature keeps its kind.
 - Numeric features are standardized online (:class:`RunningStandardizer`: exact running mean and
   biased variance, clipped to +-10). The statistics are updated with the batch *before* it is
   encoded: feature statistics carry no label, so this leaks nothing into the prequential score.
@@ -15,6 +18,11 @@ Policy (the same for every source):
 - A missing feature (absent key or ``null``) is encoded as 0: the running mean for numeric features,
   no category for categorical ones.
 - ``features`` restricts the encoder to a fixed list of names; other fields are ignored.
+- Growth is bounded: at most ``max_features`` columns. The screen (:class:`SchemaPlan`) rejects a
+  record whose new features would pass the bound; a new category of a known feature when the bound
+  is reached goes to the feature's ``<other>`` column if it has one, else encodes as no category.
+- Numbers beyond ``max_abs_value`` and strings longer than ``max_string_length`` (names too) are
+  rejected before anything is learned: the statistics stay finite and the state stays small.
 
 The encoder's whole state is JSON (column order, kinds, categories, running moments), so that it
 can be checkpointed without pickling.
@@ -23,19 +31,26 @@ can be checkpointed without pickling.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from stream_trainer.features.standardizer import RunningStandardizer
-from stream_trainer.records import RejectReason, check_values
+from stream_trainer.records import (
+    DEFAULT_MAX_ABS_VALUE,
+    DEFAULT_MAX_STRING_LENGTH,
+    RejectReason,
+    check_values,
+)
 
-__all__ = ["OTHER_CATEGORY", "FeatureEncoder"]
+__all__ = ["OTHER_CATEGORY", "FeatureEncoder", "SchemaPlan"]
 
 OTHER_CATEGORY = "<other>"
 _NUM, _CAT = "num", "cat"
-_EXACT_INT = 2**53  # ints within this bound are finite floats: no need for the exact check
+_KIND_NAMES = {_NUM: "a number", _CAT: "a string"}
+DEFAULT_MAX_FEATURES = 10_000
 
 
 class FeatureEncoder:
@@ -48,10 +63,17 @@ class FeatureEncoder:
         features: Sequence[str] | None = None,
         max_categories: int = 32,
         clip: float = 10.0,
+        max_features: int = DEFAULT_MAX_FEATURES,
+        max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
+        max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
     ) -> None:
         self.target = target
         self.features = tuple(features) if features is not None else None
         self.max_categories = int(max_categories)
+        # Screening limits (module docstring); not part of the state: the trainer sets them.
+        self.max_features = int(max_features)
+        self.max_abs_value = float(max_abs_value)
+        self.max_string_length = int(max_string_length)
         self.kinds: dict[str, str] = {}
         # Columns are numbered in order of first appearance, so growth only ever appends.
         # numeric feature -> slot in the standardizer; numeric_columns[slot] -> column
@@ -85,38 +107,86 @@ class FeatureEncoder:
         return None
 
     def check_record(self, value: dict[str, Any]) -> tuple[RejectReason, str] | None:
-        """:func:`~stream_trainer.records.check_values` (every field but the target a finite
-        scalar, at least one) then :meth:`check` (kinds), with the same answers: one pass over the
-        fields for the common record (finite floats, ints, strings and ``None`` of the kinds seen
-        so far); any other record goes through the two reference checks, which give the reason."""
-        kinds, target = self.kinds, self.target
+        """The checks of one record on its own: :func:`~stream_trainer.records.check_values`
+        (names are strings, every field but the target a finite scalar within the limits, at least
+        one) then :meth:`check` (kinds seen so far). ``None``: acceptable on its own (a batch may
+        still reject it, :class:`SchemaPlan`)."""
+        outcome = self.screen_record(value)
+        return None if isinstance(outcome, bool) else outcome
+
+    def screen_record(self, value: dict[str, Any]) -> tuple[RejectReason, str] | bool:
+        """:meth:`check_record`, and for an acceptable record whether it may add to the schema
+        (``True``: a new feature or a new category, to be planned with :class:`SchemaPlan`).
+
+        One pass over the fields for the common record (finite floats and ints within
+        ``max_abs_value``, short strings, booleans and ``None``, every feature of a kind already
+        seen); any other record goes through the two reference checks, which give the reason, and
+        is answered ``True``."""
+        kinds, target, features = self.kinds, self.target, self.features
+        limit, max_len = self.max_abs_value, self.max_string_length
+        categories = self.categories
+        fresh = False
         n_features = 0
         for name, v in value.items():
             if name == target:
                 continue
             t = type(v)
-            if t is float:
-                if v - v != 0.0 or kinds.get(name) == _CAT:  # NaN/inf give NaN, not 0
+            if t is float or t is int:
+                if not -limit <= v <= limit:  # NaN and infinities too
                     break
+                want = _NUM
             elif t is str:
-                if kinds.get(name) == _NUM:
+                if len(v) > max_len:
                     break
-            elif t is int:
-                if not -_EXACT_INT <= v <= _EXACT_INT or kinds.get(name) == _CAT:
-                    break
-            elif v is not None:
+                want = _CAT
+            elif t is bool:
+                want = _NUM
+            elif v is None:
+                n_features += 1
+                continue
+            else:
                 break
+            kind = kinds.get(name)
+            if kind is None:
+                if features is None or name in features:
+                    break  # a new feature: its name is checked on the reference path
+            elif kind != want:
+                break
+            elif want is _CAT and not fresh:
+                cats = categories[name]
+                fresh = v not in cats and OTHER_CATEGORY not in cats
             n_features += 1
         else:
             if n_features:
-                return None
-        problem = check_values(value, target)
-        return problem if problem is not None else self.check(value)
+                return fresh
+        problem = check_values(
+            value, target, max_abs_value=limit, max_string_length=max_len
+        ) or self.check(value)
+        return True if problem is None else problem
+
+    def decide_kinds(self, values: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """The kind of every feature that ``values`` (one batch) bring and the encoder has not
+        seen: the majority over the batch's non-missing values, numbers and booleans numeric,
+        strings categorical, a tie numeric."""
+        kinds, target, features = self.kinds, self.target, self.features
+        votes: Counter[str] = Counter()  # +1 per string, -1 per number
+        for value in values:
+            for name, v in value.items():
+                if v is None or name == target or name in kinds:
+                    continue
+                if features is not None and name not in features:
+                    continue
+                votes[name] += 1 if isinstance(v, str) else -1
+        return {name: _CAT if vote > 0 else _NUM for name, vote in votes.items()}
 
     def _learn_schema(self, values: Sequence[dict[str, Any]]) -> bool:
-        """Register new features and categories; return True when columns were added."""
+        """Register new features and categories, in arrival order, while there are fewer than
+        ``max_features`` columns; return True when columns were added. The screen has already
+        rejected the records whose new features would not fit (:class:`SchemaPlan`, which follows
+        the same rules), so the bound drops categories only."""
         before = self.n_columns
         kinds, target, features = self.kinds, self.target, self.features
+        cap = self.max_features
         for value in values:
             for name, v in value.items():
                 kind = kinds.get(name)
@@ -124,6 +194,8 @@ class FeatureEncoder:
                     continue
                 if kind is None:
                     if name == target or (features is not None and name not in features):
+                        continue
+                    if self.n_columns >= cap:
                         continue
                     kind = kinds[name] = _CAT if isinstance(v, str) else _NUM
                     if kind == _NUM:
@@ -136,7 +208,7 @@ class FeatureEncoder:
                 cats = self.categories[name]
                 if v not in cats:
                     key = v if len(cats) < self.max_categories else OTHER_CATEGORY
-                    if key not in cats:
+                    if key not in cats and self.n_columns < cap:
                         cats[key] = self.n_columns
                         self.n_columns += 1
         if len(self.numeric) != self.scaler.n_columns:
@@ -175,8 +247,10 @@ class FeatureEncoder:
     def fit_transform(self, values: Sequence[dict[str, Any]]) -> np.ndarray:
         """Learn the schema and the running statistics from ``values``, then encode them.
 
-        ``values`` must already have passed :meth:`check`. Returns ``(len(values), n_columns)``
-        float32, every entry finite (standardized numbers lie in ``[-clip, clip]``).
+        ``values`` must already have passed the screen (:meth:`screen_record`, then
+        :meth:`decide_kinds` and :class:`SchemaPlan` for a batch with new features). Returns
+        ``(len(values), n_columns)`` float32, every entry finite (standardized numbers lie in
+        ``[-clip, clip]``).
         """
         self._learn_schema(values)
         return self._encode(values, learn=True)
@@ -219,3 +293,75 @@ class FeatureEncoder:
         obj.n_columns = int(state["n_columns"])
         obj.scaler = RunningStandardizer.from_state(state["scaler"])
         return obj
+
+
+class SchemaPlan:
+    """The columns that one batch's records add to ``encoder``, taken record by record in arrival
+    order, without changing the encoder: the screen's last word on a record's features.
+
+    ``kinds`` are the batch's decided kinds of its new features
+    (:meth:`FeatureEncoder.decide_kinds`).
+    :meth:`take` rejects a record with a value of the other kind (``wrong_type``), more than
+    ``max_new`` new features (``too_many_new_features``) or new features that would take the
+    encoder past ``max_features`` columns (``too_many_features``); otherwise it counts the record's
+    new columns, exactly as :meth:`FeatureEncoder._learn_schema` will add them for the accepted
+    records (a category that does not fit is dropped there and here)."""
+
+    def __init__(self, encoder: FeatureEncoder, kinds: Mapping[str, str], max_new: int) -> None:
+        self._encoder = encoder
+        self._kinds = kinds
+        self._max_new = max_new
+        self.columns = encoder.n_columns
+        self._new: set[str] = set()  # new features taken so far
+        self._categories: dict[str, set[str]] = {}  # new categories taken so far, by feature
+
+    def _category_count(self, name: str, extra: dict[str, set[str]]) -> tuple[set[str], int]:
+        known = self._encoder.categories.get(name, {})
+        pending = self._categories.get(name, set()) | extra.get(name, set())
+        return pending, len(known) + len(pending)
+
+    def take(self, value: dict[str, Any]) -> tuple[RejectReason, str] | None:
+        """Take ``value``'s new columns, or change nothing and say why it is rejected."""
+        encoder = self._encoder
+        kinds, features, cap = encoder.kinds, encoder.features, encoder.max_features
+        columns = self.columns
+        new: list[str] = []
+        extra: dict[str, set[str]] = {}  # this record's new categories
+        for name, v in value.items():
+            if v is None or name == encoder.target:
+                continue
+            kind = kinds.get(name)
+            if kind is None:
+                if features is not None and name not in features:
+                    continue
+                kind = self._kinds[name]
+                if (kind == _CAT) != isinstance(v, str):
+                    detail = f"feature {name!r} is {_KIND_NAMES[kind]} in this batch, got {v!r}"
+                    return RejectReason.WRONG_TYPE, detail
+                if name not in self._new:
+                    new.append(name)
+                    if columns >= cap:
+                        detail = f"the model has {cap} input columns (max_features)"
+                        return RejectReason.TOO_MANY_FEATURES, f"{detail}; {name!r} is new"
+                    columns += 1
+                    if kind == _CAT:
+                        extra[name] = {v}
+                    continue
+            if kind == _NUM:
+                continue
+            pending, count = self._category_count(name, extra)
+            known = encoder.categories.get(name, {})
+            key = v if count < encoder.max_categories else OTHER_CATEGORY
+            if v in known or v in pending or key in known or key in pending:
+                continue
+            if columns < cap:
+                columns += 1
+                extra.setdefault(name, set()).add(key)
+        if len(new) > self._max_new:
+            detail = f"{len(new)} new features > max_new_features_per_record {self._max_new}"
+            return RejectReason.TOO_MANY_NEW_FEATURES, detail
+        self.columns = columns
+        self._new.update(new)
+        for name, cats in extra.items():
+            self._categories.setdefault(name, set()).update(cats)
+        return None

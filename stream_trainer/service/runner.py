@@ -95,10 +95,13 @@ from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.training import IncrementalTrainer, StepReport
+from stream_trainer.training.config import SCREENING_SETTINGS
 
 __all__ = ["TrainerService"]
 
 log = logging.getLogger("stream_trainer.service")
+UNLABELLED_WARN_EVERY = 10_000
+"""Records in a row without a label between two warnings that labels are not arriving."""
 
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
@@ -221,7 +224,9 @@ class TrainerService:
             checkpoint.step,
             checkpoint.offsets,
         )
-        return restored.value
+        trainer: IncrementalTrainer = restored.value
+        trainer.adopt_limits(trainer_config)  # screening limits: the configured ones
+        return trainer
 
     def _restore(self, checkpoint: Checkpoint) -> IncrementalTrainer:
         """One stored version, validated and rebuilt; a version written with another trainer
@@ -230,7 +235,11 @@ class TrainerService:
         if checkpoint.config_fingerprint != self.trainer_config.fingerprint():
             saved = checkpoint.state["trainer"]["config"]
             now = self.trainer_config.to_dict()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            diff = sorted(
+                k
+                for k in set(saved) | set(now)
+                if saved.get(k) != now.get(k) and k not in SCREENING_SETTINGS
+            )
             raise ConfigError(
                 f"checkpoint v{checkpoint.version} was written with another trainer configuration "
                 f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
@@ -534,6 +543,14 @@ class TrainerService:
             self.history.add(self.records_read, report.size, trainer.metrics())
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
+            since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY
+            if not report.trained and since // every > (since - report.predicted_only) // every:
+                log.warning(
+                    "%d records in a row without a value for the target field %r: they are "
+                    "predicted, never learned (is the target right?)",
+                    since,
+                    trainer.target,
+                )
         if metrics is None:
             self._dead_unreported.update(r.reason.value for r in rejected)
             return
@@ -546,6 +563,7 @@ class TrainerService:
                 learn_seconds=report.learn_seconds,
                 loss=report.loss,
             )
+            metrics.set_records_since_last_label(trainer.records_since_label)
             if trainer.samples_trained:
                 metrics.set_prequential(trainer.metrics())
                 metrics.set_expert_weights(trainer.expert_weights())

@@ -6,11 +6,13 @@ object, say). Type checks on values happen later, in one place (the trainer), so
 from a file and a record from Kafka are judged by the same rules.
 
 CSV typing: the first ``SCHEMA_SCAN_ROWS`` rows decide which columns are numeric (a column is
-numeric when at least 90 % of its non-empty cells parse as numbers). In a numeric column a cell that
-does not parse is kept as its string, which the feature encoder then rejects as ``wrong_type``; an
-empty cell is a missing value (``None``); ``nan``/``inf`` parse as floats and are rejected as
-``non_finite``. Integral numbers become ``int`` so that class labels such as ``1`` and ``1.0``
-agree.
+numeric when at least half of its non-empty cells parse as numbers: the majority rule with which
+the trainer decides a new feature's kind, so a stray word in a numeric column never turns it
+categorical). In a numeric column a cell that does not parse is kept as its string, which the
+trainer then rejects as ``wrong_type``; an empty cell is a missing value (``None``); ``nan``/``inf``
+parse as floats and are rejected as ``non_finite``. Integral numbers become ``int`` so that class
+labels such as ``1`` and ``1.0`` agree. A row the ``csv`` module cannot read (a cell over its field
+size limit, a NUL byte) is rejected as ``wrong_type`` and reading goes on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from stream_trainer.records import Record, RejectedRecord, RejectReason, decode_
 __all__ = ["SCHEMA_SCAN_ROWS", "iter_arff", "iter_csv", "iter_jsonl", "open_text"]
 
 SCHEMA_SCAN_ROWS = 1000
-_NUMERIC_SHARE = 0.9
+_NUMERIC_SHARE = 0.5
 
 
 def open_text(path: Path) -> IO[str]:
@@ -84,6 +86,20 @@ class _LineTap:
         return text.encode()
 
 
+def _read_rows(reader: Any, tap: _LineTap) -> Iterator[tuple[list[str] | csv.Error, bytes]]:
+    """``(row, its lines)`` per CSV row, or ``(the error, its lines)`` for a row the reader refused
+    (it reads on after one)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield exc, tap.take()
+            continue
+        yield row, tap.take()
+
+
 def iter_csv(path: Path) -> Iterator[Record | RejectedRecord]:
     """Yield the rows of a CSV file with a header line, typed as the module docstring says.
 
@@ -97,18 +113,26 @@ def iter_csv(path: Path) -> Iterator[Record | RejectedRecord]:
         except StopIteration:
             return
         tap.take()
-        rows = ((row, tap.take()) for row in reader)
+        rows = _read_rows(reader, tap)
         head = list(itertools.islice(rows, SCHEMA_SCAN_ROWS))
         numeric = []
         for j in range(len(header)):
             cells = [
                 row[j].strip()
                 for row, _ in head
-                if j < len(row) and row[j].strip() not in ("", "?")
+                if isinstance(row, list) and j < len(row) and row[j].strip() not in ("", "?")
             ]
             parsed = sum(_parse_number(c) is not None for c in cells)
             numeric.append(bool(cells) and parsed >= _NUMERIC_SHARE * len(cells))
         for line_no, (row, raw) in enumerate(itertools.chain(head, rows), start=2):
+            if isinstance(row, csv.Error):
+                yield RejectedRecord(
+                    reason=RejectReason.WRONG_TYPE,
+                    detail=f"line {line_no}: {row}",
+                    raw=raw,
+                    offset=line_no,
+                )
+                continue
             if len(row) != len(header):
                 yield RejectedRecord(
                     reason=RejectReason.WRONG_TYPE,

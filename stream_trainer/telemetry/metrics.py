@@ -153,6 +153,11 @@ class ServiceMetrics:
             "records_predicted_only_total", "Records predicted but not learned from (no label)."
         ).labels(**lab)
         self._batches = counter("batches_total", "Mini-batches processed.").labels(**lab)
+        self._since_label = gauge(
+            "records_since_last_label",
+            "Accepted records since the last one with a label (predicted, not learned from): a"
+            " growing value means labels stopped arriving, or the target field is wrong.",
+        ).labels(**lab)
         self._batch_size = histogram(
             "batch_size_records", "Records per mini-batch.", BATCH_SIZE_BUCKETS
         ).labels(**lab)
@@ -312,6 +317,10 @@ class ServiceMetrics:
             self._recent.append((now, batch_size))
             self._recent_records += batch_size
             self._prune(now)
+
+    def set_records_since_last_label(self, n: int) -> None:
+        """Set the number of accepted records since the last labelled one."""
+        self._since_label.set(n)
 
     def set_prequential(self, metrics: Mapping[str, float]) -> None:
         """Set the prequential quality gauges.

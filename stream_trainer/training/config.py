@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LENGTH
 
 __all__ = [
     "DEFAULT_NORM_OPTIONS",
     "LATER_SETTINGS",
     "LR_SCALINGS",
+    "MAX_ABS_VALUE_LIMIT",
     "OPTIMIZERS",
+    "SCREENING_SETTINGS",
     "TASKS",
     "TrainerConfig",
 ]
@@ -36,6 +39,19 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 # while it has this value, so a checkpoint written before the setting existed still matches a
 # configuration that asks for the old behaviour (e.g. ``--no-momentum-in-samples``).
 LATER_SETTINGS: Mapping[str, Any] = {"momentum_in_samples": False, "linear_expert": False}
+
+# The limits of the screening contract (IncrementalTrainer.screen): they decide which records are
+# admitted, not the shape of the model, so they are left out of the fingerprint and a restart may
+# change them (a restored trainer takes the configured ones, IncrementalTrainer.adopt_limits).
+SCREENING_SETTINGS = (
+    "max_abs_value",
+    "max_string_length",
+    "max_new_features_per_record",
+    "max_features",
+    "max_classes",
+)
+# Beyond this magnitude the square of one deviation alone can overflow float64 (1.8e308).
+MAX_ABS_VALUE_LIMIT = 1e150
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,17 @@ class TrainerConfig:
     name to its options and, when given, replaces :data:`DEFAULT_NORM_OPTIONS` as a whole.
     ``task="auto"`` decides on the first labelled value: strings, booleans and integral numbers
     make a classification task, other numbers a regression task.
+
+    The screening limits (a record beyond one is rejected whole, with the reason in brackets; see
+    :meth:`~stream_trainer.training.IncrementalTrainer.screen`): ``max_abs_value`` bounds the
+    magnitude of every number, features and regression target (``out_of_range``; at most
+    :data:`MAX_ABS_VALUE_LIMIT`, so that squares fit a float64); ``max_string_length`` the length
+    of a string value, field name or class label (``too_large``); ``max_new_features_per_record``
+    the features one record may add (``too_many_new_features``); ``max_features`` the input
+    columns of the model, numeric features plus one-hot categories (``too_many_features`` for a
+    record whose new features would pass it; once it is reached a new category of a known feature
+    goes to its ``<other>`` column, or to none); ``max_classes`` the output classes
+    (``too_many_classes``).
     """
 
     target: str | None = None
@@ -89,6 +116,15 @@ class TrainerConfig:
     seed: int = 0
     max_categories: int = 32
     rolling_window: int = 1000
+    # Screening limits (SCREENING_SETTINGS, the class docstring). Defaults: DEFAULT_MAX_ABS_VALUE
+    # keeps every running moment finite; strings up to 1 KiB; 1,000 new features a record admits
+    # wide tables whole; 10,000 columns keep a 64-unit first layer (and its Adam moments) under
+    # 8 MB; 1,000 classes keep the output layer as small.
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE
+    max_string_length: int = DEFAULT_MAX_STRING_LENGTH
+    max_new_features_per_record: int = 1000
+    max_features: int = 10_000
+    max_classes: int = 1000
 
     def __post_init__(self) -> None:
         checks = [
@@ -123,6 +159,15 @@ class TrainerConfig:
             (self.max_categories >= 1, f"max_categories must be >= 1, got {self.max_categories!r}"),
             (self.rolling_window >= 1, f"rolling_window must be >= 1, got {self.rolling_window!r}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
+            (
+                0.0 < self.max_abs_value <= MAX_ABS_VALUE_LIMIT,
+                f"max_abs_value must be in (0, {MAX_ABS_VALUE_LIMIT:g}], "
+                f"got {self.max_abs_value!r}",
+            ),
+            *(
+                (getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)!r}")
+                for name in SCREENING_SETTINGS[1:]
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -194,10 +239,13 @@ class TrainerConfig:
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of the settings that shape the model's tensors (a setting
-        of :data:`LATER_SETTINGS` left out while it has its old value)."""
+        of :data:`LATER_SETTINGS` left out while it has its old value, the screening limits of
+        :data:`SCREENING_SETTINGS` always)."""
         data = self.to_dict()
         for key, old in LATER_SETTINGS.items():
             if data.get(key) == old:
                 del data[key]
+        for key in SCREENING_SETTINGS:
+            del data[key]
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

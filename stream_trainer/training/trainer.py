@@ -1,10 +1,11 @@
 """The incremental trainer: prequential test-then-train on variable-size mini-batches.
 
-A step takes whatever records arrived (1 or 500) and, in this order, **checks** each record
-(values, feature kinds, label: a failing record is rejected with a reason and never reaches the
-model), **encodes** the accepted ones (feature statistics learn first; they see no label),
-**predicts** them in serving mode with the MLP and, with ``linear_expert``, the online linear model
-(:mod:`stream_trainer.model.linear_expert`), serving their mixture
+A step takes whatever records arrived (1 or 500) and, in this order, **screens** them
+(:meth:`IncrementalTrainer.screen`, the one screening contract: a record is accepted whole or
+rejected whole with a reason before anything is learned, and what is accepted can be learned,
+checkpointed and restored), **encodes** the accepted ones (feature statistics learn first; they
+see no label), **predicts** them in serving mode with the MLP and, with ``linear_expert``, the
+online linear model (:mod:`stream_trainer.model.linear_expert`), serving their mixture
 (:mod:`stream_trainer.training.mixture`), **scores** the labelled ones (records before the first
 model are *unscored*, as in river's protocol) and **learns** from them: one optimizer step on the
 batch-mean loss (cross-entropy, or MSE on the standardized target) with the learning-rate and
@@ -24,6 +25,7 @@ distributed hooks use the PyTorch paths. Why the fast paths exist: docs/decision
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -38,6 +40,7 @@ from torch import nn
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
+from stream_trainer.features.encoder import SchemaPlan
 from stream_trainer.model import StreamMLP
 from stream_trainer.model.linear_expert import LinearExpert
 from stream_trainer.model.manual_backward import (
@@ -49,8 +52,8 @@ from stream_trainer.model.manual_backward import (
 from stream_trainer.model.numpy_step import NumpyMLPStep, softmax64
 from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason
-from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
-from stream_trainer.training.labels import canonical_class, infer_task, parse_regression_target
+from stream_trainer.training.config import LATER_SETTINGS, SCREENING_SETTINGS, TrainerConfig
+from stream_trainer.training.labels import infer_task, parse_label
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 from stream_trainer.training.mixture import (
     EXPERTS,
@@ -160,6 +163,7 @@ class IncrementalTrainer:
         self.encoder = FeatureEncoder(
             target=config.target, features=config.features, max_categories=config.max_categories
         )
+        self._set_encoder_limits()
         self.classes: list[str] = []
         self.class_index: dict[str, int] = {}
         self.y_scaler = RunningStandardizer(1, clip=1e9)
@@ -176,6 +180,9 @@ class IncrementalTrainer:
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
         self.predicted_only = 0
+        # Accepted records since the last labelled one, in arrival order (not checkpointed: it
+        # tells the service that labels stopped arriving, see its warning and metric).
+        self.records_since_label = 0
         self.steps = 0
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
@@ -245,41 +252,108 @@ class IncrementalTrainer:
         return 1 if self.task == "regression" else max(1, len(self.classes))
 
     # ------------------------------------------------------------------ checks
+    def _set_encoder_limits(self) -> None:
+        c, encoder = self.config, self.encoder
+        encoder.max_features = c.max_features
+        encoder.max_abs_value = c.max_abs_value
+        encoder.max_string_length = c.max_string_length
+
+    def adopt_limits(self, config: TrainerConfig) -> None:
+        """Take the screening limits of ``config`` (:data:`SCREENING_SETTINGS`), keeping every
+        other setting: a restored trainer screens by the limits configured now."""
+        limits = {name: getattr(config, name) for name in SCREENING_SETTINGS}
+        self.config = dataclasses.replace(self.config, **limits)
+        self._set_encoder_limits()
+
     def _check(self, record: Record) -> tuple[RejectReason, str] | None:
         return self.encoder.check_record(record.value)
 
-    def _parse_label(self, value: Any) -> Any:
-        if self.task is None:
-            self.task = infer_task(value)
-        if self.task == "regression":
-            return parse_regression_target(value)
-        return canonical_class(value)
+    def _reject(
+        self, record: Record, problem: tuple[RejectReason, str], rejected: list[RejectedRecord]
+    ) -> None:
+        reason, detail = problem
+        rejected.append(RejectedRecord.of(record, reason, detail))
+        self.rejected[reason.value] += 1
 
     def screen(
         self, records: Sequence[Record], rejected: list[RejectedRecord]
     ) -> tuple[list[Record], list[Any]]:
         """Split ``records`` into accepted ones (with their parsed label or None) and rejected ones
-        (appended to ``rejected`` and counted by reason)."""
+        (appended to ``rejected`` and counted by reason), changing nothing else.
+
+        The screening contract, in this order, before any record of the batch is learned:
+
+        1. each record on its own (:meth:`FeatureEncoder.screen_record`): field names are strings,
+           every feature a finite scalar (``wrong_type``, ``non_finite``) within ``max_abs_value``
+           (``out_of_range``), strings and names within ``max_string_length`` (``too_large``), at
+           least one feature (``no_features``), each of the kind the encoder knows it by
+           (``wrong_type``);
+        2. the kind of each feature new in this batch, by majority over the batch
+           (:meth:`FeatureEncoder.decide_kinds`);
+        3. in arrival order: the label (``bad_label``, ``too_large``, ``out_of_range`` for a
+           regression target; the task, while unknown, is inferred from the first record accepted
+           with a label), a new class past ``max_classes`` (``too_many_classes``), then the new
+           columns (:class:`~stream_trainer.features.encoder.SchemaPlan`: ``wrong_type`` against
+           the batch's kinds, ``too_many_new_features``, ``too_many_features``).
+
+        What is accepted is learnable, and the state after learning it survives JSON unchanged:
+        numbers keep the running moments finite, every name and category is a ``str``.
+        """
+        c, encoder = self.config, self.encoder
+        passed: list[tuple[Record, bool]] = []
+        for record in records:
+            outcome = encoder.screen_record(record.value)
+            if isinstance(outcome, tuple):
+                self._reject(record, outcome, rejected)
+            else:
+                passed.append((record, outcome))
+        plan: SchemaPlan | None = None
+        fresh = [record.value for record, is_fresh in passed if is_fresh]
+        if fresh:
+            kinds = encoder.decide_kinds(fresh)
+            plan = SchemaPlan(encoder, kinds, c.max_new_features_per_record)
+        task, target, class_index = self.task, self.target, self.class_index
+        new_classes: dict[str, None] = {}
         accepted: list[Record] = []
         labels: list[Any] = []
-        for record in records:
-            problem = self._check(record)
+        for record, is_fresh in passed:
+            raw_label = record.value.get(target)
             label: Any = None
-            if problem is None:
-                raw_label = record.value.get(self.target)
-                if raw_label is not None and raw_label != "":
-                    parsed = self._parse_label(raw_label)
-                    if isinstance(parsed, tuple):
-                        problem = parsed
-                    else:
-                        label = parsed
+            record_task = task
+            problem: tuple[RejectReason, str] | None = None
+            if raw_label is not None and raw_label != "":
+                record_task = task or infer_task(raw_label)
+                parsed = parse_label(
+                    raw_label,
+                    record_task,
+                    max_abs_value=c.max_abs_value,
+                    max_length=c.max_string_length,
+                )
+                if isinstance(parsed, tuple):
+                    problem = parsed
+                else:
+                    label = parsed
+                    if (
+                        record_task != "regression"
+                        and label not in class_index
+                        and label not in new_classes
+                        and len(class_index) + len(new_classes) >= c.max_classes
+                    ):
+                        detail = f"the model has {c.max_classes} classes (max_classes)"
+                        problem = RejectReason.TOO_MANY_CLASSES, f"{detail}; {label!r} is new"
+            if problem is None and is_fresh:
+                assert plan is not None
+                problem = plan.take(record.value)
             if problem is not None:
-                reason, detail = problem
-                rejected.append(RejectedRecord.of(record, reason, detail))
-                self.rejected[reason.value] += 1
+                self._reject(record, problem, rejected)
                 continue
+            if label is not None:
+                task = record_task
+                if task != "regression" and label not in class_index:
+                    new_classes[label] = None
             accepted.append(record)
             labels.append(label)
+        self.task = task
         return accepted, labels
 
     # ------------------------------------------------------------------ verbs
@@ -297,6 +371,10 @@ class IncrementalTrainer:
         report.trained = len(labelled)
         report.predicted_only = len(accepted) - len(labelled)
         self.predicted_only += report.predicted_only
+        if labelled:
+            self.records_since_label = len(accepted) - 1 - labelled[-1]
+        else:
+            self.records_since_label += len(accepted)
         idx: np.ndarray | None = None  # None: every accepted record is labelled
         if len(labelled) < len(accepted):
             idx = np.asarray(labelled, dtype=np.int64)
@@ -751,6 +829,7 @@ class IncrementalTrainer:
         trainer.classes = list(state["classes"])
         trainer.class_index = {c: i for i, c in enumerate(trainer.classes)}
         trainer.encoder = FeatureEncoder.from_state(state["encoder"])
+        trainer._set_encoder_limits()
         trainer.y_scaler = RunningStandardizer.from_state(state["y_scaler"])
         trainer.cls_metrics = ClassificationMetrics.from_state(state["metrics"]["classification"])
         trainer.reg_metrics = RegressionMetrics.from_state(state["metrics"]["regression"])

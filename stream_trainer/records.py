@@ -139,6 +139,8 @@ def decode_json_record(
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         return RejectReason.NOT_JSON, str(exc)
+    except ValueError as exc:  # an integer literal past Python's digit limit for int()
+        return RejectReason.OUT_OF_RANGE, str(exc)
     if not isinstance(value, dict):
         return RejectReason.NOT_OBJECT, f"top-level JSON value is {type(value).__name__}"
     return value

@@ -340,6 +340,9 @@ class SchemaPlan:
                     return RejectReason.WRONG_TYPE, detail
                 if name not in self._new:
                     new.append(name)
+                    if len(new) > self._max_new:  # before the cap: the record's own fault
+                        limit = f"max_new_features_per_record {self._max_new}"
+                        return RejectReason.TOO_MANY_NEW_FEATURES, f"more new features than {limit}"
                     if columns >= cap:
                         detail = f"the model has {cap} input columns (max_features)"
                         return RejectReason.TOO_MANY_FEATURES, f"{detail}; {name!r} is new"
@@ -357,9 +360,6 @@ class SchemaPlan:
             if columns < cap:
                 columns += 1
                 extra.setdefault(name, set()).add(key)
-        if len(new) > self._max_new:
-            detail = f"{len(new)} new features > max_new_features_per_record {self._max_new}"
-            return RejectReason.TOO_MANY_NEW_FEATURES, detail
         self.columns = columns
         self._new.update(new)
         for name, cats in extra.items():

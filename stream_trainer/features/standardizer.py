@@ -14,6 +14,12 @@ batches of 1, up to rounding). Missing values (NaN in the input matrix) are not 
 variance used to scale is the *biased* one, ``m2 / n``; a column with fewer than 2 values or zero
 variance is scaled by 1. Standardized values are clipped to ``[-clip, clip]`` so that one outlier
 cannot blow up a step; missing values become 0 (the running mean).
+
+The statistics see what the model sees: once a column has :data:`WARMUP` values, each new value is
+clipped to ``mean +- clip * std`` of the statistics before its batch, then folded in. Values within
+that band (all of them, for most streams) give the exact moments above; one accepted but absurd
+value (``2**62`` in a feature of scale 1) moves the mean by at most ``clip * std / n`` instead of
+swamping the variance for the rest of the stream.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RunningStandardizer"]
+__all__ = ["WARMUP", "RunningStandardizer"]
+
+WARMUP = 16  # values a column needs before its statistics clip new ones (module docstring)
 
 
 class RunningStandardizer:
@@ -59,6 +67,7 @@ class RunningStandardizer:
         formulas in the same order, hence the same bits."""
         if x.shape[0] == 0:
             return
+        x = self._clipped(x)
         if not math.isnan(np.add.reduce(x, axis=None)):
             self._update_complete(x)
             return
@@ -77,6 +86,19 @@ class RunningStandardizer:
         self.mean = self.mean + delta * ratio
         self.m2 = self.m2 + m2_b + delta * delta * self.count * ratio
         self.count = n
+
+    def _clipped(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with each value clipped to ``mean +- clip * std`` in the columns that have
+        :data:`WARMUP` values (NaN stays NaN); ``x`` itself when nothing is clipped."""
+        ready = self.count >= WARMUP
+        if not ready.any():
+            return x
+        half = self.clip * self.std()
+        lo = np.where(ready, self.mean - half, -np.inf)
+        hi = np.where(ready, self.mean + half, np.inf)
+        if not ((x < lo) | (x > hi)).any():  # NaN compares False: left as it is
+            return x
+        return np.clip(x, lo, hi)
 
     def _update_complete(self, x: np.ndarray) -> None:
         """:meth:`update` for a batch in which every value is present (``n_b = N``). The state

@@ -118,7 +118,7 @@ def decode_entry(text: str, where: str = "recording") -> RecordingEntry:
     """Inverse of :func:`encode_entry`; a :class:`DataError` naming ``where`` when malformed."""
     try:
         line = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, too deep, an integer of 4,300+ digits
         raise DataError(f"{where}: not JSON: {exc}") from None
     if not isinstance(line, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(line).__name__}")

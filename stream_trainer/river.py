@@ -58,8 +58,8 @@ from river import base
 from river.base.typing import ClfTarget
 
 from stream_trainer.errors import CheckpointError
-from stream_trainer.records import Record
-from stream_trainer.training.config import DEFAULT_NORM_OPTIONS, TrainerConfig
+from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LENGTH, Record
+from stream_trainer.training.config import DEFAULT_NORM_OPTIONS, SCREENING_SETTINGS, TrainerConfig
 from stream_trainer.training.labels import canonical_class
 from stream_trainer.training.trainer import IncrementalTrainer
 
@@ -136,6 +136,11 @@ class _TrainerAdapter:
         seed: int = 0,
         max_categories: int = 32,
         features: tuple[str, ...] | None = None,
+        max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
+        max_string_length: int = DEFAULT_MAX_STRING_LENGTH,
+        max_new_features_per_record: int = 1000,
+        max_features: int = 10_000,
+        max_classes: int = 1000,
     ) -> None:
         self.hidden = hidden
         self.norm = norm
@@ -158,6 +163,11 @@ class _TrainerAdapter:
         self.seed = seed
         self.max_categories = max_categories
         self.features = features
+        self.max_abs_value = max_abs_value
+        self.max_string_length = max_string_length
+        self.max_new_features_per_record = max_new_features_per_record
+        self.max_features = max_features
+        self.max_classes = max_classes
         # Classifier: class label (canonical string) -> the first label object river gave for it.
         self._labels: dict[str, ClfTarget] = {}
         # Validated now (ConfigError on a bad setting), not at the first record.
@@ -194,6 +204,7 @@ class _TrainerAdapter:
             momentum_in_samples=self.momentum_in_samples,
             seed=self.seed,
             max_categories=self.max_categories,
+            **{key: getattr(self, key) for key in SCREENING_SETTINGS},
         )
 
     @property
@@ -295,6 +306,9 @@ class MLPClassifier(_TrainerAdapter, base.MiniBatchClassifier):
         Categories kept per string feature (the rest share one column).
     features
         Feature names to use (``None``: every feature).
+    max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
+        The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
+        is not learned and is counted in :attr:`rejected`.
 
     Examples
     --------
@@ -418,6 +432,9 @@ class MLPRegressor(_TrainerAdapter, base.MiniBatchRegressor):
         Categories kept per string feature (the rest share one column).
     features
         Feature names to use (``None``: every feature).
+    max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
+        The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
+        is not learned and is counted in :attr:`rejected`.
 
     Examples
     --------

@@ -9,7 +9,13 @@ from stream_trainer.training import IncrementalTrainer, TrainerConfig
 from stream_trainer.training.config import LR_SCALINGS, OPTIMIZERS, TASKS
 from stream_trainer.training.river_baselines import RIVER_MODELS, RiverLearner
 
-__all__ = ["add_learner_arguments", "build_learner", "model_name", "trainer_config"]
+__all__ = [
+    "add_learner_arguments",
+    "add_limit_arguments",
+    "build_learner",
+    "model_name",
+    "trainer_config",
+]
 
 _DEFAULTS = TrainerConfig()
 
@@ -92,6 +98,29 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         "--window", type=int, default=_DEFAULTS.rolling_window, help="rolling-metric window"
     )
     g.add_argument("--seed", type=int, default=0)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The screening limits (:data:`~stream_trainer.training.config.SCREENING_SETTINGS`), each
+    ``None`` unless given."""
+    limits = parser.add_argument_group(
+        "screening limits", "a record beyond one is rejected whole, with the reason in brackets"
+    )
+    limits.add_argument(
+        "--max-abs-value", type=float, help="largest magnitude of a number [out_of_range]"
+    )
+    limits.add_argument(
+        "--max-string-length", type=int, help="longest string, field name or label [too_large]"
+    )
+    limits.add_argument(
+        "--max-new-features-per-record",
+        type=int,
+        help="most features one record may add [too_many_new_features]",
+    )
+    limits.add_argument(
+        "--max-features", type=int, help="most input columns of the model [too_many_features]"
+    )
+    limits.add_argument("--max-classes", type=int, help="most classes [too_many_classes]")
 
 
 def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfig:

@@ -13,6 +13,7 @@ import torch
 
 from stream_trainer.commands._learner_args import (
     add_learner_arguments,
+    add_limit_arguments,
     build_learner,
     trainer_config,
 )
@@ -60,24 +61,7 @@ def register(subparsers: Any) -> None:
         " pool per kernel costs more than it saves, by far on a busy machine)",
     )
     add_learner_arguments(p)
-    limits = p.add_argument_group(
-        "screening limits", "a record beyond one is rejected whole, with the reason in brackets"
-    )
-    limits.add_argument(
-        "--max-abs-value", type=float, help="largest magnitude of a number [out_of_range]"
-    )
-    limits.add_argument(
-        "--max-string-length", type=int, help="longest string, field name or label [too_large]"
-    )
-    limits.add_argument(
-        "--max-new-features-per-record",
-        type=int,
-        help="most features one record may add [too_many_new_features]",
-    )
-    limits.add_argument(
-        "--max-features", type=int, help="most input columns of the model [too_many_features]"
-    )
-    limits.add_argument("--max-classes", type=int, help="most classes [too_many_classes]")
+    add_limit_arguments(p)
     p.set_defaults(func=run_evaluate)
 
 

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stream_trainer.commands._learner_args import add_learner_arguments
+from stream_trainer.commands._learner_args import add_learner_arguments, add_limit_arguments
 from stream_trainer.errors import ConfigError
+from stream_trainer.training.config import SCREENING_SETTINGS
 
 __all__ = ["register", "service_config"]
 
@@ -42,6 +43,7 @@ _TRAINER_FLAGS = {
     "max_categories": "max_categories",
     "window": "rolling_window",
     "seed": "seed",
+    **{key: key for key in SCREENING_SETTINGS},
 }
 
 
@@ -157,6 +159,7 @@ def register(subparsers: Any) -> None:
         " costs more than it saves)",
     )
     add_learner_arguments(p)
+    add_limit_arguments(p)
     # Only flags actually given may override the file and the environment.
     for action in p._actions:
         if action.dest not in ("help", "config"):

@@ -195,7 +195,7 @@ class TrainerService:
             trainer_config = replace(trainer_config, target=self._target())
         self.trainer_config = trainer_config
         restored = self.store.load_newest(self._restore)
-        self.rejected_versions: dict[int, str] = {} if restored is None else dict(restored.rejected)
+        self.rejected_versions = {} if restored is None else dict(restored.rejected)
         self._rejections_unreported: Counter[str] = (
             Counter() if restored is None else Counter(restored.reasons.values())
         )

@@ -539,6 +539,9 @@ class KafkaRecordSource(ClosableSource):
         self._track_lock = threading.Lock()
         self._generation = 0
         self._next_known: dict[str, int] = {}
+        # Per partition, the offset after the last message handed out since its assignment (the
+        # lag's position); unlike _next_known, also kept for a poll a rebalance callback ran in.
+        self._handed_out: dict[str, int] = {}
         self._last_read: frozenset[str] = frozenset()
         # Revocations counted; per partition, the count at its last revocation and at the last time
         # its reading restarted elsewhere than its position (lost, or sought on assignment):
@@ -653,6 +656,7 @@ class KafkaRecordSource(ClosableSource):
             )
             for key in keys:
                 self._next_known.pop(key, None)
+                self._handed_out.pop(key, None)
             self._last_read = self._last_read.difference(keys)
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -777,6 +781,7 @@ class KafkaRecordSource(ClosableSource):
         with self._track_lock:
             # a partition handed out needs no start position (_announce_starts)
             self._unannounced.difference_update(TopicPartition(t, p) for t, p, _ms in polled_parts)
+            self._handed_out.update(next_offsets)
             if self._generation == generation:  # no rebalance callback ran meanwhile
                 starts = self._announce_starts()
                 self._next_known.update(next_offsets)
@@ -965,7 +970,7 @@ class KafkaRecordSource(ClosableSource):
         timeout = self.config.lag_timeout_ms
         try:
             with self._track_lock:
-                known = dict(self._next_known)
+                known = {**self._next_known, **self._handed_out}
             assigned = self.assignment()
             if all(partition_key(*tp) in known for tp in assigned):
                 positions = known  # what was handed out: no request

@@ -8,11 +8,14 @@
 - :mod:`consumers.producer`: producing recordings and file sources (``stream-trainer replay``);
 - :mod:`consumers.recorder`: capturing a topic (``stream-trainer record``);
 - :mod:`consumers.deserializer`, :mod:`consumers.security`, :mod:`consumers.retry`,
-  :mod:`consumers.topics`: the pieces they share.
+  :mod:`consumers.topics`: the pieces they share; :mod:`consumers.kafka_client_fix`: a fix to
+  kafka-python's transport, applied on import.
 """
 
 from __future__ import annotations
 
+# First: fixes kafka-python's transport before any client is built (the module says what and why).
+from consumers import kafka_client_fix  # noqa: F401
 from consumers.dead_letter import DeadLetterSink, dead_letter_topic
 from consumers.deserializer import RecordDecoder
 from consumers.kafka_source import (

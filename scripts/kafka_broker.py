@@ -210,6 +210,9 @@ class KafkaBroker:
         JVM ``-Xmx``.
     home
         Cache folder holding ``libs/`` (default :func:`kafka_home`).
+    sasl_users
+        ``{user: password}``: also listen for ``SASL_PLAINTEXT`` clients (mechanism ``PLAIN``) on
+        :attr:`sasl_port`, for tests of authentication; ``None`` (default): plaintext only.
     """
 
     def __init__(
@@ -221,6 +224,7 @@ class KafkaBroker:
         heap: str = DEFAULT_HEAP,
         home: Path | None = None,
         version: str = KAFKA_VERSION,
+        sasl_users: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port if port is not None else free_port()
@@ -230,11 +234,18 @@ class KafkaBroker:
         self.heap = heap
         self.home = kafka_home(version) if home is None else home
         self.version = version
+        self.sasl_users = dict(sasl_users) if sasl_users else None
+        self.sasl_port = free_port() if self.sasl_users else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        """``host:port`` of the SASL_PLAINTEXT listener (``None`` without ``sasl_users``)."""
+        return None if self.sasl_port is None else f"127.0.0.1:{self.sasl_port}"
 
     @property
     def pid(self) -> int | None:
@@ -289,6 +300,15 @@ class KafkaBroker:
             "num.recovery.threads.per.data.dir": "1",
             "log.cleaner.threads": "1",
         }
+        if self.sasl_users:
+            users = " ".join(f'user_{u}="{p}"' for u, p in self.sasl_users.items())
+            props["listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            props["advertised.listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            props["listener.security.protocol.map"] += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            props["sasl.enabled.mechanisms"] = "PLAIN"
+            props["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            )
         path = self.data_dir / PROPERTIES_FILE
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.data_dir / LOG4J_FILE).write_text(

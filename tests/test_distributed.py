@@ -251,3 +251,48 @@ def test_replicas_stay_identical_and_equal_one_process(
         torch.testing.assert_close(ranks[r]["moments.mean"], whole.mean(0))
         torch.testing.assert_close(ranks[r]["moments.var"], whole.var(0, unbiased=False))
         assert ranks[r]["moments.n"][0].item() == whole.shape[0]
+
+
+def _kinds_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Step 0 brings a new field ``f``: a number on rank 0, mostly text on rank 1 (so each
+    replica's own screen decides another kind). Later steps are ordinary."""
+    torch.set_num_threads(1)
+    env = {"WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    comm = init_process_group(world_from_env(env), timeout_seconds=60)
+    try:
+        trainer = DistributedTrainer(IncrementalTrainer(_config("ema_batch")), comm)
+        if rank == 0:
+            first = [Record({"x": 0.1 * i, "f": float(i), "y": i % 2}) for i in range(3)]
+        else:
+            first = [
+                Record({"x": 0.2, "f": "text", "y": 1}),
+                Record({"x": 0.3, "f": 7, "y": 0}),
+                Record({"x": 0.4, "f": "more text", "y": 1}),
+            ]
+        report = trainer.step(first)
+        reasons = [r.reason.value for r in report.rejected]
+        for step in range(1, 4):
+            trainer.step([Record({"x": 0.1 * (step + rank), "f": float(step), "y": step % 2})])
+        out = {"reasons": reasons, "state": trainer.trainer.state_json()}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_field_new_on_two_replicas_with_different_kinds_is_decided_by_the_lower_rank(
+    tmp_path: Path,
+) -> None:
+    mp.start_processes(
+        _kinds_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
+        join=True,
+    )  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # rank 1's own screen rejects its number (text is its majority), the exchange its text
+    assert ranks[0]["reasons"] == [] and ranks[1]["reasons"] == ["wrong_type"] * 3
+    assert ranks[0]["state"] == ranks[1]["state"]  # the replicas still agree on everything
+    state = ranks[0]["state"]
+    assert state["encoder"]["kinds"]["f"] == "num"
+    assert state["rejected"] == {"wrong_type": 3}
+    assert state["samples_trained"] == 3 + 3 * 2

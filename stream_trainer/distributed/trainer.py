@@ -13,7 +13,9 @@ calls it once per turn, with whatever its consumer polled (possibly nothing):
    replica applies the schema entries and, after the prediction, the class labels in rank order,
    so every replica has the same columns and the same output layer, in the same order that one
    process would give the concatenated batch (rank 0's records first). Counters (steps, samples,
-   predicted-only, rejected) are global, so rank 0's checkpoint describes the whole group;
+   predicted-only, rejected) are global, so rank 0's checkpoint describes the whole group. When a
+   field new in this step is a number on one replica and text on another, the lowest rank's kind
+   wins, each replica rejects its records that disagree (``wrong_type``), and all exchange again;
 4. *encode*: the feature statistics (a :class:`SynchronizedStandardizer`) fold in the global batch;
 5. *predict* the local rows (serving mode, no collective) and *score*: the labelled rows' targets
    and served predictions are all-gathered, so every replica's prequential metrics are those of
@@ -50,7 +52,7 @@ from stream_trainer.distributed.sync import (
 )
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder
-from stream_trainer.records import Record
+from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.labels import infer_task
 
@@ -113,6 +115,34 @@ class DistributedTrainer:
                     by_column[column] = [name, cat]
         return [by_column[c] for c in sorted(by_column)]
 
+    def _exchange(
+        self,
+        records: Sequence[Record],
+        accepted: list[Record],
+        labels: list[Any],
+        report: StepReport,
+        share: Mapping[str, Any] | None,
+    ) -> list[dict[str, Any]]:
+        """Step 3's all-gather: every replica's entry (this one's at its rank)."""
+        t = self.trainer
+        labelled = [i for i, y in enumerate(labels) if y is not None]
+        new_classes: list[str] = []
+        if t.task != "regression":
+            for i in labelled:
+                if labels[i] not in t.class_index and labels[i] not in new_classes:
+                    new_classes.append(labels[i])
+        values = [r.value for r in accepted]
+        mine = {
+            "records": len(records),
+            "accepted": len(accepted),
+            "labelled": len(labelled),
+            "schema": self._new_schema_entries(values) if values else [],
+            "classes": new_classes,
+            "rejected": dict(_count_reasons(report)),
+            "share": dict(share) if share is not None else None,
+        }
+        return self.comm.all_gather_json(mine)
+
     # ------------------------------------------------------------------ step
     def step(self, records: Sequence[Record], share: Mapping[str, Any] | None = None) -> StepReport:
         """One lock-step prequential step (module docstring); ``share`` (JSON) is all-gathered
@@ -123,26 +153,19 @@ class DistributedTrainer:
         if t.task is None:
             t.task = self._agree_on_task(records)
         accepted, labels = t.screen(records, report.rejected)
+        t0 = time.perf_counter()
+        everyone = self._exchange(records, accepted, labels, report, share)
+        kinds = _conflicting_kinds(everyone)
+        if kinds:
+            # A field new in this step is a number on one replica and text on another: the first
+            # rank's kind wins (as the schema is applied), the records that disagree are rejected
+            # here, and every replica exchanges again (each one saw the same conflict).
+            accepted, labels = _reject_disagreeing(t, accepted, labels, kinds, report)
+            everyone = self._exchange(records, accepted, labels, report, share)
+        self.exchange_seconds += time.perf_counter() - t0
         report.accepted = accepted
         values = [r.value for r in accepted]
         labelled = [i for i, y in enumerate(labels) if y is not None]
-        new_classes: list[str] = []
-        if t.task != "regression":
-            for i in labelled:
-                if labels[i] not in t.class_index and labels[i] not in new_classes:
-                    new_classes.append(labels[i])
-        mine = {
-            "records": len(records),
-            "accepted": len(accepted),
-            "labelled": len(labelled),
-            "schema": self._new_schema_entries(values) if values else [],
-            "classes": new_classes,
-            "rejected": dict(_count_reasons(report)),
-            "share": dict(share) if share is not None else None,
-        }
-        t0 = time.perf_counter()
-        everyone = comm.all_gather_json(mine)
-        self.exchange_seconds += time.perf_counter() - t0
         self.shared = [e["share"] for e in everyone]
         for rank, entry in enumerate(everyone):
             if rank != comm.rank:
@@ -281,6 +304,56 @@ class DistributedTrainer:
         finally:
             self.gradient_sync.placeholder = False
         t.last_loss = None
+
+
+def _entry_kind(value: Any) -> str:
+    """The kind a schema entry registers: ``[name, 0]`` a number, ``[name, category]`` text."""
+    return "cat" if isinstance(value, str) else "num"
+
+
+def _conflicting_kinds(everyone: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """``{field: winning kind}`` for the fields whose schema entries disagree across replicas
+    (the first entry in rank order wins); empty when they all agree. Every replica computes it
+    from the same gathered entries, so all of them take the same branch."""
+    first: dict[str, str] = {}
+    conflicts: set[str] = set()
+    for entry in everyone:
+        for name, value in entry["schema"]:
+            kind = _entry_kind(value)
+            if first.setdefault(name, kind) != kind:
+                conflicts.add(name)
+    return {name: first[name] for name in conflicts}
+
+
+def _reject_disagreeing(
+    trainer: IncrementalTrainer,
+    accepted: list[Record],
+    labels: list[Any],
+    kinds: Mapping[str, str],
+    report: StepReport,
+) -> tuple[list[Record], list[Any]]:
+    """``accepted`` and ``labels`` without the records whose value of a field in ``kinds`` is of
+    the other kind; those are rejected (``wrong_type``) into ``report`` and counted."""
+    kept: list[Record] = []
+    kept_labels: list[Any] = []
+    for record, label in zip(accepted, labels, strict=True):
+        wrong = next(
+            (
+                name
+                for name, kind in kinds.items()
+                if (v := record.value.get(name)) is not None and _entry_kind(v) != kind
+            ),
+            None,
+        )
+        if wrong is None:
+            kept.append(record)
+            kept_labels.append(label)
+            continue
+        want = "a number" if kinds[wrong] == "num" else "a string"
+        detail = f"feature {wrong!r} must be {want} (another replica's records decided it)"
+        report.rejected.append(RejectedRecord.of(record, RejectReason.WRONG_TYPE, detail))
+        trainer.rejected[RejectReason.WRONG_TYPE.value] += 1
+    return kept, kept_labels
 
 
 def _count_reasons(report: StepReport) -> dict[str, int]:

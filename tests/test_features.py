@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream_trainer.features import OTHER_CATEGORY, FeatureEncoder, RunningStandardizer
+from stream_trainer.features.standardizer import WARMUP
 from stream_trainer.records import RejectReason
 
 
@@ -133,3 +134,27 @@ def test_check_record_answers_exactly_as_the_two_reference_checks(
     limits = {"max_abs_value": enc.max_abs_value, "max_string_length": enc.max_string_length}
     expected = check_values(value, "y", **limits) or enc.check(value)
     assert enc.check_record(value) == expected
+
+
+def test_one_outlier_does_not_swamp_the_running_statistics() -> None:
+    """After WARMUP values a column's statistics see each value clipped to clip * std: one
+    absurd value moves the mean by at most clip * std / n, and values within the band give the
+    exact moments."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(200, 1))
+    exact = RunningStandardizer(1)
+    exact.update(x)
+    np.testing.assert_allclose(exact.mean, x.mean(0))
+    np.testing.assert_allclose(exact.std(), x.std(0))
+
+    robust = RunningStandardizer(1)
+    robust.update(x)
+    robust.update(np.array([[2.0**62]]))
+    bound = x.mean(0) + 10 * x.std(0)
+    np.testing.assert_allclose(robust.mean, (x.sum(0) + bound) / 201)
+    assert robust.std()[0] < 3 * x.std(0)[0]
+
+    # Before WARMUP values nothing is clipped: the first values define the scale.
+    early = RunningStandardizer(1)
+    early.update(np.array([[1.0]] * (WARMUP - 1) + [[1e6]]))
+    assert early.mean[0] == pytest.approx((WARMUP - 1 + 1e6) / WARMUP)

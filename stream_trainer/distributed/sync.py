@@ -182,6 +182,7 @@ class SynchronizedStandardizer(RunningStandardizer):
         return obj
 
     def update(self, x: np.ndarray) -> None:
+        x = self._clipped(x)  # against the running state, the same on every replica
         present = ~np.isnan(x)
         n_b = present.sum(axis=0).astype(np.float64)
         filled = np.where(present, x, 0.0)

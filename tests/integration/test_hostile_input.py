@@ -151,7 +151,7 @@ def _sha(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-@pytest.mark.parametrize(("partitions", "max_batch"), [(1, 1), (3, 64)])
+@pytest.mark.parametrize(("partitions", "max_batch"), [(1, 1), (1, 64), (3, 64)])
 def test_hostile_records_never_stop_the_service(
     kafka_bootstrap: str, redis_url: str, partitions: int, max_batch: int
 ) -> None:
@@ -219,6 +219,10 @@ def test_hostile_records_never_stop_the_service(
     )
     assert mixed_scored >= N_VALID - max_batch * partitions and valid_scored >= mixed_scored - 64
     print(f"valid records: {mixed_accuracy:.4f} among hostile ones, {valid_accuracy:.4f} alone")
-    assert abs(mixed_accuracy - valid_accuracy) <= 0.005, (mixed_accuracy, valid_accuracy)
+    # One partition: both runs see the valid records in the same order, in batches cut the same
+    # way but for the hostile records: half a point. Several: which partitions' records share a
+    # batch depends on timing, which moves the accuracy of a run by about that much on its own.
+    tolerance = 0.005 if partitions == 1 else 0.01
+    assert abs(mixed_accuracy - valid_accuracy) <= tolerance, (mixed_accuracy, valid_accuracy)
     assert valid_accuracy > 0.85
     assert valid_report["records_trained"] == N_VALID and valid_report["rejected_total"] == 0

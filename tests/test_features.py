@@ -158,3 +158,18 @@ def test_one_outlier_does_not_swamp_the_running_statistics() -> None:
     early = RunningStandardizer(1)
     early.update(np.array([[1.0]] * (WARMUP - 1) + [[1e6]]))
     assert early.mean[0] == pytest.approx((WARMUP - 1 + 1e6) / WARMUP)
+
+
+def test_a_one_record_batch_is_clipped_as_a_larger_one() -> None:
+    """The plain-Python check of a one-row batch and the numpy one agree, NaN included."""
+    rng = np.random.default_rng(1)
+    scaler = RunningStandardizer(4)
+    scaler.update(rng.normal(size=(50, 4)))
+    scaler.grow(5)  # a new column, below WARMUP: never clipped
+    row = np.array([[1e9, 0.1, np.nan, -1e9, 1e9]])
+    one = scaler._clipped(row)
+    two = scaler._clipped(np.vstack([row, row]))
+    np.testing.assert_array_equal(one, two[:1])
+    assert one[0, 0] < 20 and one[0, 3] > -20 and np.isnan(one[0, 2]) and one[0, 4] == 1e9
+    within = np.array([[0.1, 0.2, 0.3, np.nan, 5.0]])
+    assert scaler._clipped(within) is within  # nothing to clip: the batch itself, no copy

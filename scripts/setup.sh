@@ -25,6 +25,7 @@ if [ "${1:-}" = "--services" ]; then
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v java >/dev/null || missing+=(default-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
+  command -v openssl >/dev/null || missing+=(openssl)  # the Redis TLS test's certificate
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

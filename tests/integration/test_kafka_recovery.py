@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewPartitions, NewTopic
+from kafka.admin import NewPartitions
 from prometheus_client import CollectorRegistry
 
 from consumers import DeadLetterSink, KafkaSourceConfig
@@ -40,7 +40,8 @@ from stream_trainer.records import RejectedRecord, RejectReason
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
 from stream_trainer.service.config import NON_SETTING_ENV
-from tests.fixtures.kafka import group_offsets, load_broker
+from tests.fixtures import service_unavailable
+from tests.fixtures.kafka import create_topic, group_offsets, load_broker
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +54,7 @@ def _value(i: int) -> bytes:
 
 
 def _new_topic(bootstrap: str, partitions: int = 1, **configs: str) -> str:
-    name = f"t-recovery-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-recovery")
-    try:
-        admin.create_topics(
-            [NewTopic(name, partitions, 1, topic_configs=dict(configs))], validate_only=False
-        )
-    finally:
-        admin.close()
+    name = create_topic(bootstrap, f"t-recovery-{uuid.uuid4().hex[:10]}", partitions, configs)
     _wait_for_partitions(bootstrap, name, partitions)
     return name
 
@@ -415,9 +409,12 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A broker of this test's own, which the test may stop."""
     broker_mod = load_broker()
     if broker_mod.missing_tools():
-        pytest.skip("java or mvn missing")
+        service_unavailable("kafka", "java or mvn missing")
     broker = broker_mod.KafkaBroker(tmp_path_factory.mktemp("kafka-private"))
-    broker.start()
+    try:
+        broker.start()
+    except broker_mod.BrokerError as exc:
+        service_unavailable("kafka", f"{exc}\n{exc.log_tail}")
     try:
         yield broker
     finally:

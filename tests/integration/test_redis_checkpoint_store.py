@@ -31,6 +31,7 @@ from stream_trainer.checkpoints import (
 )
 from stream_trainer.cli import main as cli_main
 from stream_trainer.errors import CheckpointCorruptError, StoreUnavailableError
+from tests.fixtures import service_unavailable
 from tests.fixtures.redis import RedisServer, _free_port
 from tests.fixtures.redis import _binary as _redis_binary
 
@@ -331,7 +332,7 @@ def test_an_untrusted_tls_certificate_fails_at_once_with_its_own_error(
 ) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is needed to make a self-signed certificate")
+        service_unavailable("openssl", "needed to make a self-signed certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
     subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]

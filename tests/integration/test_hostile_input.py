@@ -17,13 +17,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
 
 from consumers import dead_letter_topic
 from stream_trainer.checkpoints import open_store
 from stream_trainer.service import TrainerService, load_service_config
-from tests.fixtures.kafka import end_offsets
+from tests.fixtures.kafka import create_topic, end_offsets, produce_messages, read_topic
 from tests.hostile_records import CORPUS, TARGET, valid_value
 
 pytestmark = pytest.mark.integration
@@ -38,29 +36,6 @@ def _rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests-hostile")
-    try:
-        admin.create_topics(
-            [NewTopic(name, partitions, 1, topic_configs={"max.message.bytes": str(BIG)})]
-        )
-    finally:
-        admin.close()
-
-
-def _produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes]]) -> None:
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=2, max_request_size=BIG
-    )
-    try:
-        futures = [producer.send(topic, value=v, partition=p) for p, v in messages]
-        producer.flush(timeout=60)
-        for future in futures:
-            future.get(timeout=60)
-    finally:
-        producer.close(timeout=10)
 
 
 Message = tuple[int, bytes, "str | None"]  # (partition, value, the label of a valid record)
@@ -101,7 +76,7 @@ def _valid_accuracy(
         next_offset[partition] += 1
     hits = scored = 0
     accepted = report["records_trained"] + report["predicted_only"]  # one prediction each
-    for m in _read(bootstrap, topic, accepted):
+    for m in read_topic(bootstrap, topic, accepted):
         body = json.loads(m.value)
         label = labels.get((body["source"]["partition"], body["source"]["offset"]))
         if label is not None and body["prediction"] is not None:
@@ -127,26 +102,6 @@ def _config(bootstrap: str, topic: str, checkpoint: str, max_batch: int) -> Any:
     return load_service_config(flags=flags, trainer_flags=trainer, environ={})
 
 
-def _read(bootstrap: str, topic: str, expected: int) -> list[Any]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=15_000,
-        max_partition_fetch_bytes=BIG,
-    )
-    try:
-        messages = []
-        for m in consumer:
-            messages.append(m)
-            if len(messages) >= expected:
-                break
-        return messages
-    finally:
-        consumer.close()
-
-
 def _sha(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
@@ -159,9 +114,14 @@ def test_hostile_records_never_stop_the_service(
     mixed, valid = _streams(partitions, seed=max_batch)
     topics = {"mixed": f"{base}-mixed", "valid": f"{base}-valid"}
     for name in topics.values():
-        _create_topic(kafka_bootstrap, name, partitions)
-    _produce(kafka_bootstrap, topics["mixed"], [(p, v) for p, v, _ in mixed])
-    _produce(kafka_bootstrap, topics["valid"], [(p, v) for p, v, _ in valid])
+        create_topic(kafka_bootstrap, name, partitions, {"max.message.bytes": str(BIG)})
+    for kind, messages in (("mixed", mixed), ("valid", valid)):
+        produce_messages(
+            kafka_bootstrap,
+            topics[kind],
+            [(p, None, v) for p, v, _ in messages],
+            max_request_size=BIG,
+        )
 
     rss_before = _rss_bytes()
     reports: dict[str, dict[str, Any]] = {}
@@ -199,7 +159,7 @@ def test_hostile_records_never_stop_the_service(
 
     # The dead-letter topic holds exactly the rejected records, each with its reason: byte for
     # byte, or, for a letter the topic could not take whole, cut down with the hash of the rest.
-    letters = _read(kafka_bootstrap, dead_letter_topic(topics["mixed"]), len(rejected))
+    letters = read_topic(kafka_bootstrap, dead_letter_topic(topics["mixed"]), len(rejected))
     assert len(letters) == len(rejected)
     got = Counter()
     for m in letters:

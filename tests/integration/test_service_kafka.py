@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer
 
 from consumers import dead_letter_topic
 from stream_trainer.checkpoints import open_store
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import DEFAULT_MAX_RECORD_BYTES
 from stream_trainer.service import TrainerService, load_service_config
-from tests.fixtures.kafka import end_offsets, group_offsets, produce_messages
+from tests.fixtures.kafka import end_offsets, group_offsets, produce_messages, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -89,28 +88,6 @@ def produce_mix(bootstrap: str, topic: str, n_valid: int, *, start_id: int = 0) 
         ((n % PARTITIONS, f"k{n}".encode(), v) for n, v in enumerate(values, start_id)),
     )
     return produced
-
-
-def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
-    """Every message of ``topic`` (waits for ``expected`` of them, at most 20 s)."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=20_000,
-        fetch_max_bytes=50_000_000,
-        max_partition_fetch_bytes=5_000_000,
-    )
-    messages: list[Any] = []
-    try:
-        for message in consumer:
-            messages.append(message)
-            if len(messages) >= expected:
-                break
-    finally:
-        consumer.close()
-    return messages
 
 
 def service_config(bootstrap: str, topic: str, checkpoint: str, group: str, **flags: Any) -> Any:

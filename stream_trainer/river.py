@@ -108,6 +108,58 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float | np.floating) and math.isnan(value))
 
 
+# One "Parameters" section for both estimators (they take the same settings).
+_PARAMETERS = """\
+Parameters
+----------
+hidden
+    Width of each hidden layer.
+norm
+    Normalization of every hidden layer, or one name per layer.
+norm_options
+    Options per norm name; ``None``: the trainer's defaults.
+activation
+    ``gelu``, ``relu``, ``silu`` or ``tanh``.
+dropout
+    Dropout probability after each hidden block.
+weight_standardization
+    Standardize the hidden weights (``None``: the norm's default).
+skip
+    A linear shortcut from the inputs to the {output}.
+linear_expert
+    Serve the MLP mixed with an online linear {linear}, weighted by recent errors.
+optimizer
+    ``adam``, ``adamw`` or ``sgd``.
+lr
+    Learning rate.
+weight_decay
+    Weight decay.
+grad_clip
+    Global gradient-norm clip (``None``: off).
+lr_scaling
+    Scale ``lr`` with the labelled rows of a step: ``none``, ``linear`` or ``sqrt``.
+lr_reference_batch
+    The batch size at which the scaling factor is 1.
+lr_scale_min
+    Lower bound of the scaling factor.
+lr_decay_samples
+    Decay ``lr`` as ``1 / sqrt(1 + t / lr_decay_samples)`` (``None``: constant).
+lr_decay_floor
+    Lower bound of the decay factor.
+momentum_in_samples
+    Count Adam's ``beta1`` per ``lr_reference_batch`` samples instead of per step.
+seed
+    Seed of the model's initialization and dropout.
+max_categories
+    Categories kept per string feature (the rest share one column).
+features
+    Feature names to use (``None``: every feature).
+max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
+    The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
+    is not learned and is counted in :attr:`rejected`.
+"""
+
+
 class _TrainerAdapter:
     """The part of the two estimators that is the same: configuration, records, pickling."""
 
@@ -262,53 +314,7 @@ class MLPClassifier(_TrainerAdapter, base.MiniBatchClassifier):
     beside it) behind river's classifier API; see :mod:`stream_trainer.river` for the conventions
     and :class:`~stream_trainer.training.TrainerConfig` for each setting.
 
-    Parameters
-    ----------
-    hidden
-        Width of each hidden layer.
-    norm
-        Normalization of every hidden layer, or one name per layer.
-    norm_options
-        Options per norm name; ``None``: the trainer's defaults.
-    activation
-        ``gelu``, ``relu``, ``silu`` or ``tanh``.
-    dropout
-        Dropout probability after each hidden block.
-    weight_standardization
-        Standardize the hidden weights (``None``: the norm's default).
-    skip
-        A linear shortcut from the inputs to the logits.
-    linear_expert
-        Serve the MLP mixed with an online linear model, weighted by recent errors.
-    optimizer
-        ``adam``, ``adamw`` or ``sgd``.
-    lr
-        Learning rate.
-    weight_decay
-        Weight decay.
-    grad_clip
-        Global gradient-norm clip (``None``: off).
-    lr_scaling
-        Scale ``lr`` with the labelled rows of a step: ``none``, ``linear`` or ``sqrt``.
-    lr_reference_batch
-        The batch size at which the scaling factor is 1.
-    lr_scale_min
-        Lower bound of the scaling factor.
-    lr_decay_samples
-        Decay ``lr`` as ``1 / sqrt(1 + t / lr_decay_samples)`` (``None``: constant).
-    lr_decay_floor
-        Lower bound of the decay factor.
-    momentum_in_samples
-        Count Adam's ``beta1`` per ``lr_reference_batch`` samples instead of per step.
-    seed
-        Seed of the model's initialization and dropout.
-    max_categories
-        Categories kept per string feature (the rest share one column).
-    features
-        Feature names to use (``None``: every feature).
-    max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
-        The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
-        is not learned and is counted in :attr:`rejected`.
+    {parameters}
 
     Examples
     --------
@@ -388,53 +394,7 @@ class MLPRegressor(_TrainerAdapter, base.MiniBatchRegressor):
     :class:`MLPClassifier` (same parameters) or
     :class:`~stream_trainer.training.TrainerConfig` for each setting.
 
-    Parameters
-    ----------
-    hidden
-        Width of each hidden layer.
-    norm
-        Normalization of every hidden layer, or one name per layer.
-    norm_options
-        Options per norm name; ``None``: the trainer's defaults.
-    activation
-        ``gelu``, ``relu``, ``silu`` or ``tanh``.
-    dropout
-        Dropout probability after each hidden block.
-    weight_standardization
-        Standardize the hidden weights (``None``: the norm's default).
-    skip
-        A linear shortcut from the inputs to the output.
-    linear_expert
-        Serve the MLP mixed with an online linear regression, weighted by recent errors.
-    optimizer
-        ``adam``, ``adamw`` or ``sgd``.
-    lr
-        Learning rate.
-    weight_decay
-        Weight decay.
-    grad_clip
-        Global gradient-norm clip (``None``: off).
-    lr_scaling
-        Scale ``lr`` with the labelled rows of a step: ``none``, ``linear`` or ``sqrt``.
-    lr_reference_batch
-        The batch size at which the scaling factor is 1.
-    lr_scale_min
-        Lower bound of the scaling factor.
-    lr_decay_samples
-        Decay ``lr`` as ``1 / sqrt(1 + t / lr_decay_samples)`` (``None``: constant).
-    lr_decay_floor
-        Lower bound of the decay factor.
-    momentum_in_samples
-        Count Adam's ``beta1`` per ``lr_reference_batch`` samples instead of per step.
-    seed
-        Seed of the model's initialization and dropout.
-    max_categories
-        Categories kept per string feature (the rest share one column).
-    features
-        Feature names to use (``None``: every feature).
-    max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
-        The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
-        is not learned and is counted in :attr:`rejected`.
+    {parameters}
 
     Examples
     --------
@@ -482,3 +442,13 @@ class MLPRegressor(_TrainerAdapter, base.MiniBatchRegressor):
         import pandas as pd
 
         return pd.Series(self._values(_frame_rows(X)), index=X.index, dtype=float)
+
+
+def _document(estimator: type, output: str, linear: str) -> None:
+    """Put the shared "Parameters" section into ``estimator``'s docstring (indented as it is)."""
+    section = _PARAMETERS.format(output=output, linear=linear).strip("\n").replace("\n", "\n    ")
+    estimator.__doc__ = (estimator.__doc__ or "").replace("{parameters}", section)
+
+
+_document(MLPClassifier, "logits", "model")
+_document(MLPRegressor, "output", "regression")

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stream_trainer.errors import ConfigError
-from stream_trainer.evaluation import EvaluationResult, StreamHistory
+from stream_trainer.evaluation import EvaluationResult, StreamHistory, evaluation_report
 from stream_trainer.records import Record, RejectedRecord
 from stream_trainer.training import ClassificationMetrics, IncrementalTrainer, RegressionMetrics
 from stream_trainer.training.labels import canonical_class
@@ -136,23 +136,15 @@ def evaluate_with_label_delay(
     elapsed = time.perf_counter() - start
     if learner.task == "regression":
         history.metric_name = "rmse"
-    rejected = Counter(learner.rejected) + source_rejected
-    metrics = replay.metrics()
-    report: dict[str, Any] = {
-        "samples": learner.samples_trained,
-        **metrics,
-        "samples_per_second": learner.samples_trained / elapsed if elapsed > 0 else 0.0,
-        "elapsed_seconds": elapsed,
-        "records_read": read,
-        "predicted_only": replay.unlabelled,
-        "unscored": replay.cls_metrics.unscored + replay.reg_metrics.unscored,
-        "rejected": dict(sorted(rejected.items())),
-        "rejected_total": sum(rejected.values()),
-        "steps": learner.steps,
-        "task": learner.task,
-        "classes": list(learner.classes),
-        "batch_size": "1",
-        "label_delay": delay,
-    }
+    report = evaluation_report(
+        learner,
+        metrics=replay.metrics(),
+        elapsed=elapsed,
+        records_read=read,
+        predicted_only=replay.unlabelled,
+        unscored=replay.cls_metrics.unscored + replay.reg_metrics.unscored,
+        source_rejected=source_rejected,
+    )
+    report.update(batch_size="1", label_delay=delay)
     report.update(describe or {})
     return EvaluationResult(report=report, history=history)

@@ -74,6 +74,35 @@ class EvaluationResult:
     history: StreamHistory
 
 
+def evaluation_report(
+    learner: IncrementalTrainer,
+    *,
+    metrics: dict[str, float],
+    elapsed: float,
+    records_read: int,
+    predicted_only: int,
+    unscored: int,
+    source_rejected: Counter[str],
+) -> dict[str, Any]:
+    """The report of a prequential replay: ``metrics``, the counts (rejections by reason, the
+    source's and the learner's), speed, and the learner's task and classes."""
+    rejected = Counter(learner.rejected) + source_rejected
+    return {
+        "samples": learner.samples_trained,
+        **metrics,
+        "samples_per_second": learner.samples_trained / elapsed if elapsed > 0 else 0.0,
+        "elapsed_seconds": elapsed,
+        "records_read": records_read,
+        "predicted_only": predicted_only,
+        "unscored": unscored,
+        "rejected": dict(sorted(rejected.items())),
+        "rejected_total": sum(rejected.values()),
+        "steps": learner.steps,
+        "task": learner.task,
+        "classes": list(learner.classes),
+    }
+
+
 def evaluate_stream(
     items: Iterable[Record | RejectedRecord],
     learner: IncrementalTrainer,
@@ -135,22 +164,15 @@ def evaluate_stream(
         raise DataError(_no_target_message(target, fields))
     if learner.task == "regression":
         history.metric_name = "rmse"
-    rejected = Counter(learner.rejected) + source_rejected
-    report: dict[str, Any] = {
-        "samples": learner.samples_trained,
-        **learner.metrics(),
-        "samples_per_second": learner.samples_trained / elapsed if elapsed > 0 else 0.0,
-        "elapsed_seconds": elapsed,
-        "records_read": seen,
-        "predicted_only": learner.predicted_only,
-        "unscored": learner.unscored,
-        "rejected": dict(sorted(rejected.items())),
-        "rejected_total": sum(rejected.values()),
-        "steps": learner.steps,
-        "task": learner.task,
-        "classes": list(learner.classes),
-        "batch_size": str(batch_sizes),
-        "seed": seed,
-    }
+    report = evaluation_report(
+        learner,
+        metrics=learner.metrics(),
+        elapsed=elapsed,
+        records_read=seen,
+        predicted_only=learner.predicted_only,
+        unscored=learner.unscored,
+        source_rejected=source_rejected,
+    )
+    report.update(batch_size=str(batch_sizes), seed=seed)
     report.update(describe or {})
     return EvaluationResult(report=report, history=history)

@@ -7,9 +7,8 @@ the serving forward of the step as well as the training one); its backward is th
 functions whose forward ops ran inside those ranges (matched on the profiler's ``sequence_nr``).
 The share is (norm forward + norm backward) / (profiled step time). The profiler adds a fixed cost
 per op, so layers made of many small ops (ours) look somewhat more expensive than unprofiled. The
-trainer runs its PyTorch path (``trainer.numpy_step = False``): the numpy step of the default MLP
-(:mod:`stream_trainer.model.numpy_step`) calls no module, and ``python -m bench throughput``
-measures it.
+trainer runs its autograd path (``engine="torch"``): the compiled engine
+(:mod:`stream_trainer.engine`) calls no module, and ``python bench/bench_engine.py`` measures it.
 
 **Layer microbenchmark**: forward + backward of one layer alone, ``(N, 64)`` input in training
 mode, median over ``--repeats`` timings of a loop, for each of our layers beside
@@ -63,8 +62,8 @@ def _profile_share(norm: str, size: int, steps: int) -> dict[str, float]:
     from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
     spec, target = STREAM
-    trainer = IncrementalTrainer(TrainerConfig(target=target, norm=norm, seed=0))
-    trainer.numpy_step = False  # the PyTorch modules are what this measures
+    # the PyTorch modules are what this measures
+    trainer = IncrementalTrainer(TrainerConfig(target=target, norm=norm, seed=0, engine="torch"))
     source = open_source(spec, target=target)
     warm = 5
     records = (r for r in source if isinstance(r, Record))

@@ -27,7 +27,7 @@ QUOTED_SECTIONS = (
     "kafka",
     "frames",
     "checkpoint",
-    "step_paths",
+    "engine",
     "baselines",
     "baselines_seed1",
     "baselines_seed2",
@@ -94,13 +94,19 @@ def _throughput(results: Path) -> list[list[str]]:
     return out
 
 
-def _step_paths(results: Path) -> list[list[str]]:
-    text = (results / "step_paths.md").read_text()
-    cells = [_md_column(text, "batch", b, "numpy ÷ PyTorch") for b in ("1", "512")]
-    if None in cells:
-        return []
-    what = "numpy step ÷ PyTorch step, samples/s at batch 1 / 512"
-    return [[what, " / ".join(map(str, cells)), "> 1", f"`{_command_of(text)}`"]]
+def _engine(results: Path) -> list[list[str]]:
+    text = (results / "engine.md").read_text()
+    command = f"`{_command_of(text)}`"
+    cells = [_md_column(text, "batch", b, "engine ÷ autograd") for b in ("1", "64")]
+    out = []
+    if None not in cells:
+        what = "compiled engine ÷ autograd, trainer samples/s at batch 1 / 64"
+        out.append([what, " / ".join(map(str, cells)), "> 1", command])
+    members = [_md_column(text, "batch", b, "K = 4 ÷ K = 1") for b in ("1", "64")]
+    if None not in members:
+        what = "4 stacked members ÷ 1, engine step cost at batch 1 / 64"
+        out.append([what, " / ".join(map(str, members)), "≤ 1.5 / ≤ 2", command])
+    return out
 
 
 def _kafka(results: Path) -> list[list[str]]:
@@ -183,7 +189,7 @@ def _baselines(results: Path) -> list[list[str]]:
 
 _SUMMARY_PARTS: tuple[tuple[str, Callable[[Path], list[list[str]]]], ...] = (
     ("throughput.json", _throughput),
-    ("step_paths.md", _step_paths),
+    ("engine.md", _engine),
     ("kafka.md", _kafka),
     ("checkpoint.md", _checkpoint),
     ("norm_time.json", _norm_time),
@@ -225,9 +231,9 @@ def build_report() -> str:
         else:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
-        "## Standalone bench scripts: Kafka, frames, checkpoints, step paths, baselines\n\n"
+        "## Standalone bench scripts: Kafka, frames, checkpoints, engine, baselines\n\n"
         "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py`, "
-        "`bench/bench_checkpoint.py`, `bench/bench_step_paths.py` and "
+        "`bench/bench_checkpoint.py`, `bench/bench_engine.py` and "
         "`bench/bench_baselines.py`.\n"
     )
     for name in QUOTED_SECTIONS:

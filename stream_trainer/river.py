@@ -157,6 +157,9 @@ features
 max_abs_value, max_string_length, max_new_features_per_record, max_features, max_classes
     The screening limits (:class:`~stream_trainer.training.TrainerConfig`): a record beyond one
     is not learned and is counted in :attr:`rejected`.
+engine
+    ``"auto"``: the compiled step engine where it covers the model; ``"torch"``: autograd (the
+    two agree to float rounding).
 """
 
 
@@ -193,6 +196,7 @@ class _TrainerAdapter:
         max_new_features_per_record: int = 1000,
         max_features: int = 10_000,
         max_classes: int = 1000,
+        engine: str = "auto",
     ) -> None:
         self.hidden = hidden
         self.norm = norm
@@ -220,6 +224,7 @@ class _TrainerAdapter:
         self.max_new_features_per_record = max_new_features_per_record
         self.max_features = max_features
         self.max_classes = max_classes
+        self.engine = engine
         # Classifier: class label (canonical string) -> the first label object river gave for it.
         self._labels: dict[str, ClfTarget] = {}
         # Validated now (ConfigError on a bad setting), not at the first record.
@@ -256,6 +261,7 @@ class _TrainerAdapter:
             momentum_in_samples=self.momentum_in_samples,
             seed=self.seed,
             max_categories=self.max_categories,
+            engine=self.engine,
             **{key: getattr(self, key) for key in SCREENING_SETTINGS},
         )
 

@@ -156,15 +156,16 @@ def test_sweep_tiny(tmp_results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "| `layer` | 1:64 | 0.01 | 8 |" in sweep.render(data)
 
 
-def test_step_paths_tiny(tmp_path: Path) -> None:
-    import bench.bench_step_paths as sp
+def test_engine_bench_tiny(tmp_path: Path) -> None:
+    import bench.bench_engine as be
 
-    out = tmp_path / "step_paths.md"
-    argv = ["--records", "200", "--sizes", "1,8", "--repeats", "1", "--out", str(out)]
-    assert sp.main(argv) == 0
+    out = tmp_path / "engine.md"
+    argv = ["--records", "200", "--sizes", "1,8", "--repeats", "1", "--member-steps", "12"]
+    assert be.main([*argv, "--cache-runs", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| 8 |" in text and "PyTorch F.gelu on a view" in text
-    assert sp.trainer_rate(sp._records(100), 4, True) > 0
+    assert "| 8 |" in text and "| 64 |" in text and "K = 4 ÷ K = 1" in text
+    assert "with an empty numba cache" in text
+    assert be.trainer_rate(be._records(100), 4, "torch") > 0
 
 
 def test_baselines_tiny(tmp_path: Path) -> None:

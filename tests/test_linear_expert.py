@@ -148,8 +148,11 @@ def test_state_round_trip_and_bad_state() -> None:
 
 def test_classification_losses_are_zero_one_and_unknown_classes_are_errors() -> None:
     proba = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
-    np.testing.assert_array_equal(classification_losses(proba, np.array([0, 0, 2])), [0, 1, 1])
-    np.testing.assert_array_equal(classification_losses(np.zeros((2, 0)), np.array([0, 1])), [1, 1])
+    losses = classification_losses([proba, proba[:, ::-1]], np.array([0, 0, 2]))
+    np.testing.assert_array_equal(losses, [[0, 1], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(
+        classification_losses([np.zeros((2, 0))], np.array([0, 1])), [[1], [1]]
+    )
     np.testing.assert_allclose(regression_losses(np.array([1.0, -1.0]), np.array([0.0, 1.0])),
                                [0.5, 2.0])  # fmt: skip
 
@@ -282,12 +285,12 @@ def test_the_fingerprint_of_a_checkpoint_from_before_the_expert() -> None:
     import hashlib
     import json
 
-    from stream_trainer.training.config import SCREENING_SETTINGS
+    from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
 
     old = TrainerConfig(target="y", linear_expert=False)
     data = old.to_dict()
     del data["linear_expert"]
-    for key in SCREENING_SETTINGS:  # admission limits, never in the fingerprint
+    for key in (*SCREENING_SETTINGS, *EXECUTION_SETTINGS):  # never in the fingerprint
         del data[key]
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     assert old.fingerprint() == hashlib.sha256(text.encode()).hexdigest()

@@ -143,7 +143,8 @@ def test_pickle_round_trip_predicts_and_learns_the_same(
     for x, y in data[:200]:
         model.learn_one(x, y)
     blob = pickle.dumps(model)
-    assert b"torch.nn" not in blob and b"manual_backward" not in blob  # only safetensors + JSON
+    # only safetensors + JSON
+    assert b"torch.nn" not in blob and b"stream_trainer.engine" not in blob
     restored = pickle.loads(blob)
     assert repr(restored) == repr(model)
     for x, y in data[200:]:

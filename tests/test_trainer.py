@@ -13,7 +13,7 @@ from stream_trainer.errors import ConfigError
 from stream_trainer.norms import registered_norm_names
 from stream_trainer.records import Record
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
-from stream_trainer.training.config import SCREENING_SETTINGS
+from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -363,7 +363,7 @@ def test_a_checkpoint_from_before_momentum_in_samples_matches_the_old_behaviour(
     old = TrainerConfig(target="y", momentum_in_samples=False)
     data = old.to_dict()
     del data["momentum_in_samples"]  # what a checkpoint written before the setting holds
-    for key in SCREENING_SETTINGS:  # admission limits, never in the fingerprint
+    for key in (*SCREENING_SETTINGS, *EXECUTION_SETTINGS):  # never in the fingerprint
         del data[key]
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     assert old.fingerprint() == hashlib.sha256(text.encode()).hexdigest()

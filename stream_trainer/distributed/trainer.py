@@ -32,8 +32,10 @@ trainer's own RNG state is broadcast from rank 0 after a step that drew from it 
 later growth draws the same numbers everywhere.
 
 With ``LocalCollectives`` (world of one) a step is exactly :meth:`IncrementalTrainer.step` on the
-trainer's PyTorch path (its distributed hooks are set, so the single-process numpy step of
-:mod:`stream_trainer.model.numpy_step`, equal to rounding, is not used).
+trainer's autograd path (its distributed hooks are set, so the single-process compiled engine of
+:mod:`stream_trainer.engine`, equal to rounding, is not used). The step is composed of the
+trainer's own phases (screen, encode, :meth:`~IncrementalTrainer.predict_encoded`, score,
+:meth:`~IncrementalTrainer.learn_encoded`) with the collectives in between.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from stream_trainer.features import FeatureEncoder
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.labels import infer_task
+from stream_trainer.training.trainer import Served
 
 __all__ = ["DistributedTrainer"]
 
@@ -201,9 +204,9 @@ class DistributedTrainer:
 
         # 5. predict (local), then score with everyone's labelled rows
         t0 = time.perf_counter()
-        if accepted:
-            t._learn_rows = idx if labelled else np.zeros(0, dtype=np.int64)
-            t._predict(x, report)  # serving mode: no collective (see the module docstring)
+        served = Served()
+        if accepted:  # serving mode: no collective (see the module docstring)
+            served = t.predict_encoded(x, report, idx if labelled else np.zeros(0, np.int64))
         report.classes = list(t.classes)
         report.predict_seconds = time.perf_counter() - t0
         if total_labelled == 0:
@@ -218,11 +221,15 @@ class DistributedTrainer:
         if t.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
             # Every replica has the model or none has (lock-step): without it, unscored.
-            served = report.values if report.values is not None else np.zeros(len(accepted))
-            served = served if idx is None else served[idx]
-            losses = self._expert_losses(y, idx) if experts else np.zeros((len(labelled), 0))
+            served_y = report.values if report.values is not None else np.zeros(len(accepted))
+            served_y = served_y if idx is None else served_y[idx]
+            losses = (
+                self._expert_losses(served.experts, y, idx)
+                if experts
+                else np.zeros((len(labelled), 0))
+            )
             rows = comm.all_gather_rows(
-                np.concatenate([np.stack([y, served], axis=1), losses, x_mine], axis=1),
+                np.concatenate([np.stack([y, served_y], axis=1), losses, x_mine], axis=1),
                 n_labelled,
             )
             t.reg_metrics.update(rows[:, 0], rows[:, 1] if t.model is not None else None)
@@ -240,7 +247,11 @@ class DistributedTrainer:
             served_p = np.zeros((len(labelled), width))
             if proba is not None and labelled:
                 served_p = proba if idx is None else proba[idx]
-            losses = self._expert_losses(target, idx) if experts else np.zeros((len(labelled), 0))
+            losses = (
+                self._expert_losses(served.experts, target, idx)
+                if experts
+                else np.zeros((len(labelled), 0))
+            )
             rows = comm.all_gather_rows(
                 np.concatenate(
                     [target[:, None].astype(np.float64), served_p, losses, x_mine], axis=1
@@ -252,14 +263,15 @@ class DistributedTrainer:
             rest = rows[:, 1 + width :]
         if experts:  # the mixture's weights from the whole batch's expert losses
             t.mixture.observe(rest[:, : losses.shape[1]].sum(axis=0), total_labelled)
-        t._expert_outputs = None
         global_x = rest[:, losses.shape[1] :]
 
         # 6. learn, in lock-step
         t1 = time.perf_counter()
         if labelled:
             with self.reducer.synchronized():
-                report.loss = t._learn(x if idx is None else x[idx], target)
+                report.loss = t.learn_encoded(
+                    x if idx is None else x[idx], target, served.take_graph()
+                )
         else:
             self._placeholder_learn()
         # every replica steps the linear expert through the whole batch: one process's steps
@@ -270,10 +282,16 @@ class DistributedTrainer:
             t._rng_state = comm.broadcast_(t._rng_state.clone(), src=0)
         return report
 
-    def _expert_losses(self, y: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
-        """This replica's per-row expert losses on its labelled rows (none: zero rows)."""
+    def _expert_losses(
+        self,
+        outputs: tuple[np.ndarray, np.ndarray] | None,
+        y: np.ndarray,
+        idx: np.ndarray | None,
+    ) -> np.ndarray:
+        """This replica's per-row expert losses (``outputs``, see
+        :class:`~stream_trainer.training.trainer.Served`) on its labelled rows (none: zero
+        rows)."""
         t = self.trainer
-        outputs = t._expert_outputs
         if outputs is None:  # no accepted row here this step
             return np.zeros((len(y), 2))
         if idx is not None:
@@ -296,11 +314,10 @@ class DistributedTrainer:
         t = self.trainer
         x = np.zeros((1, t.encoder.n_columns), dtype=np.float32)
         y = np.zeros(1, dtype=np.float64 if t.task == "regression" else np.int64)
-        t._shared_out = None
         self.gradient_sync.placeholder = True
         try:
             with self.reducer.synchronized(placeholder=True):
-                t._learn(x, y)
+                t.learn_encoded(x, y)
         finally:
             self.gradient_sync.placeholder = False
         t.last_loss = None

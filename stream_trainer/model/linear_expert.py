@@ -26,7 +26,8 @@ with :math:`\eta` = :data:`EXPERT_LR` and :math:`\epsilon = 10^{-8}`, for :math:
 alike. A batch of :math:`n` records is :math:`n` steps, so the expert computes the same function of
 the stream whatever its batching (only the predictions, made before the batch, see less). This is
 what lets it match a per-record logistic regression at ``--batch-sizes 1:64``, where one step on
-the batch-mean gradient does not (docs/decisions.md). Cost: about a dozen numpy calls per record.
+the batch-mean gradient does not (docs/decisions.md). The per-row steps run compiled
+(:func:`stream_trainer.engine.kernels.adagrad_rows`).
 
 **Growth.** New input columns (features or categories appearing mid-stream) and new classes add
 zero weights and zero accumulators: the logits of the old classes do not change and a new class
@@ -39,8 +40,6 @@ process on the concatenated batch.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -71,8 +70,6 @@ class LinearExpert:
         self.regression = regression
         self._theta = np.zeros((out_features, in_features + 1))
         self._sum_sq = np.zeros_like(self._theta)
-        # scratch arrays of the per-row loop: gradient, its square, dz and dz as a column
-        self._buffers: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def in_features(self) -> int:
@@ -103,44 +100,22 @@ class LinearExpert:
             return
         if d != self.in_features:
             self.grow(d, self.out_features)
-        rows = np.empty((n, d + 1))
-        rows[:, :d] = x
-        rows[:, d] = 1.0
         chunk = -(-n // MAX_STEPS)
         if chunk > 1:
+            rows = np.empty((n, d + 1))
+            rows[:, :d] = x
+            rows[:, d] = 1.0
             for start in range(0, n, chunk):
                 self._chunk_step(rows[start : start + chunk], y[start : start + chunk])
             return
-        theta, sum_sq = self._theta, self._sum_sq
-        if self._buffers is None or self._buffers[0].shape != theta.shape:
-            dz_new = np.empty(theta.shape[0])
-            self._buffers = (np.empty_like(theta), np.empty_like(theta), dz_new, dz_new[:, None])
-        g, buf, dz, dz_col = self._buffers
-        dot, multiply, sqrt, divide, exp = np.dot, np.multiply, np.sqrt, np.divide, np.exp
-        lr, eps = EXPERT_LR, _EPS
-        binary = not self.regression and theta.shape[0] == 2
-        for row, label in zip(rows, y.tolist(), strict=True):
-            dot(theta, row, out=dz)
-            if binary:  # softmax of two logits: p1 = sigmoid(z1 - z0); dz = (-(p1 - y1), p1 - y1)
-                margin = float(dz[1] - dz[0])
-                p1 = 1.0 / (1.0 + math.exp(-margin)) if margin > -700.0 else 0.0
-                err = p1 - (label == 1)
-                dz[0], dz[1] = -err, err
-            elif self.regression:
-                dz -= label  # prediction - target
-            else:  # softmax - one-hot
-                dz -= dz.max()
-                exp(dz, out=dz)
-                dz /= dz.sum()
-                dz[label] -= 1.0
-            multiply(dz_col, row, out=g)
-            multiply(g, g, out=buf)
-            sum_sq += buf
-            sqrt(sum_sq, out=buf)
-            buf += eps
-            divide(g, buf, out=g)
-            g *= lr
-            theta -= g
+        from stream_trainer.engine.kernels import adagrad_rows  # numba: loaded on use
+
+        labels = np.zeros(1, np.int64) if self.regression else np.asarray(y, dtype=np.int64)
+        targets = np.asarray(y, dtype=np.float64) if self.regression else np.zeros(1)
+        adagrad_rows(
+            self._theta, self._sum_sq, np.ascontiguousarray(x, dtype=np.float64), labels, targets,
+            self.regression, EXPERT_LR, _EPS,
+        )  # fmt: skip
 
     def _chunk_step(self, rows: np.ndarray, y: np.ndarray) -> None:
         """One step for a chunk of rows: their summed gradient at the current parameters, and

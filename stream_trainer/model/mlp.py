@@ -117,6 +117,10 @@ class StreamMLP(nn.Module):
             and not (type(m) in _MODE_INDEPENDENT or (isinstance(m, nn.Dropout) and m.p == 0.0))
         ]
         self.uses_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+        self._first_linear = next((m for m in self.body if isinstance(m, nn.Linear)), self.head)
+        # Incremented by every growth (which gives the grown parameters new storage): a step
+        # engine laid out over the parameters compares it to tell whether it is current.
+        self.layout_version = 0
 
     @property
     def mode_independent(self) -> bool:
@@ -140,10 +144,7 @@ class StreamMLP(nn.Module):
 
     @property
     def first_linear(self) -> nn.Linear:
-        for module in self.body:
-            if isinstance(module, nn.Linear):
-                return module
-        return self.head
+        return self._first_linear
 
     @property
     def in_features(self) -> int:
@@ -178,6 +179,7 @@ class StreamMLP(nn.Module):
         shortcut's contribution to the old logits is unchanged and a new class starts from the
         head's neutral init alone.
         """
+        self.layout_version += 1
         grew = False
         if in_features is not None:
             grew |= grow_linear_(self.first_linear, in_features=in_features, optimizer=optimizer)

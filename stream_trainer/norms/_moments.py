@@ -10,9 +10,8 @@ and :class:`~stream_trainer.norms.online.OnlineNorm`:
   returns :math:`\mu_B = S_1 / n` and the *biased* :math:`\sigma_B^2 = S_2 / n - \mu_B^2`.
   The sums are accumulated in float64 so that the cancellation in :math:`S_2/n - \mu_B^2` loses
   nothing for float32 inputs whose mean is up to ~1e4 standard deviations from zero; the result is
-  differentiable (the gradient flows through :math:`S_1` and :math:`S_2`). (The fused training
-  path of ``ema_batch`` / ``batch_renorm``, :mod:`stream_trainer.norms._fused`, does not call it
-  when the reducer is the identity: it takes shifted two-pass moments in the input dtype.)
+  differentiable (the gradient flows through :math:`S_1` and :math:`S_2`). (The compiled engine,
+  :mod:`stream_trainer.engine`, takes shifted two-pass moments in the input dtype instead.)
 * :func:`sample_weight` turns a per-sample momentum :math:`m` into the weight of a batch of
   :math:`n` samples, :math:`a_n = 1 - (1 - m)^n`, optionally raised to :math:`n / (t + n)` (warm
   start, :math:`t` = samples seen so far; :math:`1/2` for a first batch of one sample, see

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from stream_trainer.norms._moments import MomentReducer, identity_moment_reducer
-from stream_trainer.norms._numpy import NumpyNormKernel
 from stream_trainer.norms._options import check_bool, check_num_features
 
-__all__ = ["LEGACY_SAMPLES_SEEN", "ManualBackward", "StreamNorm"]
-
-ManualBackward = Callable[[Tensor], tuple[Tensor | None, Tensor | None, Tensor | None]]
-"""The backward returned by :meth:`StreamNorm.manual_forward`: ``dL/dy -> (dL/dx, dL/dweight,
-dL/dbias)`` (``None`` for a parameter the layer does not have)."""
+__all__ = ["LEGACY_SAMPLES_SEEN", "StreamNorm"]
 
 LEGACY_SAMPLES_SEEN = 1 << 40
 """``samples_seen`` given to a checkpoint that has running statistics but no ``samples_seen``
@@ -102,29 +96,6 @@ class StreamNorm(nn.Module):
 
     def running_moments(self) -> tuple[Tensor, Tensor] | None:
         """``(running_mean, running_var)`` detached, or ``None`` for a stateless layer."""
-        return None
-
-    # ----------------------------------------------------------------- differentiation by hand
-    def manual_forward_applies(self, x: Tensor) -> bool:
-        """Whether :meth:`manual_forward` is available for a training input like ``x`` (same
-        dtype, device and width). ``False`` unless a layer provides one."""
-        return False
-
-    def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
-        """The training-mode forward computed without autograd (call it with autograd off),
-        with exactly the side effects of ``forward`` in training mode (running statistics,
-        counters), and the function that maps ``dL/dy`` to the gradients of ``x`` and of the
-        affine parameters: what a caller that differentiates a whole network by hand needs
-        (:mod:`stream_trainer.model.manual_backward`). The gradients are those of autograd
-        through ``forward``, to rounding. Only where :meth:`manual_forward_applies`."""
-        raise NotImplementedError(f"{type(self).__name__} has no manual forward")
-
-    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> NumpyNormKernel | None:
-        """This layer's numpy kernel for ``(N, C)`` input (:mod:`stream_trainer.norms._numpy`),
-        sharing memory with its buffers and parameters, with its parameter gradients written into
-        ``grad_weight`` / ``grad_bias`` (numpy arrays, or ``None`` for a layer without them); or
-        ``None`` where the layer has none (the default) or its kernel would not compute what
-        ``forward`` computes (e.g. a distributed moment reducer)."""
         return None
 
     # ----------------------------------------------------------------- forward helpers

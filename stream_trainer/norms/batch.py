@@ -3,14 +3,10 @@ r"""The batch-statistics family: :class:`BatchNorm`, :class:`EMABatchNorm`, :cla
 All three reduce a batch to per-feature :math:`(n, \sum x, \sum x^2)` over ``N`` (and ``L`` for
 ``(N, C, L)``), pass them through ``self.moment_reducer`` and derive :math:`\mu_B` and the biased
 :math:`\sigma_B^2` from the reduced sums (float64 accumulation, see
-:mod:`stream_trainer.norms._moments`). That is the *reference path*. In training,
-:class:`EMABatchNorm` and :class:`BatchRenorm` take a *fused path* instead whenever the reducer is
-the identity (single process) and the input is a float32/float64 CPU tensor of the layer's dtype:
-the same outputs, gradients and running buffers (to the rounding of the dtype; the statistics are
-taken relative to the batch's first row, so large offsets lose nothing there either) from one
-autograd node of about twenty tensor ops instead of about thirty differentiable ones
-(:mod:`stream_trainer.norms._fused`). A layer's ``fused = False`` forces the reference path. In
-eval mode all three normalize with the running statistics,
+:mod:`stream_trainer.norms._moments`). This autograd form is the reference; the compiled engine
+(:mod:`stream_trainer.engine`) computes the same training step for ``ema_batch`` and
+``batch_renorm`` in a single process. In eval mode all three normalize with the running
+statistics,
 
 .. math:: y = \gamma \frac{x - \hat\mu}{\sqrt{\hat\sigma^2 + \epsilon}} + \beta,
 
@@ -19,36 +15,22 @@ so a sample's eval output never depends on the rest of its batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from stream_trainer.errors import ConfigError
-from stream_trainer.norms._fused import (
-    NormTape,
-    batch_renorm_forward,
-    ema_batch_norm_forward,
-    fused_norm_train,
-    fused_path_applies,
-    norm_backward,
-)
 from stream_trainer.norms._moments import (
     batch_moments,
     mixture_update,
     sample_weight,
-    sample_weight_value,
 )
-from stream_trainer.norms._numpy import BatchRenormKernel, EMABatchKernel
 from stream_trainer.norms._options import (
     check_bool,
     check_momentum,
     check_non_negative_int,
     check_positive,
 )
-from stream_trainer.norms.base import ManualBackward, StreamNorm
+from stream_trainer.norms.base import StreamNorm
 
 __all__ = ["BatchNorm", "BatchRenorm", "EMABatchNorm"]
 
@@ -122,36 +104,6 @@ class _RunningStatsNorm(StreamNorm):
         if bias is None:
             return (x - mean) * scale
         return torch.addcmul(bias, x - mean, scale)
-
-    _FusedCall = tuple[Callable[..., tuple[Tensor, NormTape]], tuple[Any, ...]]
-
-    def _fused_call(self, x: Tensor) -> _FusedCall | None:
-        """``(forward_fn, args)`` such that ``forward_fn(x, *args)`` is this layer's fused
-        training forward (:mod:`stream_trainer.norms._fused`) for ``x``, or ``None`` where the
-        fused path does not apply (then the reference path runs)."""
-        return None
-
-    def manual_forward_applies(self, x: Tensor) -> bool:
-        return self._fused_call(x) is not None
-
-    _numpy_kernel: type[EMABatchKernel] | type[BatchRenormKernel] | None = None
-
-    def numpy_kernel(
-        self, grad_weight: Any, grad_bias: Any
-    ) -> EMABatchKernel | BatchRenormKernel | None:
-        """The numpy form of the fused training path (:mod:`stream_trainer.norms._numpy`), where
-        that path applies to a ``(N, C)`` input of the layer's dtype."""
-        probe = self._state_tensors()[0].new_empty((1, self.num_features))
-        if self._numpy_kernel is None or self._fused_call(probe) is None:
-            return None
-        return self._numpy_kernel(self, grad_weight, grad_bias)
-
-    def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
-        call = self._fused_call(x)
-        if call is None:
-            raise RuntimeError(f"{type(self).__name__} has no manual path for this input")
-        y, tape = call[0](x, *call[1])
-        return y, partial(norm_backward, tape)
 
 
 class BatchNorm(_RunningStatsNorm):
@@ -334,11 +286,6 @@ class EMABatchNorm(_RunningStatsNorm):
     (3.0, 4.6667)
     """
 
-    fused: bool = True
-    """Use the fused training path of :mod:`stream_trainer.norms._fused` where it applies (set to
-    ``False`` on an instance for the reference path, e.g. to differentiate twice)."""
-    _numpy_kernel = EMABatchKernel
-
     def __init__(
         self,
         num_features: int,
@@ -352,23 +299,10 @@ class EMABatchNorm(_RunningStatsNorm):
         self.momentum = check_momentum("momentum", momentum)
         self.warm_start = check_bool("warm_start", warm_start)
 
-    def _fused_call(self, x: Tensor) -> _RunningStatsNorm._FusedCall | None:
-        running_mean, running_var, seen, weight, bias = self._state_tensors()
-        if not (self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer)):
-            return None
-        n = x.numel() // x.shape[1]
-        t = int(seen) if self.warm_start else 0
-        a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
-        args = (weight, bias, running_mean, running_var, seen, a_n, self.eps)
-        return ema_batch_norm_forward, args
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        call = self._fused_call(x)
-        if call is not None:
-            return fused_norm_train(call[0], x, *call[1])
         running_mean, running_var, seen = self._state_tensors()[:3]
         moments = batch_moments(x, self.moment_reducer)
         a = sample_weight(moments.n, seen, self.momentum, warm_start=self.warm_start)
@@ -434,10 +368,6 @@ class BatchRenorm(_RunningStatsNorm):
     ``x`` only), and still updates the running moments. Eval: running moments.
     """
 
-    fused: bool = True
-    """As :attr:`EMABatchNorm.fused`."""
-    _numpy_kernel = BatchRenormKernel
-
     def __init__(
         self,
         num_features: int,
@@ -486,34 +416,10 @@ class BatchRenorm(_RunningStatsNorm):
             p = (t >= start).to(torch.float64)
         return 1.0 + (self.rmax - 1.0) * p, self.dmax * p
 
-    def _clip_limit_values(self, samples_seen: int) -> tuple[float, float]:
-        """:meth:`clip_limits` at ``samples_seen`` as Python floats (the same float64 formula)."""
-        t = float(samples_seen)
-        start, end = float(self.warmup_start_samples), float(self.warmup_end_samples)
-        if end > start:
-            p = min(max((t - start) / (end - start), 0.0), 1.0)
-        else:
-            p = 1.0 if t >= start else 0.0
-        return 1.0 + (self.rmax - 1.0) * p, self.dmax * p
-
-    def _fused_call(self, x: Tensor) -> _RunningStatsNorm._FusedCall | None:
-        running_mean, running_var, seen, weight, bias = self._state_tensors()
-        if not (self.fused and fused_path_applies(x, running_mean, weight, self.moment_reducer)):
-            return None
-        n = x.numel() // x.shape[1]
-        t = int(seen)
-        a_n = sample_weight_value(n, t, self.momentum, warm_start=self.warm_start)
-        rmax_t, dmax_t = self._clip_limit_values(t)
-        args = (weight, bias, running_mean, running_var, seen, a_n, self.eps, rmax_t, dmax_t)
-        return batch_renorm_forward, args
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training or x.shape[0] == 0:
             return self._eval_forward(x)
-        call = self._fused_call(x)
-        if call is not None:
-            return fused_norm_train(call[0], x, *call[1])
         running_mean, running_var, seen = self._state_tensors()[:3]
         moments = batch_moments(x, self.moment_reducer)
         mean = running_mean.detach().to(torch.float64)

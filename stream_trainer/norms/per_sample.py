@@ -11,16 +11,13 @@ batch, so batch size 1 is a non-event. For ``(N, C, L)`` input, :class:`LayerNor
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from stream_trainer.errors import ConfigError
-from stream_trainer.norms._numpy import IdentityKernel, LayerKernel
 from stream_trainer.norms._options import check_bool, check_positive
-from stream_trainer.norms.base import ManualBackward, StreamNorm
+from stream_trainer.norms.base import StreamNorm
 
 __all__ = ["GroupNorm", "LayerNorm", "NoNorm", "RMSNorm"]
 
@@ -53,28 +50,6 @@ class LayerNorm(StreamNorm):
         self._check_input(x)
         y = F.layer_norm(_channels_last(x), (self.num_features,), self.weight, self.bias, self.eps)
         return _channels_last(y)
-
-    def manual_forward_applies(self, x: Tensor) -> bool:
-        weight = self.weight
-        return x.dim() == 2 and (weight is None or weight.dtype == x.dtype)
-
-    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> LayerKernel:
-        return LayerKernel(self, grad_weight, grad_bias)
-
-    def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
-        """``torch.native_layer_norm`` and its backward kernel (what autograd runs for it)."""
-        shape = [self.num_features]
-        weight, bias = self.weight, self.bias
-        y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, self.eps)
-        mask = [True, weight is not None, bias is not None]
-
-        def backward(dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-            dx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-                dy, x, shape, mean, rstd, weight, bias, mask
-            )
-            return dx, gw, gb
-
-        return y, backward
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
@@ -185,16 +160,3 @@ class NoNorm(StreamNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         return x
-
-    def manual_forward_applies(self, x: Tensor) -> bool:
-        return True
-
-    def numpy_kernel(self, grad_weight: Any, grad_bias: Any) -> IdentityKernel:
-        return IdentityKernel()
-
-    def manual_forward(self, x: Tensor) -> tuple[Tensor, ManualBackward]:
-        return x, _pass_through
-
-
-def _pass_through(dy: Tensor) -> tuple[Tensor, None, None]:
-    return dy, None, None

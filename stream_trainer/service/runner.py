@@ -95,7 +95,7 @@ from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.training import IncrementalTrainer, StepReport
-from stream_trainer.training.config import SCREENING_SETTINGS
+from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
 
 __all__ = ["TrainerService"]
 
@@ -238,7 +238,8 @@ class TrainerService:
             diff = sorted(
                 k
                 for k in set(saved) | set(now)
-                if saved.get(k) != now.get(k) and k not in SCREENING_SETTINGS
+                if saved.get(k) != now.get(k)
+                and k not in (*SCREENING_SETTINGS, *EXECUTION_SETTINGS)
             )
             raise ConfigError(
                 f"checkpoint v{checkpoint.version} was written with another trainer configuration "

@@ -14,6 +14,8 @@ from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LEN
 
 __all__ = [
     "DEFAULT_NORM_OPTIONS",
+    "ENGINES",
+    "EXECUTION_SETTINGS",
     "LATER_SETTINGS",
     "LR_SCALINGS",
     "MAX_ABS_VALUE_LIMIT",
@@ -50,6 +52,10 @@ SCREENING_SETTINGS = (
     "max_features",
     "max_classes",
 )
+# How the step runs, not what it computes (the compiled engine or autograd, equal to rounding):
+# left out of the fingerprint, and a restored trainer takes the configured value.
+EXECUTION_SETTINGS = ("engine",)
+ENGINES = ("auto", "torch")
 # Beyond this magnitude the square of one deviation alone can overflow float64 (1.8e308).
 MAX_ABS_VALUE_LIMIT = 1e150
 
@@ -125,6 +131,9 @@ class TrainerConfig:
     max_new_features_per_record: int = 1000
     max_features: int = 10_000
     max_classes: int = 1000
+    # ``auto``: the compiled engine (stream_trainer.engine) wherever it covers the model;
+    # ``torch``: always autograd. The two agree to float rounding (EXECUTION_SETTINGS).
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -138,6 +147,7 @@ class TrainerConfig:
                 f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}",
             ),
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
             (
                 self.grad_clip is None or self.grad_clip > 0,
@@ -240,12 +250,12 @@ class TrainerConfig:
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of the settings that shape the model's tensors (a setting
         of :data:`LATER_SETTINGS` left out while it has its old value, the screening limits of
-        :data:`SCREENING_SETTINGS` always)."""
+        :data:`SCREENING_SETTINGS` and the :data:`EXECUTION_SETTINGS` always)."""
         data = self.to_dict()
         for key, old in LATER_SETTINGS.items():
             if data.get(key) == old:
                 del data[key]
-        for key in SCREENING_SETTINGS:
+        for key in (*SCREENING_SETTINGS, *EXECUTION_SETTINGS):
             del data[key]
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

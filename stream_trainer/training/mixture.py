@@ -35,11 +35,20 @@ Before any label both weights are equal. The losses are part of the trainer's ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DISCOUNT", "ETA", "EXPERTS", "ExpertMixture", "classification_losses"]
+__all__ = [
+    "DISCOUNT",
+    "ETA",
+    "EXPERTS",
+    "ExpertMixture",
+    "classification_losses",
+    "regression_losses",
+    "softmax64",
+]
 
 EXPERTS = ("mlp", "linear")
 DISCOUNT = 0.999
@@ -48,12 +57,26 @@ ETA = 0.5
 # rate or a shorter memory flips the mixture back and forth where the experts are about even.
 
 
-def classification_losses(proba: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-row 0/1 loss of the arg-max of ``proba`` (``True``: wrong). A class index beyond its
-    columns (a class first seen in this batch) can never be the arg-max: an error."""
-    if proba.shape[1] == 0:
-        return np.ones(target.shape[0], dtype=bool)
-    return proba.argmax(axis=1) != target
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (what ``torch.softmax(out.double(), 1)`` computes)."""
+    out = logits.astype(np.float64)
+    out -= out.max(axis=1, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def classification_losses(probas: Sequence[np.ndarray], target: np.ndarray) -> np.ndarray:
+    """Per row and expert, the 0/1 loss of the arg-max of the expert's probabilities ``probas[m]``
+    ``(N, C)`` (1: wrong), ``(N, M)``. A class index beyond the columns (a class first seen in
+    this batch) can never be the arg-max: an error."""
+    from stream_trainer.engine.kernels import argmax_errors  # numba: loaded on use
+
+    losses = np.ones((target.shape[0], len(probas)))
+    if probas[0].shape[1]:
+        rows = np.arange(target.shape[0])
+        argmax_errors(np.stack(probas), rows, np.asarray(target, dtype=np.int64), losses)
+    return losses
 
 
 def regression_losses(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -74,6 +97,10 @@ class ExpertMixture:
         z -= z.max()
         w = np.exp(z)
         return w / w.sum()
+
+    def weights_view(self) -> np.ndarray:
+        """The weights themselves (read-only use: replaced, never changed, by :meth:`observe`)."""
+        return self._weights
 
     def weights(self) -> np.ndarray:
         """:math:`w_k \\propto \\exp(-\\eta L_k)`, summing to 1 (a copy)."""

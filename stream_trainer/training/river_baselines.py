@@ -21,7 +21,7 @@ import torch
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import Record
 from stream_trainer.training.config import TrainerConfig
-from stream_trainer.training.trainer import IncrementalTrainer, StepReport
+from stream_trainer.training.trainer import IncrementalTrainer, Served, StepReport
 
 __all__ = ["RIVER_MODELS", "RiverLearner"]
 
@@ -88,15 +88,17 @@ class RiverLearner(IncrementalTrainer):
     def _rows(self, x: np.ndarray) -> list[dict[int, float]]:
         return [dict(enumerate(row.tolist())) for row in x]
 
-    def _predict(self, x: np.ndarray, report: StepReport) -> None:
+    def predict_encoded(
+        self, x: np.ndarray, report: StepReport, learn_rows: np.ndarray | None = None
+    ) -> Served:
         if self.river_model is None:
-            return
+            return Served()
         rows = self._rows(x)
         if self.task == "regression":
             report.values = np.asarray(
                 [float(self.river_model.predict_one(r) or 0.0) for r in rows]
             )
-            return
+            return Served()
         k = len(self.classes)
         proba = np.zeros((len(rows), k))
         for i, row in enumerate(rows):
@@ -106,6 +108,7 @@ class RiverLearner(IncrementalTrainer):
             total = proba[i].sum()
             proba[i] = proba[i] / total if total > 0 else 1.0 / max(k, 1)
         report.proba = proba
+        return Served()
 
     def _serve(self, records: Sequence[Record]) -> tuple[np.ndarray | None, list[int]]:
         """The read-only predictions of ``predict_many`` / ``predict_proba_many``: the records
@@ -114,10 +117,12 @@ class RiverLearner(IncrementalTrainer):
         if self.river_model is None or not ok:
             return None, ok
         report = StepReport(size=len(ok))
-        self._predict(self.encoder.transform([records[i].value for i in ok]), report)
+        self.predict_encoded(self.encoder.transform([records[i].value for i in ok]), report)
         return (report.values if self.task == "regression" else report.proba), ok
 
-    def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
+    def learn_encoded(
+        self, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None = None
+    ) -> float | None:
         model = self._ensure_model()
         for row, target in zip(self._rows(x_np), y.tolist(), strict=True):
             model.learn_one(row, target)

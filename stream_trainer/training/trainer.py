@@ -16,11 +16,10 @@ Deterministic under ``seed``: model init, new output rows and dropout draw from 
 torch generator state (saved as ``rng.torch`` in :meth:`IncrementalTrainer.state_tensors`), so two
 trainers in one process never disturb each other and a restored one continues exactly.
 
-One step, three implementations equal to float rounding: the numpy step
-(:mod:`stream_trainer.model.numpy_step`, the default where it covers the model), the
-hand-differentiated PyTorch MLP (:mod:`stream_trainer.model.manual_backward`), and autograd;
-``trainer.numpy_step = False`` and ``trainer.manual_backward = False`` turn the first two off, and
-distributed hooks use the PyTorch paths. Why the fast paths exist: docs/decisions.md.
+The step has two forms, equal to float rounding: the compiled engine
+(:mod:`stream_trainer.engine`, ``engine="auto"``, wherever it covers the model) and autograd (any
+norm, optimizer and device, and the distributed hooks; ``engine="torch"`` forces it). The phases
+hand each other values (:class:`Served`), so the distributed trainer composes the same phases.
 """
 
 from __future__ import annotations
@@ -38,21 +37,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from stream_trainer.engine import StepEngine
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
 from stream_trainer.features.encoder import SchemaPlan
 from stream_trainer.model import StreamMLP
 from stream_trainer.model.linear_expert import LinearExpert
-from stream_trainer.model.manual_backward import (
-    ManualMLP,
-    ManualTape,
-    cross_entropy_with_grad,
-    mse_with_grad,
-)
-from stream_trainer.model.numpy_step import NumpyMLPStep, softmax64
 from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason
-from stream_trainer.training.config import LATER_SETTINGS, SCREENING_SETTINGS, TrainerConfig
+from stream_trainer.training.config import (
+    EXECUTION_SETTINGS,
+    LATER_SETTINGS,
+    SCREENING_SETTINGS,
+    TrainerConfig,
+)
 from stream_trainer.training.labels import infer_task, parse_label
 from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
 from stream_trainer.training.mixture import (
@@ -60,9 +58,10 @@ from stream_trainer.training.mixture import (
     ExpertMixture,
     classification_losses,
     regression_losses,
+    softmax64,
 )
 
-__all__ = ["GradientSync", "IncrementalTrainer", "StepReport"]
+__all__ = ["GradientSync", "IncrementalTrainer", "Served", "StepReport"]
 
 GradientSync = Callable[[list[nn.Parameter], int], int]
 """Distributed hook ``(parameters, local_rows) -> global_rows``: called after ``backward`` and
@@ -98,6 +97,23 @@ class StepReport:
         if self.proba is None or self.proba.shape[1] == 0:
             return [None] * len(self.accepted)
         return [self.classes[i] for i in self.proba.argmax(axis=1)]
+
+
+@dataclass
+class Served:
+    """What the predict phase hands to scoring and learning: each expert's output on the step's
+    rows (MLP probabilities or standardized values, then the linear expert's; ``None`` without a
+    linear expert or a model), and, where the training forward was also the serving one (a model
+    whose output does not depend on the mode), that forward with its graph on the rows to learn."""
+
+    experts: tuple[np.ndarray, np.ndarray] | None = None
+    graph: torch.Tensor | None = None
+
+    def take_graph(self) -> torch.Tensor | None:
+        """The graph, dropped from here: the learner must be able to release it (a model that
+        grows has to forget it, or autograd keeps the old shapes of the grown parameters)."""
+        graph, self.graph = self.graph, None
+        return graph
 
 
 def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Optimizer:
@@ -173,9 +189,6 @@ class IncrementalTrainer:
         # stream_trainer.training.mixture); built with the model.
         self.expert: LinearExpert | None = None
         self.mixture = ExpertMixture()
-        # Each expert's served output for the rows of the current step (probabilities, or
-        # standardized values), kept by _predict for scoring the experts.
-        self._expert_outputs: tuple[np.ndarray, np.ndarray] | None = None
         self.cls_metrics = ClassificationMetrics(config.rolling_window)
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
@@ -187,20 +200,10 @@ class IncrementalTrainer:
         self.rejected: Counter[str] = Counter()
         self.last_loss: float | None = None
         self._rng_state: torch.Tensor = torch.Generator().manual_seed(config.seed).get_state()
-        # Differentiate the model by hand where the structure allows (model/manual_backward.py);
-        # False: always autograd. The two agree to float rounding, not bit for bit.
-        self.manual_backward = True
-        self._manual: ManualMLP | None = None
-        # Run the whole step of the default MLP in numpy where it is covered
-        # (model/numpy_step.py); False: the PyTorch paths above. Equal to float rounding.
-        self.numpy_step = True
-        self._numpy: NumpyMLPStep | None = None
-        self._numpy_tried = False
-        # Set by _predict when its forward pass (with its graph, or with the tape of the manual
-        # path) can serve as the training forward.
-        self._shared_out: torch.Tensor | None = None
-        self._shared_tape: ManualTape | None = None
-        self._learn_rows: np.ndarray | None = None
+        # The compiled engine over the model (config.engine; stream_trainer.engine), built at
+        # first use and again after the model grows; None: the autograd path.
+        self._engine: StepEngine | None = None
+        self._engine_tried = False
         # -- distributed hooks (set by stream_trainer.distributed; None: a single process) -------
         self.gradient_sync: GradientSync | None = None
         self.moment_reducer: MomentReducer | None = None  # given to every norm layer on build
@@ -225,8 +228,7 @@ class IncrementalTrainer:
             self.model = self._make_mlp(in_features, out_features)
         self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
         self._params = list(self.model.parameters())
-        self._manual = ManualMLP.build(self.model) if self.manual_backward else None
-        self._numpy, self._numpy_tried = None, False  # built at first use (after a restore)
+        self._engine, self._engine_tried = None, False  # built at first use (after a restore)
         if c.linear_expert:
             regression = self.task == "regression"
             self.expert = LinearExpert(in_features, out_features, regression=regression)
@@ -259,9 +261,11 @@ class IncrementalTrainer:
         encoder.max_string_length = c.max_string_length
 
     def adopt_limits(self, config: TrainerConfig) -> None:
-        """Take the screening limits of ``config`` (:data:`SCREENING_SETTINGS`), keeping every
-        other setting: a restored trainer screens by the limits configured now."""
-        limits = {name: getattr(config, name) for name in SCREENING_SETTINGS}
+        """Take the screening limits (:data:`SCREENING_SETTINGS`) and the execution settings
+        (:data:`EXECUTION_SETTINGS`) of ``config``, keeping every other setting: a restored
+        trainer screens by the limits configured now and runs on the engine configured now."""
+        names = (*SCREENING_SETTINGS, *EXECUTION_SETTINGS)
+        limits = {name: getattr(config, name) for name in names}
         self.config = dataclasses.replace(self.config, **limits)
         self._set_encoder_limits()
 
@@ -378,22 +382,20 @@ class IncrementalTrainer:
         idx: np.ndarray | None = None  # None: every accepted record is labelled
         if len(labelled) < len(accepted):
             idx = np.asarray(labelled, dtype=np.int64)
-        self._learn_rows = idx if labelled else np.zeros(0, dtype=np.int64)
 
         t0 = time.perf_counter()
-        self._predict(x, report)
+        served = self.predict_encoded(x, report, idx if labelled else np.zeros(0, np.int64))
         report.classes = list(self.classes)
         report.predict_seconds = time.perf_counter() - t0
         if not labelled:
-            self._shared_out = None
             return report
 
         target: np.ndarray
         if self.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
-            served = report.values  # None before the model exists: unscored
-            self.reg_metrics.update(y, served if idx is None or served is None else served[idx])
-            self._observe_experts(y, idx)
+            values = report.values  # None before the model exists: unscored
+            self.reg_metrics.update(y, values if idx is None or values is None else values[idx])
+            self._observe_experts(served.experts, y, idx)
             self.y_scaler.update(y[:, None])
             target = y
         else:
@@ -407,62 +409,61 @@ class IncrementalTrainer:
             self.cls_metrics.update(
                 target, None if proba is None else (proba if idx is None else proba[idx])
             )
-            self._observe_experts(target, idx)
+            self._observe_experts(served.experts, target, idx)
 
         t1 = time.perf_counter()
         x_learn = x if idx is None else x[idx]
-        report.loss = self._learn(x_learn, target)
+        report.loss = self.learn_encoded(x_learn, target, served.take_graph())
         self._learn_expert(x_learn, target)
         report.learn_seconds = time.perf_counter() - t1
         self.samples_trained += len(labelled)
         return report
 
-    # The two hooks a learner implements: serve predictions, then learn from the labelled rows.
-    def _predict(self, x: np.ndarray, report: StepReport) -> None:
-        """Set ``report.proba`` (classification) or ``report.values`` (regression) for ``x``.
+    # The phases a learner implements: serve predictions, then learn from the labelled rows.
+    def predict_encoded(
+        self, x: np.ndarray, report: StepReport, learn_rows: np.ndarray | None
+    ) -> Served:
+        """Set ``report.proba`` (classification) or ``report.values`` (regression) for the
+        encoded rows ``x`` and return what scoring and learning need (:class:`Served`).
 
-        For a mode-independent model about to learn from this batch, the forward pass keeps its
-        graph and :meth:`_learn` reuses it (``_shared_out``): same numbers, one pass fewer.
+        ``learn_rows``: the rows that will be learned (``None``: all). For a model whose forward
+        does not depend on the mode, the autograd path keeps the forward's graph on those rows
+        for :meth:`learn_encoded`: same numbers, one pass fewer.
         """
-        self._shared_out = self._shared_tape = None
-        self._expert_outputs = None
         model = self.model
         if model is None:
-            return
+            return Served()
         if x.shape[1] != model.in_features:
             model.grow(in_features=x.shape[1], optimizer=self.optimizer)
             # the linear expert grows when it learns: until then its logits ignore the new
             # columns, which is what their zero weights would give
-        step = self._numpy_for(x)
-        if step is not None:
-            self._set_served(x, step.serve(x), report)
-            return
+        engine = self._engine_for(x)
+        if engine is not None:
+            return Served(self._set_served(x, engine.serve(x)[0], report))
         inputs = torch.from_numpy(x)
-        rows = self._learn_rows
-        manual = self._manual_for(inputs) if model.mode_independent else None
-        if manual is not None and rows is None:
-            model.set_training(True)
-            out, self._shared_tape = manual.forward(inputs)
-            self._shared_out = out
-        elif model.mode_independent and manual is None and (rows is None or rows.shape[0] > 0):
+        graph = None
+        if model.mode_independent and (learn_rows is None or learn_rows.shape[0] > 0):
             model.set_training(True)
             out = model(inputs)
-            self._shared_out = out if rows is None else out[torch.from_numpy(rows)]
+            graph = out if learn_rows is None else out[torch.from_numpy(learn_rows)]
             out = out.detach()
         else:
             model.set_training(False)
             with torch.no_grad():
                 out = model(inputs)
-        self._set_served(x, out.detach().numpy(), report)
+        return Served(self._set_served(x, out.numpy(), report), graph)
 
-    def _set_served(self, x: np.ndarray, out: np.ndarray, report: StepReport) -> None:
-        """Put the served predictions for MLP outputs ``out`` on ``x`` into ``report`` and keep
-        each expert's output for :meth:`_observe_experts`."""
-        served, self._expert_outputs = self._combine(x, out)
+    def _set_served(
+        self, x: np.ndarray, out: np.ndarray, report: StepReport
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Put the served predictions for MLP outputs ``out`` on ``x`` into ``report``; return
+        each expert's output (for :meth:`_observe_experts`)."""
+        served, experts = self._combine(x, out)
         if self.task == "regression":
             report.values = served
         else:
             report.proba = served
+        return experts
 
     def _combine(
         self, x: np.ndarray, out: np.ndarray
@@ -480,57 +481,70 @@ class IncrementalTrainer:
                 z = self.mixture.mix(list(experts))
             mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
             return z[:, 0] * std + mean, experts
-        proba = softmax64(out)
-        if expert is not None:
-            experts = (proba, softmax64(expert.logits(x)))
-            proba = self.mixture.mix(list(experts))
-        return proba, experts
+        if expert is None:
+            return softmax64(out), None
+        from stream_trainer.engine.kernels import softmax_mix  # numba: loaded on use
+
+        rows, width = out.shape
+        logits = np.empty((2, rows, width))
+        logits[0] = out
+        logits[1] = expert.logits(x)
+        probs = np.empty_like(logits)
+        proba = np.empty((rows, width))
+        softmax_mix(logits, self.mixture.weights_view(), probs, proba)
+        return proba, (probs[0], probs[1])
 
     def _expert_losses(self, outputs: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
         """Per labelled row, each expert's loss (columns in the order of
         :data:`~stream_trainer.training.mixture.EXPERTS`); ``y`` class indices or raw targets,
         standardized with the target statistics the prediction used."""
+        if self.task != "regression":
+            return classification_losses(outputs, y)
         losses = np.empty((y.shape[0], len(outputs)))
-        if self.task == "regression":
-            z = self.y_scaler.transform(y[:, None])[:, 0].astype(np.float64)
-            for k, out in enumerate(outputs):
-                losses[:, k] = regression_losses(out[:, 0], z)
-        else:
-            for k, out in enumerate(outputs):
-                losses[:, k] = classification_losses(out, y)
+        z = self.y_scaler.transform(y[:, None])[:, 0].astype(np.float64)
+        for k, out in enumerate(outputs):
+            losses[:, k] = regression_losses(out[:, 0], z)
         return losses
 
-    def _observe_experts(self, y: np.ndarray, idx: np.ndarray | None) -> None:
-        """Score each expert on the labelled rows (``idx`` into the step's rows; ``None``: all)
-        before they learn from them, and fold the losses into the mixture's weights."""
-        outputs, self._expert_outputs = self._expert_outputs, None
+    def _observe_experts(
+        self,
+        outputs: tuple[np.ndarray, np.ndarray] | None,
+        y: np.ndarray,
+        idx: np.ndarray | None,
+    ) -> None:
+        """Score each expert (``outputs``, see :class:`Served`) on the labelled rows (``idx`` into
+        the step's rows; ``None``: all) before they learn from them, and fold the losses into the
+        mixture's weights."""
         if outputs is None:
             return
         if idx is not None:
             outputs = (outputs[0][idx], outputs[1][idx])
         self.mixture.observe(self._expert_losses(outputs, y).sum(axis=0), y.shape[0])
 
-    def _numpy_for(self, x: np.ndarray) -> NumpyMLPStep | None:
-        """The numpy step when it covers this model and input (single process only), else
-        ``None``; built on first use and again after the model grew."""
-        if not self.numpy_step or self.gradient_sync is not None or self.moment_reducer is not None:
+    def _engine_for(self, x: np.ndarray) -> StepEngine | None:
+        """The compiled engine when the configuration asks for it and it covers this model and
+        input (single process only), else ``None``; built on first use and after growth."""
+        if (
+            self.config.engine == "torch"
+            or self.gradient_sync is not None
+            or self.moment_reducer is not None
+        ):
             return None
-        step = self._numpy
-        if step is not None and not step.current():
-            step, self._numpy_tried = None, False
-        if step is None and not self._numpy_tried and self.model is not None:
+        engine = self._engine
+        if engine is not None and not engine.current():
+            engine, self._engine_tried = None, False
+        if engine is None and not self._engine_tried and self.model is not None:
             assert self.optimizer is not None
-            self._numpy_tried = True
-            step = NumpyMLPStep.build(self.model, self.optimizer)
-        self._numpy = step
-        return step if step is not None and step.applies(x) else None
+            from stream_trainer.engine.compiled import CompiledEngine  # numba: loaded on use
 
-    def _manual_for(self, x: torch.Tensor) -> ManualMLP | None:
-        """The hand-differentiated step when it covers this model and input, else ``None``."""
-        manual = self._manual
-        return manual if manual is not None and manual.applies(x) else None
+            self._engine_tried = True
+            engine = CompiledEngine.build([self.model], [self.optimizer])
+        self._engine = engine
+        return engine if engine is not None and engine.applies(x) else None
 
-    def _learn(self, x_np: np.ndarray, y: np.ndarray) -> float | None:
+    def learn_encoded(
+        self, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None = None
+    ) -> float | None:
         """One optimizer step on the labelled rows (``y``: class indices, or raw targets).
 
         The loss is the batch mean (cross-entropy, or MSE on the target standardized with the
@@ -541,9 +555,8 @@ class IncrementalTrainer:
         lr_decay_samples))`` after ``t`` labelled samples (the decay needs no state of its own:
         ``t`` is ``samples_trained``). With ``momentum_in_samples`` the first-moment decay is
         ``0.9 ** max(1, n / lr_reference_batch)``. Exactly one optimizer step per call.
+        ``graph``: the training forward on these rows from :meth:`predict_encoded`, if any.
         """
-        shared, self._shared_out = self._shared_out, None
-        tape, self._shared_tape = self._shared_tape, None
         if self.model is None:
             self._build_model(x_np.shape[1], self._out_width())
         model, optimizer = self.model, self.optimizer
@@ -552,25 +565,22 @@ class IncrementalTrainer:
         if width != model.out_features or x_np.shape[1] != model.in_features:
             with self._own_rng():
                 model.grow(in_features=x_np.shape[1], out_features=width, optimizer=optimizer)
-            shared = None  # the output layer changed: the served logits lack the new classes
+            graph = None  # the output layer changed: the served logits lack the new classes
         c = self.config
-        step = self._numpy_for(x_np)
-        if step is not None:
+        engine = self._engine_for(x_np)
+        if engine is not None:
             regression = self.task == "regression"
             target = self.y_scaler.transform(y[:, None]).astype(x_np.dtype) if regression else y
             self._schedule(optimizer, y.shape[0])
-            value = step.learn(x_np, target, regression=regression, max_norm=c.grad_clip)
+            losses = engine.learn(x_np, target, regression=regression, max_norm=c.grad_clip)
+            value = float(losses[0])
             self.last_loss = value
             return value
-        inputs = torch.from_numpy(x_np)
-        manual = self._manual_for(inputs)
-        if shared is not None:
-            out = shared
-        elif manual is not None:
-            model.set_training(True)
-            out, tape = manual.forward(inputs)
+        if graph is not None:
+            out = graph
         else:
             model.set_training(True)
+            inputs = torch.from_numpy(x_np)
             if model.uses_rng:
                 with self._own_rng():
                     out = model(inputs)
@@ -578,20 +588,11 @@ class IncrementalTrainer:
                 out = model(inputs)
         if self.task == "regression":
             z = torch.from_numpy(self.y_scaler.transform(y[:, None]).astype(np.float32))
-            if manual is not None:
-                loss, dout = mse_with_grad(out, z)
-            else:
-                loss = nn.functional.mse_loss(out, z)
-        elif manual is not None:
-            loss, dout = cross_entropy_with_grad(out, torch.from_numpy(y))
+            loss = nn.functional.mse_loss(out, z)
         else:
             loss = nn.functional.cross_entropy(out, torch.from_numpy(y))
-        if manual is not None:
-            assert tape is not None
-            manual.backward(tape, dout)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         rows = y.shape[0]
         if self.gradient_sync is not None:  # distributed hook: weighted all-reduce of the gradients
             rows = self.gradient_sync(self._params, rows)
@@ -604,7 +605,7 @@ class IncrementalTrainer:
         return value
 
     def _learn_expert(self, x: np.ndarray, y: np.ndarray) -> None:
-        """The linear expert's steps on the labelled rows (``y`` as for :meth:`_learn`; the
+        """The linear expert's steps on the labelled rows (``y`` as for :meth:`learn_encoded`; the
         regression target standardized with the same, updated, statistics)."""
         expert = self.expert
         if expert is None:
@@ -617,7 +618,7 @@ class IncrementalTrainer:
 
     def _schedule(self, optimizer: torch.optim.Optimizer, rows: int) -> None:
         """Set this step's learning rate and Adam's beta1 in the optimizer's groups, for ``rows``
-        labelled samples (see :meth:`_learn`)."""
+        labelled samples (see :meth:`learn_encoded`)."""
         c = self.config
         if c.lr_scaling != "none" or c.lr_decay_samples is not None:
             lr = c.lr

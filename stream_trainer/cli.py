@@ -1,7 +1,11 @@
 """The ``stream-trainer`` command: one sub-command per module in :mod:`stream_trainer.commands`.
 
-Each command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` (a
-callable taking the parsed namespace and returning the exit code).
+Each command module (named in :data:`COMMANDS`) exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (a callable taking the parsed namespace and returning the exit code).
+Building the parser imports every command module, so a command module imports at its top only what
+its flags need (argparse, :mod:`stream_trainer.errors`, configuration constants) and loads torch,
+numpy, river, kafka, redis and prometheus inside ``func``: ``--help`` and ``--version`` answer
+without them (``tests/test_cli_startup.py`` checks it for every command).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from stream_trainer import __version__
 from stream_trainer.errors import StreamTrainerError
 
 __all__ = ["build_parser", "main"]
@@ -23,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stream-trainer",
         description="Online learning from streams with stream-safe normalization layers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"stream_trainer.commands.{name}").register(sub)

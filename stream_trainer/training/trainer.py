@@ -218,6 +218,13 @@ class IncrementalTrainer:
             self._rng_state = torch.get_rng_state()
             torch.set_rng_state(saved)
 
+    # ------------------------------------------------------------------ start-up
+    def warm_up(self) -> None:
+        """Pay the first step's one-time costs now, before a caller starts a clock: the configured
+        optimizer's lazy imports (a torch optimizer's first ``add_param_group`` imports
+        ``torch._dynamo``). Changes no state of the trainer."""
+        _optimizer(self.config.optimizer, [torch.zeros(1, requires_grad=True)], self.config)
+
     # ------------------------------------------------------------------ model
     def _build_model(self, in_features: int, out_features: int) -> None:
         c = self.config

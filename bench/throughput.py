@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import statistics
@@ -96,7 +97,8 @@ def _records(source: str, target: str, n: int) -> list[Any]:
     return [r for r in items if isinstance(r, Record)]
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Any]:
+def _batches(items: Any, size: int) -> list[Any]:
+    """``items`` (a list or a tensor) cut into consecutive slices of ``size``."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -333,7 +335,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         meta["deep_river_env"] = ensure_deep_river(quiet=True)
         worker = _DeepRiverWorker(records, args.target, sizes, args.warmup)
         for size in sizes:
-            steady[DEEP_RIVER, size] = lambda size=size: worker.measure(size)
+            steady[DEEP_RIVER, size] = functools.partial(worker.measure, size)
     contention = _ours(records, args.target, 64, args.warmup, args.seed, hidden=(128, 128))
     samples: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

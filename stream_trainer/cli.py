@@ -14,8 +14,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from stream_trainer import __version__
 from stream_trainer.errors import StreamTrainerError
 
 __all__ = ["build_parser", "main"]
@@ -23,12 +23,26 @@ __all__ = ["build_parser", "main"]
 COMMANDS = ("evaluate", "run", "record", "replay", "checkpoints", "bench")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: print ``stream-trainer VERSION`` (the installed metadata) and exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        import stream_trainer
+
+        print(f"{parser.prog} {stream_trainer.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stream-trainer",
         description="Online learning from streams with stream-safe normalization layers.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"stream_trainer.commands.{name}").register(sub)

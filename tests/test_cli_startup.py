@@ -75,3 +75,28 @@ def test_every_lazy_export_resolves(package):
         assert getattr(module, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         module.nothing  # noqa: B018
+
+
+_FIRST_STEP = """
+import sys
+from stream_trainer.records import Record
+from stream_trainer.training import IncrementalTrainer, TrainerConfig
+
+trainer = IncrementalTrainer(TrainerConfig(target="y", hidden=(8,), seed=0))
+trainer.warm_up()
+assert trainer.steps == 0 and trainer.model is None and trainer.optimizer is None
+before = set(sys.modules)
+trainer.step([Record({"x": float(i % 3), "c": "abc"[i % 3], "y": i % 2}) for i in range(8)])
+assert trainer.steps == 1 and trainer.optimizer is not None
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_warm_up_leaves_no_import_to_the_first_step():
+    """What ``evaluate`` calls before its clock: the first step then imports nothing (a torch
+    optimizer's first use imports torch._dynamo), so samples_per_second counts no import."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -450,6 +450,7 @@ class TrainerService:
         """Run until the source ends (a file, or Kafka with ``stop_at_end``) or a stop request."""
         c = self.config
         pin_threads(c.threads)
+        self.trainer.warm_up()  # the first batch's one-time imports, before the clock below
         log.info(
             "starting run %r as writer %s (epoch %d): %s",
             c.run_name,

@@ -169,10 +169,14 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = 
 
 
 def set_single_thread() -> None:
-    """One intra-op thread per process: the bench runs two worker processes on two cores."""
+    """One thread per process, in torch and in the BLAS/OpenMP pools
+    (:func:`stream_trainer.threads.pin_threads`): the bench runs two worker processes on two
+    cores."""
     import torch
 
-    torch.set_num_threads(1)
+    from stream_trainer.threads import pin_threads
+
+    pin_threads(1)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
 

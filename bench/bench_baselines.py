@@ -97,14 +97,13 @@ def accuracy(
     source: str, limit: int | None, sizes: str, learner: str, seed: int = 0
 ) -> tuple[float, float]:
     """Prequential accuracy and wall seconds of one learner on one stream, one thread."""
-    import torch
-
     from stream_trainer.evaluation import evaluate_stream
     from stream_trainer.sources import BatchSizes, default_target, open_source
+    from stream_trainer.threads import pin_threads
     from stream_trainer.training import IncrementalTrainer, TrainerConfig
     from stream_trainer.training.river_baselines import RiverLearner
 
-    torch.set_num_threads(1)
+    pin_threads(1)
     generated = source.startswith("generator:")
     target = "target" if generated else default_target(source) or "target"
     config = TrainerConfig(target=target, seed=seed, linear_expert=learner != "mlp-alone")

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from stream_trainer.distributed import DistributedTrainer, init_process_group, world_from_env
 from stream_trainer.records import Record
+from stream_trainer.threads import pin_threads
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.md"
@@ -40,7 +41,7 @@ def _records(rank: int, step: int, batch: int) -> list[Record]:
 
 
 def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) -> None:
-    torch.set_num_threads(1)
+    pin_threads(1)
     env = {"WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}  # fmt: skip
     comm = init_process_group(world_from_env(env), timeout_seconds=120)

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 import stream_trainer.features.standardizer as standardizer  # noqa: E402
 from stream_trainer.records import Record  # noqa: E402
+from stream_trainer.threads import pin_threads  # noqa: E402
 from stream_trainer.training import IncrementalTrainer, TrainerConfig  # noqa: E402
 
 WARM_UP = 200
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    pin_threads(1)
     records = _records(args.records)
     default = standardizer.WARMUP
     times: dict[str, list[float]] = {"clipping": [], "no clipping": []}

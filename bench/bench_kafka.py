@@ -215,12 +215,11 @@ def trainer_alone_throughput(bootstrap: str, topic: str, n: int, cap: int) -> fl
 
 
 def make_trainer_step() -> TrainerStep:
-    """A fresh trainer with the default configuration (the service's), one torch thread."""
-    import torch
-
+    """A fresh trainer with the default configuration (the service's), one thread."""
+    from stream_trainer.threads import pin_threads
     from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
-    torch.set_num_threads(1)
+    pin_threads(1)
     trainer = IncrementalTrainer(TrainerConfig(target="y", task="classification"))
     return trainer.step
 

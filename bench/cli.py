@@ -7,7 +7,7 @@ name           what it measures (results in ``bench/results/NAME.json``, plots i
 ``sweep``      learning rate x width for two norms at batch 1:64 (defaults recommendation)
 ``gap``        train/serve gap of each norm after training at batch 64 and 1:64
 ``norm_time``  share of step time in norm layers (profiler); our layers vs native ones
-``throughput`` samples/s and accuracy of the trainer vs a bare loop, deep-river and river
+``throughput`` samples/s of the trainer vs deep-river, plain PyTorch loops and river (ratios)
 ``report``     rewrite ``BENCHMARKS.md`` from the result files (no measuring)
 ``all``        every benchmark above, then ``report``
 ``envs``       create or check the deep-river environment used by ``throughput``
@@ -32,7 +32,7 @@ _HELP = {
     "sweep": "learning rate x width around the defaults (for the recommendation)",
     "gap": "train/serve gap per norm (train at 64 and 1:64, serve at 1)",
     "norm_time": "share of step time in norm layers; our layers vs torch's",
-    "throughput": "samples/s vs a bare loop, deep-river and river (and accuracy)",
+    "throughput": "samples/s vs deep-river, plain nn.Sequential loops and river, in one run",
 }
 
 

@@ -2,9 +2,11 @@
 
 deep-river 0.3.4 declares ``torch<2.6`` and ``river<0.26``; we run torch 2.15 and river 0.26. Its
 code only needs the public ``torch.nn``/``torch.optim`` API, so the bench installs it with
-``--no-deps`` into ``.bench-venvs/deep-river`` (git-ignored) next to **our** torch version and a
-river 0.25 it accepts, and runs the measurement there as a subprocess (:mod:`bench.deep_river_job`)
-that prints one JSON object. Nothing else of the bench imports deep-river.
+``--no-deps`` into ``.bench-venvs/deep-river`` (git-ignored) with a river 0.25 it accepts, in a
+virtual environment layered over **this** interpreter's packages (a ``.pth`` file names its
+site-packages): the same torch, numpy and pandas binaries as ours, nothing large downloaded. The
+environment's own river shadows ours, its site-packages coming first. The measurement runs there
+as a subprocess (:mod:`bench.deep_river_job`); nothing else of the bench imports deep-river.
 
     python -m bench envs            # create or check the environment
 """
@@ -12,6 +14,7 @@ that prints one JSON object. Nothing else of the bench imports deep-river.
 from __future__ import annotations
 
 import json
+import site
 import subprocess
 import sys
 import venv
@@ -23,8 +26,8 @@ __all__ = ["DEEP_RIVER_VENV", "deep_river_python", "ensure_deep_river"]
 
 DEEP_RIVER_VENV = ROOT / ".bench-venvs" / "deep-river"
 DEEP_RIVER_VERSION = "0.3.4"
-# deep-river's own requirements minus the two it pins too low (torch, river), which we pin here.
-_EXTRA = ["pandas", "scikit-learn", "sortedcontainers", "pytest", "torchviz", "tqdm", "numpy"]
+RIVER_FOR_DEEP_RIVER = "river==0.25.*"
+_BASE_PTH = "_stream_trainer_base.pth"
 
 
 def deep_river_python() -> Path:
@@ -53,24 +56,20 @@ def ensure_deep_river(*, quiet: bool = False) -> dict[str, str]:
         versions = _probe(python)
         if versions is not None:
             return versions
-    import torch
-
-    torch_version = torch.__version__.split("+")[0]
-    if not python.exists():
-        DEEP_RIVER_VENV.parent.mkdir(parents=True, exist_ok=True)
-        venv.EnvBuilder(with_pip=True, clear=True).create(DEEP_RIVER_VENV)
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
+    venv.EnvBuilder(with_pip=True, clear=True).create(DEEP_RIVER_VENV)
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(own, _BASE_PTH).write_text("\n".join(site.getsitepackages()) + "\n")
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps"]
     if quiet:
         pip.append("-q")
-    steps = [
-        [*pip, f"torch=={torch_version}", *_EXTRA],
-        [*pip, "--no-deps", f"deep-river=={DEEP_RIVER_VERSION}", "river==0.25.*"],
-        # river 0.25's own requirements (numpy, scipy, pandas) without letting it move torch.
-        [*pip, "scipy"],
-    ]
-    for cmd in steps:
-        print("+", " ".join(cmd), file=sys.stderr)
-        subprocess.run(cmd, check=True)
+    cmd = [*pip, f"deep-river=={DEEP_RIVER_VERSION}", RIVER_FOR_DEEP_RIVER]
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
     versions = _probe(python)
     if versions is None:
         raise RuntimeError(f"deep-river environment at {DEEP_RIVER_VENV} does not import")

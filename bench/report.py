@@ -82,15 +82,19 @@ def _row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 
 
 def _throughput(results: Path) -> list[list[str]]:
+    from bench.throughput import CONTENTION_TARGET, TARGETS, contention_ratio, ratio
+
     data = read_json(results / "throughput.json")
     rows, command = data["rows"], f"`{data['meta']['command']}`"
     out = []
-    for size, other, target in ((1, "deep-river", "≥ 2"), (64, "bare loop", "≥ 0.8")):
-        ours, theirs = _row(rows, learner="ours", size=size), _row(rows, learner=other, size=size)
-        if ours and theirs:
-            ratio = ours["samples_per_second"] / theirs["samples_per_second"]
-            what = f"trainer ÷ {other}, samples/s at batch {size}"
-            out.append([what, f"{ratio:.2f}", target, command])
+    for group, ours, other, size, goal, what in TARGETS:
+        value = ratio(rows, group, ours, other, size)
+        if value is not None:
+            out.append([what, f"{value:.2f}", f"≥ {goal:g}", command])
+    value = contention_ratio(rows)
+    if value is not None:
+        what, goal = CONTENTION_TARGET
+        out.append([what, f"{value:.2f}", f"≤ {goal:g}", command])
     return out
 
 

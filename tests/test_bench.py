@@ -101,15 +101,27 @@ def test_gap_and_report(tmp_results: Path) -> None:
     assert "## Train/serve gap" in text and "python -m bench accuracy" in text
 
 
-def test_throughput_without_baseline_envs(tmp_results: Path) -> None:
+def test_throughput_quick_without_deep_river(tmp_results: Path) -> None:
     import bench.throughput as tp
 
-    argv = ["--records", "130", "--repeats", "1", "--no-deep-river", "--no-arf", "--no-plot"]
+    argv = ["--quick", "--no-deep-river", "--no-plot"]
     data = tp.run(_args(tp, argv), argv)
-    learners = {(r["learner"], r["size"]) for r in data["rows"]}
-    assert ("ours", 64) in learners and ("bare loop", 1) in learners
-    assert all(r["samples_per_second"] > 0 for r in data["rows"])
-    assert "bare loop" in tp.render(data)
+    rows = data["rows"]
+    assert {(r["group"], r["contender"], r["size"]) for r in rows} == {
+        *(("steady", name, size) for name in (tp.OURS, tp.PLAIN, tp.PLAIN_LAYER_NORM)
+          for size in (1, 64)),
+        ("steady", tp.RIVER_LR, 1),
+        ("command", tp.OURS_COMMAND, 1),
+        ("command", tp.OURS_COMMAND, 64),
+        ("contention", tp.IDLE, 64),
+        ("contention", tp.BUSY, 64),
+    }  # fmt: skip
+    assert all(r["samples_per_second"] > 0 and len(r["all"]) == 1 for r in rows)
+    command = next(r for r in rows if r["group"] == "command")
+    assert command["samples_per_second"] == pytest.approx(300 / command["seconds"])
+    text = tp.render(data)
+    assert "| plain nn.Sequential loop, LayerNorm |" in text and "idle ÷ busy" in text
+    assert f"| {tp.DEEP_RIVER} |" not in text and f"| {tp.DEEP_RIVER_SCRIPT} |" not in text
 
 
 def test_norm_time_tiny(tmp_results: Path) -> None:
@@ -197,14 +209,17 @@ def test_report_reproduces_committed_benchmarks() -> None:
 
 def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
     import bench.report as report
+    import bench.throughput as tp
 
     assert "No results yet" in report.summary(tmp_path)
     meta = {"command": "python -m bench throughput"}
     rows = [
-        {"learner": "ours", "size": 1, "samples_per_second": 300.0},
-        {"learner": "deep-river", "size": 1, "samples_per_second": 100.0},
-        {"learner": "ours", "size": 64, "samples_per_second": 900.0},
-        {"learner": "bare loop", "size": 64, "samples_per_second": 1000.0},
+        {"group": "steady", "contender": tp.OURS, "size": 1, "samples_per_second": 300.0},
+        {"group": "steady", "contender": tp.DEEP_RIVER, "size": 1, "samples_per_second": 100.0},
+        {"group": "steady", "contender": tp.OURS, "size": 64, "samples_per_second": 900.0},
+        {"group": "steady", "contender": tp.PLAIN, "size": 64, "samples_per_second": 1000.0},
+        {"group": "contention", "contender": tp.IDLE, "size": 64, "samples_per_second": 500.0},
+        {"group": "contention", "contender": tp.BUSY, "size": 64, "samples_per_second": 400.0},
     ]
     (tmp_path / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     (tmp_path / "kafka.md").write_text(
@@ -213,6 +228,14 @@ def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
         "| 8 | 1 | 0.50 (0.4-0.6) |\n| 64 | 2 | 0.81 (0.79-0.85) |\n"
     )
     text = report.summary(tmp_path)
-    assert "| trainer ÷ deep-river, samples/s at batch 1 | 3.00 | ≥ 2 |" in text
-    assert "| trainer ÷ bare loop, samples/s at batch 64 | 0.90 | ≥ 0.8 |" in text
+    command = "`python -m bench throughput`"
+    assert (
+        f"| trainer ÷ deep-river, samples/s at batch 1, steady | 3.00 | ≥ 10 | {command} |" in text
+    )
+    assert "| trainer ÷ plain loop without norm, samples/s at batch 64 | 0.90 | ≥ 1.5 |" in text
+    assert (
+        "| width 128 at batch 64: idle ÷ beside one busy process, samples/s | 1.25 | ≤ 1.3 |"
+        in text
+    )
+    assert "LayerNorm" not in text  # not measured: no row
     assert "| 0.81 (0.79-0.85) | ≥ 0.8 | `python bench/bench_kafka.py --records 10` |" in text

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from stream_trainer.cli import main
 from stream_trainer.sources import BatchSizes
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()  # evaluate --torch-threads changes the process setting
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_thread_pools")  # evaluate pins the thread pools
 
 
 def _csv(tmp_path: Path) -> Path:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from stream_trainer.checkpoints.codec import DEFAULT_CHUNK_SIZE, CheckpointCodec
-from stream_trainer.checkpoints.local_store import LocalDirCheckpointStore
-from stream_trainer.checkpoints.memory_store import MemoryCheckpointStore
-from stream_trainer.checkpoints.redis_store import RedisCheckpointStore
-from stream_trainer.checkpoints.store import VersionedStore
 from stream_trainer.errors import ConfigError
 from stream_trainer.redaction import mask_url
+
+if TYPE_CHECKING:
+    from stream_trainer.checkpoints.store import VersionedStore
 
 __all__ = ["ACCEPTED_FORMS", "open_store"]
 
@@ -71,6 +69,12 @@ def open_store(url: str, **options: Any) -> VersionedStore:
     if unknown:
         msg = f"unknown option(s) {unknown} for a {kind} store; allowed: {sorted(_OPTIONS[kind])}"
         raise ConfigError(msg)
+    # The stores load here, not with the module: ACCEPTED_FORMS serves the parser without torch.
+    from stream_trainer.checkpoints.codec import DEFAULT_CHUNK_SIZE, CheckpointCodec
+    from stream_trainer.checkpoints.local_store import LocalDirCheckpointStore
+    from stream_trainer.checkpoints.memory_store import MemoryCheckpointStore
+    from stream_trainer.checkpoints.redis_store import RedisCheckpointStore
+
     chunk_size = options.pop("chunk_size", DEFAULT_CHUNK_SIZE)
     if "codec" not in options or options["codec"] is None:
         options["codec"] = CheckpointCodec.from_env(chunk_size=chunk_size)

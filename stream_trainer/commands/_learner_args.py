@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from stream_trainer.errors import ConfigError
-from stream_trainer.training import IncrementalTrainer, TrainerConfig
-from stream_trainer.training.config import LR_SCALINGS, OPTIMIZERS, TASKS
-from stream_trainer.training.river_baselines import RIVER_MODELS, RiverLearner
+from stream_trainer.training.config import (
+    LR_SCALINGS,
+    OPTIMIZERS,
+    RIVER_MODELS,
+    TASKS,
+    TrainerConfig,
+)
+
+if TYPE_CHECKING:
+    from stream_trainer.training.trainer import IncrementalTrainer
 
 __all__ = [
     "add_learner_arguments",
     "add_limit_arguments",
+    "add_threads_argument",
     "build_learner",
     "model_name",
     "trainer_config",
 ]
 
-_DEFAULTS = TrainerConfig()
+
+def _field_defaults(cls: type) -> SimpleNamespace:
+    """The declared defaults of a dataclass, without constructing (and so validating) one: a
+    :class:`TrainerConfig` checks its norm and activation names against registries that need
+    torch, and the parser is built without torch."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return SimpleNamespace(**values)
+
+
+_DEFAULTS = _field_defaults(TrainerConfig)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -123,6 +148,18 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-classes", type=int, help="most classes [too_many_classes]")
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: the :mod:`stream_trainer.threads` setting."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of torch and of numpy's BLAS/OpenMP pools, pinned together (default 1: the"
+        " MLP's products are small, and waking a thread pool per kernel costs more than it saves,"
+        " by far on a busy machine)",
+    )
+
+
 def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfig:
     features = tuple(f.strip() for f in args.features.split(",")) if args.features else None
     return TrainerConfig(
@@ -157,8 +194,12 @@ def model_name(args: argparse.Namespace) -> str:
 def build_learner(args: argparse.Namespace, config: TrainerConfig) -> IncrementalTrainer:
     """The MLP trainer, or a river baseline for ``--model river:NAME``."""
     if args.model == "mlp":
+        from stream_trainer.training.trainer import IncrementalTrainer
+
         return IncrementalTrainer(config)
     if args.model.startswith("river:"):
+        from stream_trainer.training.river_baselines import RiverLearner
+
         return RiverLearner(args.model[len("river:") :], config)
     valid = ", ".join(["mlp", *("river:" + m for m in RIVER_MODELS)])
     raise ConfigError(f"unknown model {args.model!r}; valid: {valid}")

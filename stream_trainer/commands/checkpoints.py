@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stream_trainer.checkpoints import VerifyResult, open_store
-from stream_trainer.checkpoints.store import CheckpointInfo, VersionedStore
-from stream_trainer.checkpoints.urls import ACCEPTED_FORMS
+from stream_trainer.checkpoints.urls import ACCEPTED_FORMS, open_store
 from stream_trainer.errors import CheckpointError
-from stream_trainer.service.restore import restore_checkpoint
+
+if TYPE_CHECKING:
+    from stream_trainer.checkpoints.store import CheckpointInfo, VerifyResult, VersionedStore
 
 __all__ = ["register"]
 
@@ -54,6 +54,8 @@ def register(subparsers: Any) -> None:
 
 def check_version(store: VersionedStore, version: int) -> VerifyResult:
     """Every check the service runs before restoring ``version`` (module docstring)."""
+    from stream_trainer.service.restore import restore_checkpoint
+
     return store.verify(version, validate=restore_checkpoint)
 
 

@@ -7,21 +7,21 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stream_trainer.commands._learner_args import (
     add_learner_arguments,
     add_limit_arguments,
+    add_threads_argument,
     build_learner,
     trainer_config,
 )
-from stream_trainer.delayed_labels import evaluate_with_label_delay
 from stream_trainer.errors import ConfigError
-from stream_trainer.evaluation import EvaluationResult, evaluate_stream
 from stream_trainer.sources import BatchSizes, default_target, open_source
 from stream_trainer.training.config import SCREENING_SETTINGS
+
+if TYPE_CHECKING:
+    from stream_trainer.evaluation import EvaluationResult
 
 __all__ = ["register"]
 
@@ -53,13 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--report-json", type=Path, help="write the report as JSON here")
     p.add_argument("--plot", type=Path, help="write a PNG of rolling accuracy and batch sizes here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: the MLP's tensors are small, and waking a thread"
-        " pool per kernel costs more than it saves, by far on a busy machine)",
-    )
+    add_threads_argument(p)
     add_learner_arguments(p)
     add_limit_arguments(p)
     p.set_defaults(func=run_evaluate)
@@ -99,13 +93,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--target is required for file sources (the label column)")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit!r}")
-    if args.torch_threads < 1:
-        raise ConfigError(f"--torch-threads must be >= 1, got {args.torch_threads!r}")
-    torch.set_num_threads(args.torch_threads)
+    from stream_trainer.delayed_labels import evaluate_with_label_delay
+    from stream_trainer.evaluation import evaluate_stream
+    from stream_trainer.threads import pin_threads
+
+    pin_threads(args.threads)
     config = trainer_config(args, target)
     given = {k: getattr(args, k) for k in SCREENING_SETTINGS if getattr(args, k) is not None}
     config = dataclasses.replace(config, **given)  # validated again: a bad limit is refused
     learner = build_learner(args, config)
+    learner.warm_up()  # before evaluate_stream's clock, which samples_per_second divides by
     sizes = batch_sizes_from(args)
     norm = config.norm if isinstance(config.norm, str) else ",".join(config.norm)
     describe = {

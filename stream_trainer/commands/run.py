@@ -15,7 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stream_trainer.commands._learner_args import add_learner_arguments, add_limit_arguments
+from stream_trainer.commands._learner_args import (
+    add_learner_arguments,
+    add_limit_arguments,
+    add_threads_argument,
+)
 from stream_trainer.errors import ConfigError
 from stream_trainer.training.config import SCREENING_SETTINGS
 
@@ -151,13 +155,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument(
-        "--torch-threads",
-        dest="torch_threads",
-        type=int,
-        help="torch intra-op threads (default 1: the MLP's tensors are small and a thread pool"
-        " costs more than it saves)",
-    )
+    add_threads_argument(p)
     add_learner_arguments(p)
     add_limit_arguments(p)
     # Only flags actually given may override the file and the environment.

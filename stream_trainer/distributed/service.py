@@ -50,6 +50,7 @@ from stream_trainer.records import RejectedRecord
 from stream_trainer.service.batch_log import segments_of
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.runner import TrainerService, batch_first_offset
+from stream_trainer.threads import pin_threads
 
 __all__ = ["DistributedTrainerService"]
 
@@ -131,7 +132,7 @@ class DistributedTrainerService(TrainerService):
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         c = self.config
-        torch.set_num_threads(c.torch_threads)
+        pin_threads(c.threads)
         log.info("starting replica %d/%d of run %r (epoch %d)", self.comm.rank,
                  self.comm.world_size, c.run_name, self.epoch)  # fmt: skip
         self._open_source()

@@ -6,8 +6,9 @@ The names below load on first use: the Kafka consumer process imports
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from stream_trainer._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from stream_trainer.service.config import ServiceConfig, load_service_config
@@ -22,8 +23,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(home), name)
+__getattr__ = lazy_getattr(__name__, _HOMES)

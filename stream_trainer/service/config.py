@@ -143,7 +143,7 @@ class ServiceConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     progress: bool = True
-    torch_threads: int = 1
+    threads: int = 1  # torch's and the BLAS/OpenMP pools' (stream_trainer.threads)
     # -- data-parallel replicas (stream_trainer.distributed; used when WORLD_SIZE > 1) ----------
     dist_backend: str = "auto"
     dist_timeout_seconds: float = 120.0
@@ -157,7 +157,7 @@ class ServiceConfig:
             (self.max_batch_records >= 1, "max_batch_records must be >= 1"),
             (self.max_wait_ms >= 0, "max_wait_ms must be >= 0"),
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
-            (self.torch_threads >= 1, "torch_threads must be >= 1"),
+            (self.threads >= 1, "threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
             (

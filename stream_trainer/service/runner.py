@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry
 
 from stream_trainer.checkpoints import Checkpoint, CheckpointStore, open_store
@@ -94,6 +93,7 @@ from stream_trainer.service.file_source import FileBatchSource
 from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
+from stream_trainer.threads import pin_threads
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
 
@@ -450,7 +450,8 @@ class TrainerService:
     def run(self) -> dict[str, Any]:
         """Run until the source ends (a file, or Kafka with ``stop_at_end``) or a stop request."""
         c = self.config
-        torch.set_num_threads(c.torch_threads)
+        pin_threads(c.threads)
+        self.trainer.warm_up()  # the first batch's one-time imports, before the clock below
         log.info(
             "starting run %r as writer %s (epoch %d): %s",
             c.run_name,

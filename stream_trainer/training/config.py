@@ -20,6 +20,7 @@ __all__ = [
     "LR_SCALINGS",
     "MAX_ABS_VALUE_LIMIT",
     "OPTIMIZERS",
+    "RIVER_MODELS",
     "SCREENING_SETTINGS",
     "TASKS",
     "TrainerConfig",
@@ -28,6 +29,15 @@ __all__ = [
 TASKS = ("auto", "classification", "regression")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALINGS = ("none", "linear", "sqrt")
+# `--model river:NAME` (stream_trainer.training.river_baselines); here so the parser needs no torch.
+RIVER_MODELS = (
+    "LogisticRegression",
+    "ARF",
+    "HoeffdingAdaptiveTree",
+    "HoeffdingTree",
+    "GaussianNB",
+    "LinearRegression",
+)
 # The running-moment norms average over about 500 samples (momentum counted in samples, see
 # stream_trainer.norms) instead of their class default of 100: the served prediction is steadier.
 DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {

@@ -20,7 +20,7 @@ import torch
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.records import Record
-from stream_trainer.training.config import TrainerConfig
+from stream_trainer.training.config import RIVER_MODELS, TrainerConfig
 from stream_trainer.training.trainer import IncrementalTrainer, Served, StepReport
 
 __all__ = ["RIVER_MODELS", "RiverLearner"]
@@ -50,16 +50,6 @@ def _regressors(seed: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-RIVER_MODELS = (
-    "LogisticRegression",
-    "ARF",
-    "HoeffdingAdaptiveTree",
-    "HoeffdingTree",
-    "GaussianNB",
-    "LinearRegression",
-)
-
-
 class RiverLearner(IncrementalTrainer):
     """A river learner behind the trainer's prequential protocol (see the module docstring)."""
 
@@ -69,6 +59,9 @@ class RiverLearner(IncrementalTrainer):
             raise ConfigError(f"unknown river model {name!r}; valid: {', '.join(RIVER_MODELS)}")
         self.name = name
         self.river_model: Any = None
+
+    def warm_up(self) -> None:
+        """Nothing to pay ahead: a river learner has no torch optimizer."""
 
     def _ensure_model(self) -> Any:
         if self.river_model is None:

@@ -221,6 +221,21 @@ class IncrementalTrainer:
             self._rng_state = torch.get_rng_state()
             torch.set_rng_state(saved)
 
+    # ------------------------------------------------------------------ start-up
+    def warm_up(self) -> None:
+        """Pay the first step's one-time costs now, before a caller starts a clock: the configured
+        optimizer's lazy imports (a torch optimizer's first ``add_param_group`` imports
+        ``torch._dynamo``) and, with the compiled engine, loading its kernels (from numba's disk
+        cache, or compiling them once), by two steps of a throwaway trainer of the same
+        configuration. Changes no state of this trainer."""
+        _optimizer(self.config.optimizer, [torch.zeros(1, requires_grad=True)], self.config)
+        if self.config.engine == "torch":
+            return
+        probe = IncrementalTrainer(dataclasses.replace(self.config, target="y", features=None))
+        rows = [Record({"x": float(i), "y": i % 2}) for i in range(4)]
+        for batch in (rows[:2], rows[2:]):
+            probe.step(batch)
+
     # ------------------------------------------------------------------ model
     def _build_model(self, in_features: int, out_features: int) -> None:
         c = self.config

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from stream_trainer.commands._kafka_args import add_kafka_arguments, kafka_flags
 from stream_trainer.commands._learner_args import add_learner_arguments, add_limit_arguments
 from stream_trainer.errors import ConfigError
 from stream_trainer.training.config import SCREENING_SETTINGS
@@ -158,6 +159,15 @@ def register(subparsers: Any) -> None:
         help="torch intra-op threads (default 1: the MLP's tensors are small and a thread pool"
         " costs more than it saves)",
     )
+    p.add_argument(
+        "--wait-for-topic",
+        dest="wait_for_topic",
+        type=float,
+        metavar="SECONDS",
+        help="Kafka: wait up to this long for a missing topic to be created, logging every few "
+        "seconds, instead of failing at once ([kafka] wait_for_topic_s; default 0)",
+    )
+    add_kafka_arguments(p, config_file=False)
     add_learner_arguments(p)
     add_limit_arguments(p)
     # Only flags actually given may override the file and the environment.
@@ -167,8 +177,12 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_service)
 
 
-def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    kafka = kafka_flags(args)
+    given.pop("kafka_option", None)
+    if "wait_for_topic" in given:
+        kafka["wait_for_topic_s"] = given.pop("wait_for_topic")
     model = given.pop("model", "mlp")
     if model != "mlp":
         raise ConfigError(f"run trains the MLP; river baselines ({model!r}) are for `evaluate`")
@@ -182,7 +196,7 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer["grad_clip"] = None
     if "target" in given:
         trainer["target"] = given["target"]
-    return given, trainer
+    return given, trainer, kafka
 
 
 def service_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
@@ -190,9 +204,13 @@ def service_config(args: argparse.Namespace, environ: Mapping[str, str] | None =
     ``--config`` file < ``environ`` (default ``os.environ``) < the flags given."""
     from stream_trainer.service import load_service_config
 
-    flags, trainer_flags = _split(args)
+    flags, trainer_flags, kafka = _split(args)
     return load_service_config(
-        config_file=args.config, flags=flags, trainer_flags=trainer_flags, environ=environ
+        config_file=args.config,
+        flags=flags,
+        trainer_flags=trainer_flags,
+        kafka_flags=kafka,
+        environ=environ,
     )
 
 

@@ -29,13 +29,14 @@ Secrets (SASL and SSL passwords, passwords in URLs) never appear in :meth:`Servi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "SERVICE_OWNED_KAFKA_KEYS",
     "ServiceConfig",
     "load_service_config",
+    "parse_kafka_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,10 @@ class ServiceConfig:
 
             parse_metrics_address(self.metrics_address)
         _check_kafka_keys(self.kafka, "[kafka]")
+        if self.kafka:  # the security settings' own checks (OAUTHBEARER's provider...) at start
+            from consumers.client_options import KafkaClientSettings
+
+            KafkaClientSettings.from_kafka_table(self.kafka)
         if self.instance_id is not None and "group_instance_id" in self.kafka:
             raise ConfigError(
                 "give the static membership id once: instance_id or [kafka] group_instance_id, "
@@ -223,6 +229,7 @@ class ServiceConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 _TRAINER_FIELDS = {f.name: f for f in dataclasses.fields(TrainerConfig)}
 _TABLES = ("trainer", "kafka")
+_KAFKA_SUBTABLES = ("consumer", "producer", "security")
 _SETTINGS = [k for k in _FIELDS if k not in _TABLES]
 
 
@@ -234,11 +241,35 @@ def _kafka_field_types() -> dict[str, str]:
 
     types = {f.name: str(f.type) for f in dataclasses.fields(KafkaSourceConfig)}
     types.pop("security")
+    types.pop("consumer_options")  # the [kafka.consumer] table
+    types["consumer"] = types["producer"] = "Mapping[str, Any]"
     types.update({f.name: str(f.type) for f in dataclasses.fields(KafkaSecurity)})
     for key in SERVICE_OWNED_KAFKA_KEYS:
         types.pop(key, None)
     types["security"] = "Mapping[str, Any]"  # the security settings as a sub-table
     return types
+
+
+def _kafka_hints(unknown: Sequence[str], types: Mapping[str, str]) -> str:
+    """Close matches of mistyped ``[kafka]`` keys, and the sub-table of kafka-python client
+    settings given at the top of ``[kafka]``."""
+    from kafka.consumer import KafkaConsumer
+    from kafka.producer import KafkaProducer
+
+    hints = []
+    for key in unknown:
+        tables = [
+            name
+            for name, client in (("consumer", KafkaConsumer), ("producer", KafkaProducer))
+            if key in client.DEFAULT_CONFIG
+        ]
+        if tables:
+            hints.append(f"{key} is a kafka-python setting: {' / '.join(tables)}.{key}")
+            continue
+        close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.6)
+        if close:
+            hints.append(f"{key}: did you mean {', '.join(close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
@@ -250,11 +281,16 @@ def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(kafka) - set(types))
     if unknown:
         raise ConfigError(
-            f"unknown Kafka setting(s) in {where}: {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(types))}"
+            f"unknown Kafka setting(s) in {where}: {', '.join(unknown)}"
+            f"{_kafka_hints(unknown, types)}; valid: {', '.join(sorted(types))}"
         )
     for key, value in kafka.items():
         _check_type(f"{where} {key}", value, types[key], secret=_is_secret(key))
+    from consumers.client_options import check_client_options
+
+    for kind in ("consumer", "producer"):
+        if kind in kafka:
+            check_client_options(kind, kafka[kind], where=f"{where} {kind}")
     nested = kafka.get("security")
     if isinstance(nested, Mapping):
         security = {k: v for k, v in types.items() if k.startswith(("security_", "sasl_", "ssl_"))}
@@ -422,11 +458,15 @@ def load_service_config(
     config_file: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
     trainer_flags: Mapping[str, Any] | None = None,
+    kafka_flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServiceConfig:
     """Merge TOML < environment < flags into one validated :class:`ServiceConfig`.
 
-    ``flags`` and ``trainer_flags`` hold only the settings given on the command line.
+    ``flags``, ``trainer_flags`` and ``kafka_flags`` (``[kafka]`` keys, e.g. from
+    :func:`parse_kafka_options`) hold only the settings given on the command line. The
+    ``consumer``, ``producer`` and ``security`` sub-tables of ``[kafka]`` merge key by key: a
+    later layer overrides single settings, not the whole table.
     """
     top: dict[str, Any] = {}
     trainer: dict[str, Any] = {}
@@ -435,11 +475,15 @@ def load_service_config(
     if config_file is not None:
         layers.append(_from_toml(Path(config_file)))
     layers.append(_from_env(os.environ if environ is None else environ))
-    layers.append((dict(flags or {}), dict(trainer_flags or {}), {}))
+    layers.append((dict(flags or {}), dict(trainer_flags or {}), dict(kafka_flags or {})))
     for t, tr, k in layers:
         top.update(t)
         trainer.update(tr)
-        kafka.update(k)
+        for key, value in k.items():
+            if key in _KAFKA_SUBTABLES and isinstance(kafka.get(key), Mapping):
+                kafka[key] = {**kafka[key], **value} if isinstance(value, Mapping) else value
+            else:
+                kafka[key] = value
     unknown = sorted(set(top) - set(_SETTINGS))
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(unknown)}; valid: {', '.join(_SETTINGS)}")
@@ -448,3 +492,43 @@ def load_service_config(
         trainer["target"] = target
     trainer_config = TrainerConfig.from_dict(trainer)
     return ServiceConfig(**top, trainer=trainer_config, kafka=kafka)
+
+
+def parse_kafka_options(options: Sequence[str]) -> dict[str, Any]:
+    """``--kafka-option`` values as ``[kafka]`` keys: ``KEY=VALUE`` is ``[kafka] KEY`` (a source or
+    security setting, parsed as its type), ``consumer.KEY=VALUE`` / ``producer.KEY=VALUE`` a key of
+    ``[kafka.consumer]`` / ``[kafka.producer]`` (any kafka-python setting, parsed as the type of
+    its kafka-python default); later options win.
+
+    >>> parse_kafka_options(["consumer.fetch_max_bytes=1048576", "wait_for_topic_s=30"])
+    {'consumer': {'fetch_max_bytes': 1048576}, 'wait_for_topic_s': 30.0}
+    """
+    from consumers.client_options import check_client_options
+
+    out: dict[str, Any] = {}
+    types = _kafka_field_types()
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--kafka-option takes KEY=VALUE, got {option!r}")
+        table, dot, sub = key.partition(".")
+        where = f"--kafka-option {key}"
+        if dot and table in ("consumer", "producer"):
+            parsed = check_client_options(
+                table,  # type: ignore[arg-type]
+                {sub: text},
+                where="--kafka-option",
+                text=True,
+            )
+            out.setdefault(table, {}).update(parsed)
+            continue
+        if dot or key not in types or types[key].startswith("Mapping"):
+            if key not in types:
+                _check_kafka_keys({key: None}, where)
+            raise ConfigError(
+                f"{where}: give a [kafka] setting ({', '.join(sorted(types))}) or "
+                "consumer.KEY / producer.KEY for a kafka-python client setting"
+            )
+        out[key] = _parse_env_value(where, text, types[key])
+    return out

@@ -261,7 +261,7 @@ class TrainerService:
                 "features": self.trainer_config.features,
                 "max_batch_records": c.max_batch_records,
                 "max_wait_ms": c.max_wait_ms,
-                **c.kafka,
+                **{k: v for k, v in c.kafka.items() if k != "producer"},
             }
             instance_id = self._instance_id()
             if instance_id is not None:
@@ -287,12 +287,22 @@ class TrainerService:
                 self.source.close()
                 raise
             security: KafkaSecurity = source_config.security
-            self.dead_letters = DeadLetterSink(bootstrap, topic=c.dead_letter, security=security)
+            producer_options = c.kafka.get("producer", {})
+            self.dead_letters = DeadLetterSink(
+                bootstrap,
+                topic=c.dead_letter,
+                security=security,
+                producer_options=producer_options,
+            )
             if c.predictions_topic:
                 from consumers.producer import TopicProducer
 
                 self.predictions = TopicProducer(
-                    bootstrap, c.predictions_topic, create_missing=True, security=security
+                    bootstrap,
+                    c.predictions_topic,
+                    create_missing=True,
+                    security=security,
+                    producer_options=producer_options,
                 )
         else:
             if c.predictions_topic:

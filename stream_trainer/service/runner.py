@@ -85,7 +85,7 @@ from stream_trainer.errors import (
     SourceError,
     StreamTrainerError,
 )
-from stream_trainer.evaluation import StreamHistory
+from stream_trainer.evaluation import StreamHistory, scored_samples
 from stream_trainer.records import RejectedRecord
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
@@ -550,7 +550,9 @@ class TrainerService:
         trainer = self.trainer
         metrics = self._ensure_metrics()
         if report is not None:
-            self.history.add(self.records_read, report.size, trainer.metrics())
+            self.history.add(
+                self.records_read, report.size, trainer.metrics(), scored=scored_samples(trainer)
+            )
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
             since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY

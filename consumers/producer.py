@@ -230,7 +230,7 @@ def looped(open_pass: Callable[[], Iterable[_T]], *, passes: int | None = None) 
                     last = item.timestamp_ms
                 elif period:
                     shifted = item.timestamp_ms + done * period
-                    item = dataclasses.replace(item, timestamp_ms=shifted)  # type: ignore[assignment]
+                    item = dataclasses.replace(item, timestamp_ms=shifted)
             yield item
         if count == 0:
             return

@@ -152,7 +152,7 @@ def _resolve(spec: str) -> Callable[[], Any]:
         target = getattr(target, part)
     if not callable(target):
         raise ConfigError(f"sasl_oauth_token_provider {spec!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def load_token_provider(spec: str) -> Any:

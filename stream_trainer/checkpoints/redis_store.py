@@ -469,7 +469,7 @@ def _pooled_connection(pool: redis.ConnectionPool) -> Any:
 
 
 @functools.cache
-def _needs_command_name(pool_type: type) -> bool:
+def _needs_command_name(pool_type: type[redis.ConnectionPool]) -> bool:
     parameters = inspect.signature(pool_type.get_connection).parameters
     name = parameters.get("command_name")
     return name is not None and name.default is inspect.Parameter.empty

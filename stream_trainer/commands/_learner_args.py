@@ -95,7 +95,12 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-categories", type=int, default=_DEFAULTS.max_categories)
     g.add_argument(
-        "--window", type=int, default=_DEFAULTS.rolling_window, help="rolling-metric window"
+        "--window",
+        dest="rolling_window",
+        metavar="N",
+        type=int,
+        default=_DEFAULTS.rolling_window,
+        help="rolling-metric window",
     )
     g.add_argument("--seed", type=int, default=0)
 
@@ -146,7 +151,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         momentum_in_samples=args.momentum_in_samples,
         seed=args.seed,
         max_categories=args.max_categories,
-        rolling_window=args.window,
+        rolling_window=args.rolling_window,
     )
 
 

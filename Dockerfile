@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Own layer, before the sources: rebuilding after a code change does not download torch again.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<3"
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.15,<3"
 
 COPY . .
 RUN pip install . \

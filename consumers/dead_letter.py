@@ -51,13 +51,14 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kafka.errors import KafkaError
 from kafka.producer import KafkaProducer
 
+from consumers.client_options import check_client_options
 from consumers.security import KafkaSecurity
 from consumers.topics import create_topic, existing_topics
 from stream_trainer.errors import SourceError
@@ -151,6 +152,8 @@ class DeadLetterSink:
         Create a missing dead-letter topic (one partition) on first use.
     security
         Passed through to the producer.
+    producer_options
+        Other kafka-python producer settings (``[kafka.producer]``), passed through.
     producer
         An injected ``KafkaProducer`` (production default: built here, ``acks='all'``).
 
@@ -167,6 +170,7 @@ class DeadLetterSink:
         topic: str | None = None,
         create_topics: bool = True,
         security: KafkaSecurity | None = None,
+        producer_options: Mapping[str, Any] | None = None,
         producer: KafkaProducer | None = None,
         producer_factory: Callable[..., KafkaProducer] = KafkaProducer,
     ) -> None:
@@ -189,7 +193,7 @@ class DeadLetterSink:
                     bootstrap_servers=bootstrap_servers,
                     client_id="stream-trainer-dead-letter",
                     acks="all",
-                    linger_ms=5,
+                    **{"linger_ms": 5, **check_client_options("producer", producer_options or {})},
                     **self.security.client_configs(),
                 )
             except KafkaError as exc:

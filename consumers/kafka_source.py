@@ -56,6 +56,7 @@ from kafka.errors import KafkaError, RetriableError
 from kafka.record import util as _record_util
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from consumers.client_options import check_client_options
 from consumers.deserializer import RecordDecoder
 from consumers.retry import ExponentialBackoff, Retry
 from consumers.security import KafkaSecurity
@@ -174,6 +175,15 @@ class KafkaSourceConfig:
     lag_timeout_ms
         Bound on one :meth:`KafkaRecordSource.lag` query (its broker requests), so that a lag
         metric never holds the training loop for long while the broker is unreachable.
+    consumer_options
+        Any other kafka-python consumer setting (``isolation_level``, ``fetch_max_bytes``, ...),
+        passed through unchanged; checked by :func:`consumers.client_options.check_client_options`,
+        which refuses the keys set above. ``from_mapping`` also takes it as ``consumer`` (the
+        ``[kafka.consumer]`` table).
+    wait_for_topic_s
+        How long to wait for a missing topic to be created by someone else before failing (0, the
+        default: fail at once unless ``create_topic``). While waiting, a message is logged every
+        few seconds; the metadata is asked again every ``0.5`` s.
     """
 
     bootstrap_servers: str | tuple[str, ...]
@@ -202,6 +212,8 @@ class KafkaSourceConfig:
     read_ahead_batches: int = 4
     group_instance_id: str | None = None
     lag_timeout_ms: int = 500
+    consumer_options: Mapping[str, Any] = field(default_factory=dict)
+    wait_for_topic_s: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -218,6 +230,7 @@ class KafkaSourceConfig:
         set_(self, "bootstrap_servers", servers)
         if self.features is not None:
             set_(self, "features", tuple(dict.fromkeys(self.features)))
+        set_(self, "consumer_options", check_client_options("consumer", self.consumer_options))
         self._validate()
 
     def _validate(self) -> None:
@@ -292,6 +305,9 @@ class KafkaSourceConfig:
                 f"got {instance!r}"
             )
             raise ConfigError(msg)
+        wait = self.wait_for_topic_s
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise ConfigError(f"wait_for_topic_s must be a number >= 0, got {wait!r}")
         if not isinstance(self.security, KafkaSecurity):
             msg = f"security must be a KafkaSecurity, got {type(self.security).__name__}"
             raise ConfigError(msg)
@@ -304,6 +320,10 @@ class KafkaSourceConfig:
         (``security_protocol=...``) or as a ``security`` sub-mapping.
         """
         data = dict(mapping)
+        if "consumer" in data:
+            if "consumer_options" in data:
+                raise ConfigError("give either 'consumer' or 'consumer_options', not both")
+            data["consumer_options"] = data.pop("consumer")
         if "topic" in data:
             if "topics" in data:
                 raise ConfigError("give either 'topic' or 'topics', not both")
@@ -347,6 +367,7 @@ class KafkaSourceConfig:
             "bootstrap_timeout_ms": self.connect_timeout_ms,
             "allow_auto_create_topics": False,
             "group_instance_id": self.group_instance_id,
+            **self.consumer_options,
             **self.security.client_configs(),
         }
 
@@ -364,6 +385,7 @@ class KafkaSourceConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["consumer_options"] = dict(self.consumer_options)
         out["security"] = {f.name: getattr(self.security, f.name) for f in fields(KafkaSecurity)}
         return out
 
@@ -598,12 +620,46 @@ class KafkaRecordSource(ClosableSource):
             msg = f"cannot create a Kafka consumer for {servers}: {exc}"
             raise SourceError(msg, retriable=exc.retriable) from exc
 
-    def _ensure_topics(self) -> None:
+    def _list_topics(self) -> set[str]:
         try:
-            existing = self._consumer.topics()
+            return set(self._consumer.topics())
         except KafkaError as exc:
             raise SourceError(f"cannot list Kafka topics: {exc}", retriable=True) from exc
+
+    def _wait_for_topics(self, missing: list[str]) -> set[str]:
+        """Ask the metadata again until ``missing`` exist or ``wait_for_topic_s`` passes; the
+        topics the cluster has at the end."""
+        started = time.monotonic()
+        deadline = started + self.config.wait_for_topic_s
+        next_log = started
+        servers = ",".join(self.config.bootstrap_servers)
+        while True:
+            now = time.monotonic()
+            if now >= next_log:
+                log.info(
+                    "waiting for Kafka topic(s) %s to be created on %s (%.0f s of %.0f s)",
+                    ", ".join(missing),
+                    servers,
+                    now - started,
+                    self.config.wait_for_topic_s,
+                )
+                next_log = now + 5.0
+            time.sleep(max(0.0, min(0.5, deadline - now)))
+            existing = self._list_topics()
+            missing = [t for t in missing if t not in existing]
+            if not missing or time.monotonic() >= deadline:
+                return existing
+
+    def _ensure_topics(self) -> None:
+        existing = self._list_topics()
         missing = [t for t in self.config.topics if t not in existing]
+        if missing and self.config.wait_for_topic_s > 0 and not self.config.create_topic:
+            existing = self._wait_for_topics(missing)
+            found = [t for t in missing if t in existing]
+            missing = [t for t in missing if t not in existing]
+            if found:
+                log.info("Kafka topic(s) %s now exist", ", ".join(found))
+                self._await_partition_metadata(found)
         if not missing:
             return
         if not self.config.create_topic:
@@ -611,7 +667,8 @@ class KafkaRecordSource(ClosableSource):
             msg = (
                 f"Kafka topic(s) {missing} do not exist on "
                 f"{','.join(self.config.bootstrap_servers)} "
-                f"(existing: {shown}); create them or set create_topic=True"
+                f"(existing: {shown}); create them, set create_topic=True, or wait for them "
+                f"(wait_for_topic_s, waited {self.config.wait_for_topic_s:g} s)"
             )
             raise SourceError(msg, retriable=False)
         for topic in missing:

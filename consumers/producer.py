@@ -13,21 +13,31 @@ defaults ``time.monotonic`` / ``time.sleep``), so tests replay hours of traffic 
 - neither: as fast as the producer accepts.
 
 The producer never sleeps to catch up: a late message goes out at once and the schedule is kept.
+
+Looping
+-------
+:func:`looped` replays a source again and again (``replay --loop``). With one :class:`Pacer` over
+all the passes, ``rate=r`` stays steady across the seams. For recordings paced by ``speed``, pass
+:math:`k` has its timestamps shifted by :math:`k P`, :math:`P = (t_{last} - t_0) + g` where
+:math:`g` is the mean gap between consecutive messages of the first pass, so the schedule keeps
+going forward instead of restarting in the past (which would send a whole pass at once).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka.errors import KafkaError
 from kafka.producer import KafkaProducer
 
+from consumers.client_options import check_client_options
 from consumers.security import KafkaSecurity
 from consumers.topics import create_topic, existing_topics
 from stream_trainer.errors import ConfigError, SourceError
@@ -38,11 +48,14 @@ __all__ = [
     "Pacer",
     "ReplayReport",
     "TopicProducer",
+    "looped",
     "replay_entries",
     "replay_records",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Pacer:
@@ -114,6 +127,9 @@ class TopicProducer:
         Create ``topic`` with ``partitions`` partitions when it does not exist.
     partitions
         Partitions for a created topic.
+    security, producer_options
+        The connection security and other kafka-python producer settings (``[kafka.producer]``),
+        passed through.
     """
 
     def __init__(
@@ -124,6 +140,7 @@ class TopicProducer:
         create_missing: bool = False,
         partitions: int = 1,
         security: KafkaSecurity | None = None,
+        producer_options: Mapping[str, Any] | None = None,
         producer_factory: Callable[..., KafkaProducer] = KafkaProducer,
         linger_ms: int = 5,
     ) -> None:
@@ -141,7 +158,10 @@ class TopicProducer:
                 bootstrap_servers=bootstrap_servers,
                 client_id="stream-trainer-replay",
                 acks="all",
-                linger_ms=linger_ms,
+                **{
+                    "linger_ms": linger_ms,
+                    **check_client_options("producer", producer_options or {}),
+                },
                 **self.security.client_configs(),
             )
         except KafkaError as exc:
@@ -188,6 +208,36 @@ class TopicProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def looped(open_pass: Callable[[], Iterable[_T]], *, passes: int | None = None) -> Iterator[_T]:
+    """The items of ``open_pass()``, called again for each pass: forever (``passes=None``) or
+    ``passes`` times. Recording entries get their timestamps shifted forward per pass (see the
+    module docstring); an empty pass ends the loop (nothing to repeat)."""
+    if passes is not None and passes < 1:
+        raise ConfigError(f"passes must be >= 1, got {passes!r}")
+    done = 0
+    period = 0
+    while passes is None or done < passes:
+        first: int | None = None
+        last: int | None = None
+        count = 0
+        for item in open_pass():
+            count += 1
+            if isinstance(item, RecordingEntry) and item.timestamp_ms is not None:
+                if done == 0:
+                    first = item.timestamp_ms if first is None else first
+                    last = item.timestamp_ms
+                elif period:
+                    shifted = item.timestamp_ms + done * period
+                    item = dataclasses.replace(item, timestamp_ms=shifted)
+            yield item
+        if count == 0:
+            return
+        if done == 0 and first is not None and last is not None:
+            span = max(0, last - first)
+            period = max(1, span + (span // (count - 1) if count > 1 else 1000))
+        done += 1
 
 
 def replay_entries(

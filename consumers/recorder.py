@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kafka.consumer import KafkaConsumer
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from consumers.client_options import check_client_options
 from consumers.security import KafkaSecurity
 from stream_trainer.errors import ConfigError, SourceError
 from stream_trainer.sources.recording import RecordingEntry
@@ -33,6 +34,7 @@ def record_topic(
     max_records: int | None = None,
     until_end: bool = False,
     security: KafkaSecurity | None = None,
+    consumer_options: Mapping[str, Any] | None = None,
     poll_timeout_ms: int = 500,
     connect_timeout_ms: int = 10_000,
     progress: Callable[[int], Any] | None = None,
@@ -43,6 +45,8 @@ def record_topic(
 
     Stops after ``max_records``, or (``until_end``) once every partition has been read up to its end
     offset at the start, or when ``should_stop()`` is true; otherwise runs until interrupted.
+    ``security`` and ``consumer_options`` (other kafka-python consumer settings, e.g.
+    ``isolation_level``) are passed to the consumer.
     """
     if max_records is not None and max_records < 0:
         raise ConfigError(f"max_records must be >= 0, got {max_records!r}")
@@ -57,6 +61,7 @@ def record_topic(
             enable_auto_commit=False,
             allow_auto_create_topics=False,
             bootstrap_timeout_ms=connect_timeout_ms,
+            **check_client_options("consumer", consumer_options or {}),
             **security.client_configs(),
         )
     except KafkaError as exc:

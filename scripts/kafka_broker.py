@@ -211,8 +211,10 @@ class KafkaBroker:
     home
         Cache folder holding ``libs/`` (default :func:`kafka_home`).
     sasl_users
-        ``{user: password}``: also listen for ``SASL_PLAINTEXT`` clients (mechanism ``PLAIN``) on
-        :attr:`sasl_port`, for tests of authentication; ``None`` (default): plaintext only.
+        ``{user: password}``: also listen for ``SASL_PLAINTEXT`` clients on :attr:`sasl_port`, for
+        tests of authentication, with mechanisms ``PLAIN`` (these users) and ``OAUTHBEARER``
+        (Kafka's unsecured validator: any unsigned JWT with ``sub`` and ``exp`` claims passes; a
+        test setup, never a production one); ``None`` (default): plaintext only.
     """
 
     def __init__(
@@ -305,9 +307,12 @@ class KafkaBroker:
             props["listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
             props["advertised.listeners"] += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
             props["listener.security.protocol.map"] += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
-            props["sasl.enabled.mechanisms"] = "PLAIN"
+            props["sasl.enabled.mechanisms"] = "PLAIN,OAUTHBEARER"
             props["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
                 f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            )
+            props["listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config"] = (
+                "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;"
             )
         path = self.data_dir / PROPERTIES_FILE
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))

@@ -9,6 +9,7 @@ the plot) of the rolling metric and the batch sizes.
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 from collections import Counter
@@ -33,6 +34,10 @@ class StreamHistory:
     Bounded for long-lived services: once more than ``max_points`` steps are kept, every other
     point is dropped and from then on only every ``stride``-th step is recorded (the stride doubles
     each time), so memory stays O(max_points) however long the stream, and the plot still spans it.
+
+    A step after which no sample has been scored yet (the first batch of a new model has no
+    prediction: it is *unscored*, :mod:`stream_trainer.training.metrics`) records ``nan``, not
+    the ``0.0`` an empty metric reports, so that a plot leaves it out instead of a drop to 0.
     """
 
     seen: list[int] = field(default_factory=list)
@@ -43,16 +48,27 @@ class StreamHistory:
     stride: int = 1
     _calls: int = 0
 
-    def add(self, seen: int, size: int, metrics: dict[str, float]) -> None:
+    def add(
+        self, seen: int, size: int, metrics: dict[str, float], *, scored: int | None = None
+    ) -> None:
+        """Record one step: ``seen`` records so far, the batch's ``size``, the learner's
+        ``metrics`` and ``scored``, the samples scored so far (``None``: unknown, taken as some)."""
         self._calls += 1
         if (self._calls - 1) % self.stride:
             return
         self.seen.append(seen)
         self.batch_size.append(size)
-        self.rolling.append(metrics.get(self.metric_name, metrics.get("rmse", 0.0)))
+        value = metrics.get(self.metric_name, metrics.get("rmse", math.nan))
+        self.rolling.append(math.nan if scored == 0 else value)
         if len(self.seen) > self.max_points:
             del self.seen[1::2], self.batch_size[1::2], self.rolling[1::2]
             self.stride *= 2
+
+
+def scored_samples(learner: IncrementalTrainer) -> int:
+    """Samples the learner's prequential metrics have scored so far (for
+    :meth:`StreamHistory.add`)."""
+    return learner.cls_metrics.n + learner.reg_metrics.n
 
 
 _MAX_FIELDS_SHOWN = 50
@@ -150,7 +166,7 @@ def evaluate_stream(
             learner.step(records)
             seen += len(batch)
             metrics = learner.metrics()
-            history.add(seen, len(batch), metrics)
+            history.add(seen, len(batch), metrics, scored=scored_samples(learner))
             bar.update(len(batch))
             if history.metric_name in metrics and len(history.seen) % 50 == 0:
                 bar.set_postfix(acc=f"{metrics['accuracy']:.4f}", refresh=False)

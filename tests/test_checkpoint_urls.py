@@ -59,3 +59,30 @@ def test_unknown_options_and_bad_values_are_refused(tmp_path: Path) -> None:
         open_store(str(tmp_path), prefix="x")
     with pytest.raises(ConfigError, match="keep must be an int >= 1, got 0"):
         open_store("memory://?keep=0")
+
+
+def test_rediss_takes_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in files.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    query = f"ssl_ca_certs={files['ca']}&ssl_certfile={files['cert']}&ssl_keyfile={files['key']}"
+    store = open_store(f"rediss://127.0.0.1:1/0?prefix=p&{query}")
+    assert isinstance(store, RedisCheckpointStore)
+    kwargs = store.client.connection_pool.connection_kwargs
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == (
+        str(files["ca"]),
+        str(files["cert"]),
+        str(files["key"]),
+    )
+    assert store.prefix == "p"
+    store.close()
+    # The same as options.
+    store = open_store("rediss://127.0.0.1:1/0", ssl_ca_certs=str(files["ca"]))
+    assert store.client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(files["ca"])
+    store.close()
+    with pytest.raises(ConfigError, match=r"ssl_ca_certs need a TLS URL \(rediss://\)"):
+        open_store(f"redis://127.0.0.1:1/0?ssl_ca_certs={files['ca']}")
+    with pytest.raises(ConfigError, match=r"ssl_ca_certs '/no/ca.pem' .* is not a file"):
+        open_store("rediss://127.0.0.1:1/0?ssl_ca_certs=/no/ca.pem")
+    with pytest.raises(ConfigError, match="needs both ssl_certfile and ssl_keyfile"):
+        open_store(f"rediss://127.0.0.1:1/0?ssl_certfile={files['cert']}")

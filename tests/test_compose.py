@@ -188,3 +188,24 @@ def test_compose_commands_use_only_flags_the_cli_lists(services, service, subcom
     used = {arg for arg in command[2:] if arg.startswith("--")}
     unknown = used - flags
     assert not unknown, f"{service} passes {sorted(unknown)}, not in `{subcommand} --help`"
+
+
+def test_kafka_is_the_version_the_tests_run(services):
+    from tests.fixtures.kafka import load_broker
+
+    tag = services["kafka"]["image"].split(":", 1)[1]
+    assert tag == load_broker().KAFKA_VERSION
+    pom = (ROOT / "scripts/kafka/pom.xml").read_text()
+    assert f"<kafka.version>{tag}</kafka.version>" in pom
+
+
+def test_the_demo_keeps_flowing(services):
+    """The replayer loops at a steady rate and is restarted if it stops; the trainer waits for
+    the topic the replayer creates instead of failing while it does not exist yet."""
+    replay = services["replayer"]["command"]
+    assert "--loop" in replay and float(_option(replay, "--rate")) > 0
+    assert "--create-topic" in replay
+    assert services["replayer"]["restart"] == "unless-stopped"
+    run = services["trainer"]["command"]
+    assert float(_option(run, "--wait-for-topic")) >= 60
+    assert "--stop-at-end" not in run

@@ -38,7 +38,9 @@ back empty has lost the pointer and the epoch, and every writer holding an epoch
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import queue
 import ssl
 import threading
@@ -173,16 +175,30 @@ class RedisCheckpointStore(VersionedStore):
         *,
         socket_timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
         **options: Any,
     ) -> RedisCheckpointStore:
-        """A store owning a client for ``url`` (``redis://HOST:PORT/DB``); ``options`` as for
-        the constructor."""
+        """A store owning a client for ``url`` (``redis://HOST:PORT/DB``, or ``rediss://`` with
+        the ``ssl_*`` files: a private CA, a client certificate and key); ``options`` as for the
+        constructor."""
+        tls = {
+            name: value
+            for name, value in (
+                ("ssl_ca_certs", ssl_ca_certs),
+                ("ssl_certfile", ssl_certfile),
+                ("ssl_keyfile", ssl_keyfile),
+            )
+            if value is not None
+        }
         client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            **tls,
         )
         return cls(client, owns_client=True, **options)
 
@@ -294,7 +310,7 @@ class RedisCheckpointStore(VersionedStore):
             buffers.extend(part)
             buffers.append(b"\r\n$2\r\nEX\r\n$%d\r\n%b\r\n" % (len(ttl), ttl))
         pool = self.client.connection_pool
-        connection = pool.get_connection()
+        connection = _pooled_connection(pool)
         try:
             connection.send_packed_command(_coalesce(buffers))
             replies = [connection.read_response() for _ in parts]
@@ -444,6 +460,21 @@ def _coalesce(buffers: Sequence[bytes | memoryview]) -> list[bytes | memoryview]
 
 
 # Transient TLS failures (the peer went away mid-handshake): retried like any connection error.
+def _pooled_connection(pool: redis.ConnectionPool) -> Any:
+    """A connection from ``pool``. redis-py before 5.3 requires a command name (used for nothing
+    but its signature); later versions deprecate passing one."""
+    if _needs_command_name(type(pool)):
+        return pool.get_connection("SET")
+    return pool.get_connection()
+
+
+@functools.cache
+def _needs_command_name(pool_type: type[redis.ConnectionPool]) -> bool:
+    parameters = inspect.signature(pool_type.get_connection).parameters
+    name = parameters.get("command_name")
+    return name is not None and name.default is inspect.Parameter.empty
+
+
 _TRANSIENT_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -15,7 +16,8 @@ __all__ = ["ACCEPTED_FORMS", "open_store"]
 
 ACCEPTED_FORMS = (
     "redis://HOST:PORT/DB[?prefix=NAME&keep=K]",
-    "rediss://HOST:PORT/DB[?prefix=NAME&keep=K]",
+    "rediss://HOST:PORT/DB[?prefix=NAME&keep=K&ssl_ca_certs=CA.pem"
+    "&ssl_certfile=CERT.pem&ssl_keyfile=KEY.pem]",
     "file:///DIR[?keep=K]",
     "DIR (a plain path)",
     "memory://[?keep=K]",
@@ -23,11 +25,14 @@ ACCEPTED_FORMS = (
 _COMMON = {"keep", "chunk_size", "codec"}
 _OPTIONS = {
     "redis": _COMMON
-    | {"prefix", "retry", "pending_ttl_s", "socket_timeout_s", "connect_timeout_s"},
+    | {"prefix", "retry", "pending_ttl_s", "socket_timeout_s", "connect_timeout_s"}
+    | {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"},
     "file": _COMMON | {"fsync"},
     "memory": _COMMON,
 }
-_QUERY = {"redis": {"prefix", "keep", "chunk_size"}, "file": {"keep", "chunk_size"}}
+# rediss:// only: a private CA, and a client certificate for servers that verify clients
+_TLS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+_QUERY = {"redis": {"prefix", "keep", "chunk_size"} | _TLS, "file": {"keep", "chunk_size"}}
 _QUERY["memory"] = _QUERY["file"]
 
 
@@ -40,6 +45,11 @@ def open_store(url: str, **options: Any) -> VersionedStore:
     ``chunk_size``, ``codec``, and per store ``prefix``, ``retry``, ``pending_ttl_s``,
     ``socket_timeout_s``, ``connect_timeout_s``, ``fsync``); an option also given in the URL
     overrides it. Unknown query parameters or options raise :class:`ConfigError`.
+
+    ``rediss://`` (TLS) also takes ``ssl_ca_certs`` (a PEM file of the CA that signed the server's
+    certificate, for a private CA; default: the system's trust store), and ``ssl_certfile`` with
+    ``ssl_keyfile`` (a client certificate and its key, for servers started with
+    ``--tls-auth-clients yes``), as query parameters or options; each file must exist.
     """
     if not isinstance(url, str) or not url.strip():
         raise _bad(url, "empty")
@@ -65,6 +75,16 @@ def open_store(url: str, **options: Any) -> VersionedStore:
                 raise _bad(url, f"{name} must be an integer") from None
     if "prefix" in query:
         options["prefix"] = query.pop("prefix")
+    for name in sorted(_TLS & set(query)):
+        options[name] = query.pop(name)
+    tls = sorted(_TLS & {k for k, v in options.items() if v is not None})
+    if tls and scheme != "rediss":
+        raise _bad(url, f"{', '.join(tls)} need a TLS URL (rediss://)")
+    for name in tls:
+        if not Path(options[name]).is_file():
+            raise ConfigError(f"{name} {options[name]!r} of the checkpoint store is not a file")
+    if ("ssl_certfile" in tls) != ("ssl_keyfile" in tls):
+        raise ConfigError("a client certificate needs both ssl_certfile and ssl_keyfile")
     unknown = sorted(set(options) - _OPTIONS[kind])
     if unknown:
         msg = f"unknown option(s) {unknown} for a {kind} store; allowed: {sorted(_OPTIONS[kind])}"

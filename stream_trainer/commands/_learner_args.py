@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.training.config import (
+    ENGINES,
     LR_SCALINGS,
     OPTIMIZERS,
     RIVER_MODELS,
@@ -120,7 +121,19 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-categories", type=int, default=_DEFAULTS.max_categories)
     g.add_argument(
-        "--window", type=int, default=_DEFAULTS.rolling_window, help="rolling-metric window"
+        "--engine",
+        choices=ENGINES,
+        default=_DEFAULTS.engine,
+        help="auto: the compiled step engine wherever it covers the model; torch: autograd "
+        "(the two agree to float rounding; default auto)",
+    )
+    g.add_argument(
+        "--window",
+        dest="rolling_window",
+        metavar="N",
+        type=int,
+        default=_DEFAULTS.rolling_window,
+        help="rolling-metric window",
     )
     g.add_argument("--seed", type=int, default=0)
 
@@ -183,7 +196,8 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         momentum_in_samples=args.momentum_in_samples,
         seed=args.seed,
         max_categories=args.max_categories,
-        rolling_window=args.window,
+        rolling_window=args.rolling_window,
+        engine=args.engine,
     )
 
 

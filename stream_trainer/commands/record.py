@@ -2,10 +2,12 @@
 
     stream-trainer record --bootstrap HOST:PORT --topic T --out FILE.jsonl[.gz]
                           [--from-beginning] [--max-records N | --until-end]
+                          [--config FILE.toml] [--kafka-option KEY=VALUE ...]
 
 The recording keeps each message's topic, partition, offset, timestamp, key and value byte for byte
 (see :mod:`stream_trainer.sources.recording`). Without ``--max-records`` or ``--until-end`` it runs
-until interrupted (Ctrl-C closes the file cleanly).
+until interrupted (Ctrl-C closes the file cleanly). A secured cluster takes the settings of `run`:
+the ``[kafka]`` table of ``--config``, ``STREAM_TRAINER_KAFKA__*`` variables, ``--kafka-option``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+from stream_trainer.commands._kafka_args import add_kafka_arguments, kafka_client_settings
 
 __all__ = ["register"]
 
@@ -40,6 +44,7 @@ def register(subparsers: Any) -> None:
         help="stop once the end offsets seen at start are reached",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_kafka_arguments(p, config_file=True)
     p.set_defaults(func=run)
 
 
@@ -49,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from consumers.recorder import record_topic
     from stream_trainer.sources.recording import RecordingWriter
 
+    settings = kafka_client_settings(args)
     count = 0
     with (
         RecordingWriter(args.out, topic=args.topic) as writer,
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                 from_beginning=args.from_beginning,
                 max_records=args.max_records,
                 until_end=args.until_end,
+                security=settings.security,
+                consumer_options=settings.consumer,
                 progress=bar.update,
             )
         except KeyboardInterrupt:

@@ -3,11 +3,15 @@ from a file, recording or bundled dataset (the embedded default: river's Phishin
 checkpoints, metrics on 127.0.0.1:9100).
 
 Settings come from ``--config FILE.toml`` < ``STREAM_TRAINER_*`` environment variables < flags.
+Each setting below is also a TOML key and an environment variable of the same name
+(``--max-wait-ms`` is ``max_wait_ms`` and ``STREAM_TRAINER_MAX_WAIT_MS``); the learner's are in
+``[trainer]`` and ``STREAM_TRAINER_TRAINER__<KEY>``, the Kafka clients' in ``[kafka]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,147 +19,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stream_trainer.commands._learner_args import (
-    add_learner_arguments,
-    add_limit_arguments,
-    add_threads_argument,
-)
+from stream_trainer.commands._kafka_args import add_kafka_arguments, kafka_flags
+from stream_trainer.commands._learner_args import add_learner_arguments, add_limit_arguments
 from stream_trainer.errors import ConfigError
-from stream_trainer.training.config import SCREENING_SETTINGS
+from stream_trainer.service.config import ServiceConfig
+from stream_trainer.service.settings import add_setting_arguments
+from stream_trainer.training.config import TrainerConfig
 
 __all__ = ["register", "service_config"]
-
-# learner flag dest -> TrainerConfig field
-_TRAINER_FLAGS = {
-    "task": "task",
-    "features": "features",
-    "norm": "norm",
-    "hidden": "hidden",
-    "activation": "activation",
-    "dropout": "dropout",
-    "weight_standardization": "weight_standardization",
-    "skip": "skip",
-    "linear_expert": "linear_expert",
-    "lr_scale_min": "lr_scale_min",
-    "optimizer": "optimizer",
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "grad_clip": "grad_clip",
-    "lr_scaling": "lr_scaling",
-    "lr_reference_batch": "lr_reference_batch",
-    "momentum_in_samples": "momentum_in_samples",
-    "max_categories": "max_categories",
-    "window": "rolling_window",
-    "seed": "seed",
-    **{key: key for key in SCREENING_SETTINGS},
-}
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("run", help="run the training service", description=__doc__)
     p.add_argument("--config", type=Path, help="TOML file with the settings")
+    add_setting_arguments(p, ServiceConfig)
     p.add_argument(
-        "--source",
-        help="kafka://HOST:PORT/TOPIC, a file or recording, river:NAME or synth:NAME "
-        "(default river:Phishing)",
-    )
-    p.add_argument("--group", help="Kafka consumer group (default stream-trainer)")
-    p.add_argument(
-        "--run-name", dest="run_name", help="run label on every metric (default 'default')"
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="redis://HOST:PORT/DB[?prefix=NAME] or file://DIR (default file://checkpoints)",
-    )
-    p.add_argument("--checkpoint-every-records", dest="checkpoint_every_records", type=int)
-    p.add_argument("--checkpoint-every-seconds", dest="checkpoint_every_seconds", type=float)
-    p.add_argument(
-        "--fresh-start",
-        dest="fresh_start",
-        action="store_true",
-        help="start a new model even though the group has committed offsets",
-    )
-    p.add_argument(
-        "--allow-rollback",
-        dest="allow_rollback",
-        action="store_true",
-        help="start even when the restored checkpoint is older than the version the group's "
-        "committed offsets carry and the newer versions are not in the store as invalid ones "
-        "(their records are trained again)",
-    )
-    p.add_argument(
-        "--instance-id",
-        dest="instance_id",
-        help="Kafka static membership id (group.instance.id), unique in the group and stable "
-        "across restarts (e.g. the pod name): a restarted member takes its place at once",
-    )
-    p.add_argument(
-        "--metrics-address",
-        dest="metrics_address",
-        help="HOST:PORT for /metrics, /healthz, /readyz ('off' disables; default 127.0.0.1:9100)",
-    )
-    p.add_argument(
-        "--stop-at-end",
-        dest="stop_at_end",
-        action="store_true",
-        help="stop once caught up with the end offsets that existed at start",
-    )
-    p.add_argument("--report-json", dest="report_json", help="write the final report as JSON here")
-    p.add_argument("--plot", help="write a PNG of rolling accuracy and batch sizes here")
-    p.add_argument(
-        "--batch-sizes", dest="batch_sizes", help="file sources: N or MIN:MAX (default 1:64)"
-    )
-    p.add_argument(
-        "--max-batch-records",
-        dest="max_batch_records",
-        type=int,
-        help="Kafka: largest batch (default 64)",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        dest="max_wait_ms",
-        type=int,
-        help="Kafka: longest wait for a batch (default 100)",
-    )
-    p.add_argument(
-        "--dead-letter",
-        dest="dead_letter",
-        help="dead-letter topic (Kafka; default TOPIC.dead-letter) or file (file sources)",
-    )
-    p.add_argument(
-        "--predictions-topic",
-        dest="predictions_topic",
-        help="publish every prediction to this topic",
-    )
-    p.add_argument(
-        "--batch-log",
-        dest="batch_log",
-        help="log each step's offset ranges here (for bit-identical replay)",
-    )
-    p.add_argument(
-        "--replay-batches",
-        dest="replay_batches",
-        help="replay a recording with the batches of this batch log",
-    )
-    p.add_argument("--health-every-steps", dest="health_every_steps", type=int)
-    p.add_argument("--shutdown-timeout-seconds", dest="shutdown_timeout_seconds", type=float)
-    p.add_argument(
-        "--dist-backend",
-        dest="dist_backend",
-        choices=("auto", "gloo", "nccl"),
-        help="under torchrun (WORLD_SIZE > 1): collective backend (default auto: gloo on CPU)",
-    )
-    p.add_argument(
-        "--dist-timeout-seconds",
-        dest="dist_timeout_seconds",
+        "--wait-for-topic",
+        dest="wait_for_topic",
         type=float,
-        help="under torchrun: a collective that waits longer fails and the replica exits"
-        " (default 120)",
+        metavar="SECONDS",
+        help="Kafka: wait up to this long for a missing topic to be created, logging every few "
+        "seconds, instead of failing at once ([kafka] wait_for_topic_s; default 0)",
     )
-    p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
-    p.add_argument("--log-level", dest="log_level")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    add_threads_argument(p)
+    add_kafka_arguments(p, config_file=False)
     add_learner_arguments(p)
     add_limit_arguments(p)
     # Only flags actually given may override the file and the environment.
@@ -165,22 +51,28 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_service)
 
 
-def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def _trainer_keys() -> list[str]:
+    """The learner flags' destinations: the :class:`TrainerConfig` field each one sets."""
+    return [f.name for f in dataclasses.fields(TrainerConfig) if f.name != "target"]
+
+
+def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    kafka = kafka_flags(args)
+    given.pop("kafka_option", None)
+    if "wait_for_topic" in given:
+        kafka["wait_for_topic_s"] = given.pop("wait_for_topic")
     model = given.pop("model", "mlp")
     if model != "mlp":
         raise ConfigError(f"run trains the MLP; river baselines ({model!r}) are for `evaluate`")
-    trainer = {}
-    for flag, key in _TRAINER_FLAGS.items():
-        if flag in given:
-            trainer[key] = given.pop(flag)
+    trainer = {key: given.pop(key) for key in _trainer_keys() if key in given}
     if "features" in trainer and isinstance(trainer["features"], str):
         trainer["features"] = tuple(f.strip() for f in trainer["features"].split(",") if f.strip())
     if trainer.get("grad_clip") == 0:
         trainer["grad_clip"] = None
     if "target" in given:
         trainer["target"] = given["target"]
-    return given, trainer
+    return given, trainer, kafka
 
 
 def service_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
@@ -188,9 +80,13 @@ def service_config(args: argparse.Namespace, environ: Mapping[str, str] | None =
     ``--config`` file < ``environ`` (default ``os.environ``) < the flags given."""
     from stream_trainer.service import load_service_config
 
-    flags, trainer_flags = _split(args)
+    flags, trainer_flags, kafka = _split(args)
     return load_service_config(
-        config_file=args.config, flags=flags, trainer_flags=trainer_flags, environ=environ
+        config_file=args.config,
+        flags=flags,
+        trainer_flags=trainer_flags,
+        kafka_flags=kafka,
+        environ=environ,
     )
 
 

@@ -15,6 +15,10 @@ table ``[kafka]``. Sources of settings, later ones winning:
    which are ignored with a warning;
 3. flags given on the command line.
 
+Each top-level setting is declared once, as a :class:`ServiceConfig` field made with
+:func:`~stream_trainer.service.settings.setting` (default, type and help): its flag, environment
+variable and TOML key are derived from it (:mod:`stream_trainer.service.settings`).
+
 Every layer is closed to unknown keys (the error lists the valid ones) and typed: a TOML value or an
 environment value of the wrong type is a :class:`ConfigError` naming the key and the expected type.
 The ``[kafka]`` table takes the :class:`consumers.KafkaSourceConfig` and
@@ -29,13 +33,13 @@ Secrets (SASL and SSL passwords, passwords in URLs) never appear in :meth:`Servi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
-import json
 import logging
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ from typing import Any
 from stream_trainer.errors import ConfigError
 from stream_trainer.redaction import MASK as _MASK
 from stream_trainer.redaction import mask_url
+from stream_trainer.service.settings import check_value, parse_text, setting
 from stream_trainer.training import TrainerConfig
 
 __all__ = [
@@ -52,6 +57,7 @@ __all__ = [
     "SERVICE_OWNED_KAFKA_KEYS",
     "ServiceConfig",
     "load_service_config",
+    "parse_kafka_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,36 +123,77 @@ class ServiceConfig:
     SIGTERM/SIGINT.
     """
 
-    source: str = "river:Phishing"
-    target: str | None = None
-    group: str = "stream-trainer"
-    run_name: str = "default"
-    checkpoint: str = "file://checkpoints"
-    checkpoint_every_records: int = 1000
-    checkpoint_every_seconds: float = 60.0
-    fresh_start: bool = False
-    allow_rollback: bool = False
-    instance_id: str | None = None
-    metrics_address: str = "127.0.0.1:9100"
-    stop_at_end: bool = False
-    report_json: str | None = None
-    plot: str | None = None
-    batch_sizes: str = "1:64"
-    max_batch_records: int = 64
-    max_wait_ms: int = 100
-    dead_letter: str | None = None
-    predictions_topic: str | None = None
-    batch_log: str | None = None
-    replay_batches: str | None = None
-    health_every_steps: int = 50
-    shutdown_timeout_seconds: float = 30.0
-    log_format: str = "text"
-    log_level: str = "INFO"
-    progress: bool = True
-    threads: int = 1  # torch's and the BLAS/OpenMP pools' (stream_trainer.threads)
+    source: str = setting(
+        "river:Phishing",
+        help="kafka://HOST:PORT/TOPIC, a file or recording, river:NAME or synth:NAME",
+    )
+    target: str | None = None  # the learner's --target flag (add_learner_arguments)
+    group: str = setting("stream-trainer", help="Kafka consumer group")
+    run_name: str = setting("default", help="run label on every metric")
+    checkpoint: str = setting(
+        "file://checkpoints",
+        help="redis://HOST:PORT/DB[?prefix=NAME], rediss://... (TLS) or file://DIR",
+    )
+    checkpoint_every_records: int = setting(1000, help="checkpoint after this many records")
+    checkpoint_every_seconds: float = setting(60.0, help="or after this many seconds")
+    fresh_start: bool = setting(
+        False, help="start a new model even though the group has committed offsets"
+    )
+    allow_rollback: bool = setting(
+        False,
+        help="start even when the restored checkpoint is older than the version the group's "
+        "committed offsets carry and the newer versions are not in the store as invalid ones "
+        "(their records are trained again)",
+    )
+    instance_id: str | None = setting(
+        None,
+        help="Kafka static membership id (group.instance.id), unique in the group and stable "
+        "across restarts (e.g. the pod name): a restarted member takes its place at once",
+    )
+    metrics_address: str = setting(
+        "127.0.0.1:9100", help="HOST:PORT for /metrics, /healthz, /readyz ('off' disables)"
+    )
+    stop_at_end: bool = setting(
+        False, help="stop once caught up with the end offsets that existed at start"
+    )
+    report_json: str | None = setting(None, help="write the final report as JSON here")
+    plot: str | None = setting(None, help="write a PNG of rolling accuracy and batch sizes here")
+    batch_sizes: str = setting("1:64", help="file sources: N or MIN:MAX")
+    max_batch_records: int = setting(64, help="Kafka: largest batch")
+    max_wait_ms: int = setting(100, help="Kafka: longest wait for a batch")
+    dead_letter: str | None = setting(
+        None, help="dead-letter topic (Kafka; default TOPIC.dead-letter) or file (file sources)"
+    )
+    predictions_topic: str | None = setting(None, help="publish every prediction to this topic")
+    batch_log: str | None = setting(
+        None, help="log each step's offset ranges here (for bit-identical replay)"
+    )
+    replay_batches: str | None = setting(
+        None, help="replay a recording with the batches of this batch log"
+    )
+    health_every_steps: int = setting(50, help="compute the health metrics every N steps")
+    shutdown_timeout_seconds: float = setting(
+        30.0, help="longest a stop (SIGTERM) may take before the process exits anyway"
+    )
+    log_format: str = setting("text", help="log lines as text or JSON", choices=LOG_FORMATS)
+    log_level: str = setting("INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    progress: bool = setting(True, help="no progress bar on stderr")
+    threads: int = setting(
+        1,
+        help="threads of torch and of numpy's BLAS/OpenMP pools, pinned together (the MLP's "
+        "products are small, and waking a thread pool per kernel costs more than it saves, by "
+        "far on a busy machine)",
+    )
     # -- data-parallel replicas (stream_trainer.distributed; used when WORLD_SIZE > 1) ----------
-    dist_backend: str = "auto"
-    dist_timeout_seconds: float = 120.0
+    dist_backend: str = setting(
+        "auto",
+        help="under torchrun (WORLD_SIZE > 1): collective backend (auto: gloo on CPU)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    dist_timeout_seconds: float = setting(
+        120.0,
+        help="under torchrun: a collective that waits longer fails and the replica exits",
+    )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
@@ -185,6 +232,10 @@ class ServiceConfig:
 
             parse_metrics_address(self.metrics_address)
         _check_kafka_keys(self.kafka, "[kafka]")
+        if self.kafka:  # the security settings' own checks (OAUTHBEARER's provider...) at start
+            from consumers.client_options import KafkaClientSettings
+
+            KafkaClientSettings.from_kafka_table(self.kafka)
         if self.instance_id is not None and "group_instance_id" in self.kafka:
             raise ConfigError(
                 "give the static membership id once: instance_id or [kafka] group_instance_id, "
@@ -223,6 +274,7 @@ class ServiceConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 _TRAINER_FIELDS = {f.name: f for f in dataclasses.fields(TrainerConfig)}
 _TABLES = ("trainer", "kafka")
+_KAFKA_SUBTABLES = ("consumer", "producer", "security")
 _SETTINGS = [k for k in _FIELDS if k not in _TABLES]
 
 
@@ -234,11 +286,35 @@ def _kafka_field_types() -> dict[str, str]:
 
     types = {f.name: str(f.type) for f in dataclasses.fields(KafkaSourceConfig)}
     types.pop("security")
+    types.pop("consumer_options")  # the [kafka.consumer] table
+    types["consumer"] = types["producer"] = "Mapping[str, Any]"
     types.update({f.name: str(f.type) for f in dataclasses.fields(KafkaSecurity)})
     for key in SERVICE_OWNED_KAFKA_KEYS:
         types.pop(key, None)
     types["security"] = "Mapping[str, Any]"  # the security settings as a sub-table
     return types
+
+
+def _kafka_hints(unknown: Sequence[str], types: Mapping[str, str]) -> str:
+    """Close matches of mistyped ``[kafka]`` keys, and the sub-table of kafka-python client
+    settings given at the top of ``[kafka]``."""
+    from kafka.consumer import KafkaConsumer
+    from kafka.producer import KafkaProducer
+
+    hints = []
+    for key in unknown:
+        tables = [
+            name
+            for name, client in (("consumer", KafkaConsumer), ("producer", KafkaProducer))
+            if key in client.DEFAULT_CONFIG
+        ]
+        if tables:
+            hints.append(f"{key} is a kafka-python setting: {' / '.join(tables)}.{key}")
+            continue
+        close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.6)
+        if close:
+            hints.append(f"{key}: did you mean {', '.join(close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
@@ -250,11 +326,16 @@ def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(kafka) - set(types))
     if unknown:
         raise ConfigError(
-            f"unknown Kafka setting(s) in {where}: {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(types))}"
+            f"unknown Kafka setting(s) in {where}: {', '.join(unknown)}"
+            f"{_kafka_hints(unknown, types)}; valid: {', '.join(sorted(types))}"
         )
     for key, value in kafka.items():
-        _check_type(f"{where} {key}", value, types[key], secret=_is_secret(key))
+        check_value(f"{where} {key}", value, types[key], secret=_is_secret(key))
+    from consumers.client_options import check_client_options
+
+    for kind in ("consumer", "producer"):
+        if kind in kafka:
+            check_client_options(kind, kafka[kind], where=f"{where} {kind}")
     nested = kafka.get("security")
     if isinstance(nested, Mapping):
         security = {k: v for k, v in types.items() if k.startswith(("security_", "sasl_", "ssl_"))}
@@ -265,80 +346,7 @@ def _check_kafka_keys(kafka: Mapping[str, Any], where: str) -> None:
                 f"valid: {', '.join(sorted(security))}"
             )
         for key, value in nested.items():
-            _check_type(f"{where} security.{key}", value, security[key], secret=_is_secret(key))
-
-
-def _alternatives(annotation: Any) -> list[str]:
-    return [a.strip() for a in str(annotation).split("|")]
-
-
-def _matches(value: Any, kind: str) -> bool:
-    if kind == "None":
-        return value is None
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind.startswith("tuple["):
-        item = kind[len("tuple[") :].split(",")[0]
-        return isinstance(value, list | tuple) and all(_matches(v, item) for v in value)
-    if kind.startswith("Mapping"):
-        return isinstance(value, Mapping)
-    return True
-
-
-def _check_type(where: str, value: Any, annotation: Any, *, secret: bool = False) -> None:
-    if not any(_matches(value, kind) for kind in _alternatives(annotation)):
-        shown = _MASK if secret else repr(value)
-        raise ConfigError(f"{where} must be {annotation}, got {shown}")
-
-
-def _parse_one(kind: str, text: str) -> Any:
-    if kind == "bool":
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    if kind == "str":
-        return text
-    if kind.startswith("tuple["):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        return tuple(int(p) for p in parts) if kind.startswith("tuple[int") else tuple(parts)
-    if kind.startswith("Mapping"):
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError(text)
-        return value
-    raise ValueError(f"cannot parse {kind}")
-
-
-def _parse_env_value(name: str, text: str, annotation: Any) -> Any:
-    """``text`` as the first of the annotation's types that parses it (``""`` is None when
-    allowed). ``str | tuple[str, ...]`` (``norm``) is one name, or a tuple when comma-separated."""
-    kinds = _alternatives(annotation)
-    if "None" in kinds and text == "":
-        return None
-    if kinds[:2] == ["str", "tuple[str, ...]"]:
-        parts = tuple(p.strip() for p in text.split(",") if p.strip())
-        return parts[0] if len(parts) == 1 else parts
-    # Try the specific types before str, which accepts anything.
-    for kind in sorted((k for k in kinds if k != "None"), key=lambda k: k == "str"):
-        try:
-            return _parse_one(kind, text)
-        except ValueError:
-            continue
-    shown = _MASK if _is_secret(name) else repr(text)
-    raise ConfigError(f"environment variable {name}={shown} is not a valid {annotation}")
+            check_value(f"{where} security.{key}", value, security[key], secret=_is_secret(key))
 
 
 def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -364,7 +372,9 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any
                     f"unknown environment variable {name}: no trainer setting {sub!r}; "
                     f"trainer settings are {valid}"
                 )
-            trainer[sub] = _parse_env_value(name, text, _TRAINER_FIELDS[sub].type)
+            trainer[sub] = parse_text(
+                f"environment variable {name}", text, _TRAINER_FIELDS[sub].type
+            )
         elif key.startswith("kafka__"):
             sub = key[len("kafka__") :]
             types = _kafka_field_types()
@@ -374,9 +384,9 @@ def _from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any
                     f"{ENV_PREFIX}KAFKA__{k.upper()}" for k in sorted(types) if k != "security"
                 )
                 raise ConfigError(f"unknown environment variable {name}; Kafka settings: {valid}")
-            kafka[sub] = _parse_env_value(name, text, types[sub])
+            kafka[sub] = parse_text(f"environment variable {name}", text, types[sub])
         elif key in _SETTINGS:
-            top[key] = _parse_env_value(name, text, _FIELDS[key].type)
+            top[key] = parse_text(f"environment variable {name}", text, _FIELDS[key].type)
         else:
             valid = ", ".join(ENV_PREFIX + k.upper() for k in _SETTINGS)
             also = ", ".join(sorted(NON_SETTING_ENV))
@@ -410,9 +420,9 @@ def _from_toml(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
             f"unknown keys in [trainer] of {str(path)!r}: {', '.join(unknown)}; valid: {valid}"
         )
     for key, value in data.items():
-        _check_type(f"{key} in {str(path)!r}", value, _FIELDS[key].type, secret=_is_secret(key))
+        check_value(f"{key} in {str(path)!r}", value, _FIELDS[key].type, secret=_is_secret(key))
     for key, value in trainer.items():
-        _check_type(f"[trainer] {key} in {str(path)!r}", value, _TRAINER_FIELDS[key].type)
+        check_value(f"[trainer] {key} in {str(path)!r}", value, _TRAINER_FIELDS[key].type)
     _check_kafka_keys(kafka, f"[kafka] of {str(path)!r}")
     return data, trainer, kafka
 
@@ -422,11 +432,15 @@ def load_service_config(
     config_file: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
     trainer_flags: Mapping[str, Any] | None = None,
+    kafka_flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServiceConfig:
     """Merge TOML < environment < flags into one validated :class:`ServiceConfig`.
 
-    ``flags`` and ``trainer_flags`` hold only the settings given on the command line.
+    ``flags``, ``trainer_flags`` and ``kafka_flags`` (``[kafka]`` keys, e.g. from
+    :func:`parse_kafka_options`) hold only the settings given on the command line. The
+    ``consumer``, ``producer`` and ``security`` sub-tables of ``[kafka]`` merge key by key: a
+    later layer overrides single settings, not the whole table.
     """
     top: dict[str, Any] = {}
     trainer: dict[str, Any] = {}
@@ -435,11 +449,15 @@ def load_service_config(
     if config_file is not None:
         layers.append(_from_toml(Path(config_file)))
     layers.append(_from_env(os.environ if environ is None else environ))
-    layers.append((dict(flags or {}), dict(trainer_flags or {}), {}))
+    layers.append((dict(flags or {}), dict(trainer_flags or {}), dict(kafka_flags or {})))
     for t, tr, k in layers:
         top.update(t)
         trainer.update(tr)
-        kafka.update(k)
+        for key, value in k.items():
+            if key in _KAFKA_SUBTABLES and isinstance(kafka.get(key), Mapping):
+                kafka[key] = {**kafka[key], **value} if isinstance(value, Mapping) else value
+            else:
+                kafka[key] = value
     unknown = sorted(set(top) - set(_SETTINGS))
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(unknown)}; valid: {', '.join(_SETTINGS)}")
@@ -448,3 +466,43 @@ def load_service_config(
         trainer["target"] = target
     trainer_config = TrainerConfig.from_dict(trainer)
     return ServiceConfig(**top, trainer=trainer_config, kafka=kafka)
+
+
+def parse_kafka_options(options: Sequence[str]) -> dict[str, Any]:
+    """``--kafka-option`` values as ``[kafka]`` keys: ``KEY=VALUE`` is ``[kafka] KEY`` (a source or
+    security setting, parsed as its type), ``consumer.KEY=VALUE`` / ``producer.KEY=VALUE`` a key of
+    ``[kafka.consumer]`` / ``[kafka.producer]`` (any kafka-python setting, parsed as the type of
+    its kafka-python default); later options win.
+
+    >>> parse_kafka_options(["consumer.fetch_max_bytes=1048576", "wait_for_topic_s=30"])
+    {'consumer': {'fetch_max_bytes': 1048576}, 'wait_for_topic_s': 30.0}
+    """
+    from consumers.client_options import check_client_options
+
+    out: dict[str, Any] = {}
+    types = _kafka_field_types()
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--kafka-option takes KEY=VALUE, got {option!r}")
+        table, dot, sub = key.partition(".")
+        where = f"--kafka-option {key}"
+        if dot and table in ("consumer", "producer"):
+            parsed = check_client_options(
+                table,  # type: ignore[arg-type]
+                {sub: text},
+                where="--kafka-option",
+                text=True,
+            )
+            out.setdefault(table, {}).update(parsed)
+            continue
+        if dot or key not in types or types[key].startswith("Mapping"):
+            if key not in types:
+                _check_kafka_keys({key: None}, where)
+            raise ConfigError(
+                f"{where}: give a [kafka] setting ({', '.join(sorted(types))}) or "
+                "consumer.KEY / producer.KEY for a kafka-python client setting"
+            )
+        out[key] = parse_text(where, text, types[key])
+    return out

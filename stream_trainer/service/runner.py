@@ -84,7 +84,7 @@ from stream_trainer.errors import (
     SourceError,
     StreamTrainerError,
 )
-from stream_trainer.evaluation import StreamHistory
+from stream_trainer.evaluation import StreamHistory, scored_samples
 from stream_trainer.records import RejectedRecord
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
@@ -262,7 +262,7 @@ class TrainerService:
                 "features": self.trainer_config.features,
                 "max_batch_records": c.max_batch_records,
                 "max_wait_ms": c.max_wait_ms,
-                **c.kafka,
+                **{k: v for k, v in c.kafka.items() if k != "producer"},
             }
             instance_id = self._instance_id()
             if instance_id is not None:
@@ -288,12 +288,22 @@ class TrainerService:
                 self.source.close()
                 raise
             security: KafkaSecurity = source_config.security
-            self.dead_letters = DeadLetterSink(bootstrap, topic=c.dead_letter, security=security)
+            producer_options = c.kafka.get("producer", {})
+            self.dead_letters = DeadLetterSink(
+                bootstrap,
+                topic=c.dead_letter,
+                security=security,
+                producer_options=producer_options,
+            )
             if c.predictions_topic:
                 from consumers.producer import TopicProducer
 
                 self.predictions = TopicProducer(
-                    bootstrap, c.predictions_topic, create_missing=True, security=security
+                    bootstrap,
+                    c.predictions_topic,
+                    create_missing=True,
+                    security=security,
+                    producer_options=producer_options,
                 )
         else:
             if c.predictions_topic:
@@ -542,7 +552,9 @@ class TrainerService:
         trainer = self.trainer
         metrics = self._ensure_metrics()
         if report is not None:
-            self.history.add(self.records_read, report.size, trainer.metrics())
+            self.history.add(
+                self.records_read, report.size, trainer.metrics(), scored=scored_samples(trainer)
+            )
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
             since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY

@@ -28,6 +28,7 @@ from stream_trainer.checkpoints import (
     RedisCheckpointStore,
     RetryPolicy,
     StoreAccessError,
+    open_store,
 )
 from stream_trainer.cli import main as cli_main
 from stream_trainer.errors import CheckpointCorruptError, StoreUnavailableError
@@ -95,7 +96,7 @@ def test_redis_down_past_the_retry_budget_is_retriable(
         assert info.value.retriable is True
         assert delays == [0.5, 1.0, 1.0]
         with pytest.raises(StoreUnavailableError):
-            store.load_latest()
+            store.acquire_epoch("w")
         server.start()
         assert store.save(make(2)) == 2  # the same store works again once Redis is back
 
@@ -358,3 +359,58 @@ def test_an_untrusted_tls_certificate_fails_at_once_with_its_own_error(
     with RedisCheckpointStore(client, owns_client=True, retry=retry) as store:
         assert store.acquire_epoch("w") == 1
         assert store.save(replace(make(1), epoch=1)) == 1
+
+
+def _signed(openssl: str, ca: tuple[Path, Path], name: str, directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 named ``name``, signed by ``ca`` (cert, key)."""
+    cert, key, csr = (directory / f"{name}.{ext}" for ext in ("pem", "key", "csr"))
+    subject = ["-subj", f"/CN={name}"]
+    run = {"check": True, "capture_output": True}
+    subprocess.run([openssl, "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(csr), *subject], **run)  # fmt: skip
+    extensions = directory / f"{name}.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey",
+                    str(ca[1]), "-CAcreateserial", "-days", "1", "-out", str(cert),
+                    "-extfile", str(extensions)], **run)  # fmt: skip
+    return cert, key
+
+
+def test_rediss_with_a_private_ca_and_a_client_certificate(
+    private_redis: Callable[..., _Private], tmp_path: Path
+) -> None:
+    """A server that verifies its clients (``--tls-auth-clients yes``), certificates from a
+    private CA: the URL naming the CA, the client certificate and its key saves and loads; without
+    the client certificate the server refuses the connection."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        service_unavailable("openssl", "needed to make a private CA")
+    ca = (tmp_path / "ca.pem", tmp_path / "ca.key")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(ca[1]), "-out", str(ca[0]), "-subj", "/CN=test-ca"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_cert, server_key = _signed(openssl, ca, "server", tmp_path)
+    client_cert, client_key = _signed(openssl, ca, "client", tmp_path)
+    server = private_redis(
+        "--tls-cert-file", str(server_cert), "--tls-key-file", str(server_key),
+        "--tls-ca-cert-file", str(ca[0]), "--tls-auth-clients", "yes",
+        port_flag="--tls-port",
+    )  # fmt: skip
+    base = f"rediss://127.0.0.1:{server.port}/0?prefix=tls&ssl_ca_certs={ca[0]}"
+    with open_store(f"{base}&ssl_certfile={client_cert}&ssl_keyfile={client_key}") as store:
+        assert store.acquire_epoch("w") == 1
+        assert store.save(replace(make(7), epoch=1)) == 1
+        loaded = store.load_latest()
+        assert loaded is not None and loaded.samples == 7
+    # Under TLS 1.3 the server's refusal comes after the handshake: depending on the redis-py
+    # version it reaches the client as the server's alert (refused: not retried) or as the
+    # connection closed, like any dropped connection (retried, then unreachable).
+    retry = RetryPolicy(retries=2, sleep=lambda _delay: None)
+    refused = r"TLS handshake refused.*certificate required|store unreachable.*EOF"
+    with (
+        open_store(base, retry=retry, connect_timeout_s=2.0) as store,
+        pytest.raises((StoreAccessError, StoreUnavailableError), match=refused),
+    ):
+        store.acquire_epoch("w")

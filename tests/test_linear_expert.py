@@ -148,10 +148,10 @@ def test_state_round_trip_and_bad_state() -> None:
 
 def test_classification_losses_are_zero_one_and_unknown_classes_are_errors() -> None:
     proba = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]])
-    losses = classification_losses([proba, proba[:, ::-1]], np.array([0, 0, 2]))
+    losses = classification_losses(np.stack([proba, proba[:, ::-1]]), np.array([0, 0, 2]))
     np.testing.assert_array_equal(losses, [[0, 1], [1, 0], [1, 1]])
     np.testing.assert_array_equal(
-        classification_losses([np.zeros((2, 0))], np.array([0, 1])), [[1], [1]]
+        classification_losses(np.zeros((1, 2, 0)), np.array([0, 1])), [[1], [1]]
     )
     np.testing.assert_allclose(regression_losses(np.array([1.0, -1.0]), np.array([0.0, 1.0])),
                                [0.5, 2.0])  # fmt: skip

@@ -181,6 +181,14 @@ class SynchronizedStandardizer(RunningStandardizer):
         obj.count, obj.mean, obj.m2 = plain.count.copy(), plain.mean.copy(), plain.m2.copy()
         return obj
 
+    def standardize_into(
+        self, x: np.ndarray, out: np.ndarray, columns: np.ndarray, *, learn: bool
+    ) -> None:
+        """The parent's contract with the global :meth:`update` (a collective when ``learn``)."""
+        if learn:
+            self.update(x)
+        out[:, columns] = self.transform(x)
+
     def update(self, x: np.ndarray) -> None:
         x = self._clipped(x)  # against the running state, the same on every replica
         present = ~np.isnan(x)

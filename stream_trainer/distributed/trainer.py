@@ -284,7 +284,7 @@ class DistributedTrainer:
 
     def _expert_losses(
         self,
-        outputs: tuple[np.ndarray, np.ndarray] | None,
+        outputs: np.ndarray | None,
         y: np.ndarray,
         idx: np.ndarray | None,
     ) -> np.ndarray:
@@ -295,7 +295,7 @@ class DistributedTrainer:
         if outputs is None:  # no accepted row here this step
             return np.zeros((len(y), 2))
         if idx is not None:
-            outputs = (outputs[0][idx], outputs[1][idx])
+            outputs = outputs[:, idx]
         return t._expert_losses(outputs, y)
 
     def _agree_on_task(self, records: Sequence[Record]) -> str | None:

@@ -51,6 +51,7 @@ __all__ = [
     "sample_weight",
     "serve_step",
     "softmax_mix",
+    "standardize_rows",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -62,6 +63,12 @@ def _compiled(fn: _F) -> _F:
     the denominators positive)."""
     options = {"contract", "reassoc", "nsz", "arcp"}
     return cast(_F, njit(cache=True, fastmath=options, error_model="numpy", nogil=True)(fn))
+
+
+def _compiled_exact(fn: _F) -> _F:
+    """Compile ``fn`` without reassociation: the same operations in the same order as the numpy
+    code it stands for, hence the same bits."""
+    return cast(_F, njit(cache=True, error_model="numpy", nogil=True)(fn))
 
 
 _SQRT1_2 = math.sqrt(0.5)
@@ -662,3 +669,60 @@ def argmax_errors(probs, rows, target, losses):
                     best = c
             wrong = probs.shape[2] == 0 or best != target[i]
             losses[i, m] = 1.0 if wrong else 0.0
+
+
+@_compiled_exact
+def standardize_rows(x, count, mean, m2, clip, eps, warmup, learn, out, columns):
+    r"""The running standardizer (:class:`~stream_trainer.features.RunningStandardizer`) on raw
+    rows ``x (N, D)`` (NaN: missing): with ``learn``, Chan et al.'s merge of the batch's
+    :math:`(n_b, \mu_b, M_{2,b})` into ``count, mean, m2`` (in place), each value clipped to
+    ``mean +- clip * std`` first in the columns with at least ``warmup`` values; then every row
+    standardized with the updated moments (NaN -> 0, clipped to ``+-clip``) into ``out[:,
+    columns]``. The operations and their order are those of the numpy methods it stands for."""
+    rows, cols = x.shape
+    for c in range(cols):
+        n_a = count[c]
+        mu = mean[c]
+        if learn:
+            lo, hi = -np.inf, np.inf
+            if n_a >= warmup:
+                var = m2[c] / n_a if n_a > 1.0 else 0.0
+                sd = math.sqrt(var)
+                if not sd > eps:
+                    sd = 1.0
+                lo, hi = mu - clip * sd, mu + clip * sd
+            n_b = 0.0
+            total = 0.0
+            for r in range(rows):
+                v = x[r, c]
+                if v == v:  # NaN: missing
+                    n_b += 1.0
+                    total += min(max(v, lo), hi)
+            if n_b > 0.0:
+                mu_b = total / n_b
+                m2_b = 0.0
+                for r in range(rows):
+                    v = x[r, c]
+                    if v == v:
+                        dev = min(max(v, lo), hi) - mu_b
+                        m2_b += dev * dev
+                n = n_a + n_b
+                delta = mu_b - mu
+                ratio = n_b / n
+                mean[c] = mu + delta * ratio
+                m2[c] = m2[c] + m2_b + delta * delta * n_a * ratio
+                count[c] = n
+        n = count[c]
+        var = m2[c] / n if n > 1.0 else 0.0
+        sd = math.sqrt(var)
+        if not sd > eps:
+            sd = 1.0
+        mu = mean[c]
+        col = columns[c]
+        for r in range(rows):
+            v = x[r, c]
+            if v == v:
+                z = (v - mu) / sd
+                out[r, col] = max(min(z, clip), -clip)
+            else:
+                out[r, col] = 0.0

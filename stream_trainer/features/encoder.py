@@ -80,6 +80,7 @@ class FeatureEncoder:
         self.numeric: dict[str, int] = {}
         self.numeric_columns: list[int] = []
         self._numeric_names: list[str] = []  # numeric feature names in slot order
+        self._column_index = np.zeros(0, dtype=np.int64)  # numeric_columns as an array
         # categorical feature -> {category -> column}
         self.categories: dict[str, dict[str, int]] = {}
         self.n_columns = 0
@@ -228,9 +229,10 @@ class FeatureEncoder:
                 ],
                 dtype=np.float64,
             ).reshape(n, len(names))
-            if learn:
-                self.scaler.update(num)
-            out[:, self.numeric_columns] = self.scaler.transform(num)
+            columns = self._column_index
+            if columns.shape[0] != len(names):
+                columns = self._column_index = np.asarray(self.numeric_columns, dtype=np.int64)
+            self.scaler.standardize_into(num, out, columns, learn=learn)
         if self.categories:
             for i, value in enumerate(values):
                 for name, cats in self.categories.items():

@@ -140,6 +140,21 @@ class RunningStandardizer:
         self._std = (self.m2, self.count, std)
         return std
 
+    def standardize_into(
+        self, x: np.ndarray, out: np.ndarray, columns: np.ndarray, *, learn: bool
+    ) -> None:
+        """``out[:, columns] =`` the standardized ``x`` (raw float64 rows, NaN = missing), after
+        :meth:`update` with ``x`` when ``learn``: what :meth:`update` then
+        :meth:`transform` give, bit for bit, in one compiled call
+        (:func:`stream_trainer.engine.kernels.standardize_rows`)."""
+        from stream_trainer.engine.kernels import standardize_rows  # numba: loaded on use
+
+        self._std = None  # the kernel changes the state arrays in place
+        standardize_rows(
+            x, self.count, self.mean, self.m2, self.clip, self.eps, float(WARMUP), learn, out,
+            columns,
+        )  # fmt: skip
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardize ``x`` (NaN = missing -> 0) with the current statistics."""
         z = x - self.mean

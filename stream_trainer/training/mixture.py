@@ -35,7 +35,7 @@ Before any label both weights are equal. The losses are part of the trainer's ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from typing import Any
 
 import numpy as np
@@ -66,16 +66,16 @@ def softmax64(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def classification_losses(probas: Sequence[np.ndarray], target: np.ndarray) -> np.ndarray:
+def classification_losses(probas: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per row and expert, the 0/1 loss of the arg-max of the expert's probabilities ``probas[m]``
-    ``(N, C)`` (1: wrong), ``(N, M)``. A class index beyond the columns (a class first seen in
-    this batch) can never be the arg-max: an error."""
+    (``probas``: ``(M, N, C)``; 1: wrong), ``(N, M)``. A class index beyond the columns (a class
+    first seen in this batch) can never be the arg-max: an error."""
     from stream_trainer.engine.kernels import argmax_errors  # numba: loaded on use
 
-    losses = np.ones((target.shape[0], len(probas)))
-    if probas[0].shape[1]:
+    losses = np.ones((target.shape[0], probas.shape[0]))
+    if probas.shape[2]:
         rows = np.arange(target.shape[0])
-        argmax_errors(np.stack(probas), rows, np.asarray(target, dtype=np.int64), losses)
+        argmax_errors(probas, rows, np.asarray(target, dtype=np.int64), losses)
     return losses
 
 
@@ -93,10 +93,12 @@ class ExpertMixture:
         self._weights = self._compute_weights()
 
     def _compute_weights(self) -> np.ndarray:
-        z = -ETA * self.losses
-        z -= z.max()
-        w = np.exp(z)
-        return w / w.sum()
+        # A handful of experts: plain Python costs less than numpy's per-call overhead.
+        z = [-ETA * loss for loss in self.losses.tolist()]
+        top = max(z)
+        w = [math.exp(v - top) for v in z]
+        total = sum(w)
+        return np.array([v / total for v in w])
 
     def weights_view(self) -> np.ndarray:
         """The weights themselves (read-only use: replaced, never changed, by :meth:`observe`)."""
@@ -108,8 +110,11 @@ class ExpertMixture:
 
     def observe(self, loss_sums: np.ndarray, rows: int) -> None:
         """Fold in one batch: the experts' summed losses over its ``rows`` labelled records."""
-        self.losses *= DISCOUNT**rows
-        self.losses += loss_sums
+        keep = DISCOUNT**rows
+        sums = loss_sums.tolist()
+        self.losses = np.array(
+            [v * keep + s for v, s in zip(self.losses.tolist(), sums, strict=True)]
+        )
         self._weights = self._compute_weights()
 
     def mix(self, outputs: list[np.ndarray]) -> np.ndarray:

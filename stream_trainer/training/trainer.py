@@ -102,11 +102,12 @@ class StepReport:
 @dataclass
 class Served:
     """What the predict phase hands to scoring and learning: each expert's output on the step's
-    rows (MLP probabilities or standardized values, then the linear expert's; ``None`` without a
-    linear expert or a model), and, where the training forward was also the serving one (a model
-    whose output does not depend on the mode), that forward with its graph on the rows to learn."""
+    rows, ``(M, N, C)`` (class probabilities, or standardized values with ``C = 1``; the MLP's
+    first, then the linear expert's; ``None`` without a linear expert or a model), and, where the
+    training forward was also the serving one (a model whose output does not depend on the mode),
+    that forward with its graph on the rows to learn."""
 
-    experts: tuple[np.ndarray, np.ndarray] | None = None
+    experts: np.ndarray | None = None
     graph: torch.Tensor | None = None
 
     def take_graph(self) -> torch.Tensor | None:
@@ -468,9 +469,7 @@ class IncrementalTrainer:
                 out = model(inputs)
         return Served(self._set_served(x, out.numpy(), report), graph)
 
-    def _set_served(
-        self, x: np.ndarray, out: np.ndarray, report: StepReport
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+    def _set_served(self, x: np.ndarray, out: np.ndarray, report: StepReport) -> np.ndarray | None:
         """Put the served predictions for MLP outputs ``out`` on ``x`` into ``report``; return
         each expert's output (for :meth:`_observe_experts`)."""
         served, experts = self._combine(x, out)
@@ -480,19 +479,17 @@ class IncrementalTrainer:
             report.proba = served
         return experts
 
-    def _combine(
-        self, x: np.ndarray, out: np.ndarray
-    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    def _combine(self, x: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The served output (class probabilities, or de-standardized values) for MLP outputs
         ``out`` on inputs ``x``, mixed with the linear expert's when there is one
-        (:mod:`stream_trainer.training.mixture`); and the two experts' own outputs (probabilities,
-        or standardized values as a column), or ``None`` without an expert."""
+        (:mod:`stream_trainer.training.mixture`); and the experts' own outputs (see
+        :class:`Served`), or ``None`` without an expert."""
         expert = self.expert
-        experts: tuple[np.ndarray, np.ndarray] | None = None
+        experts: np.ndarray | None = None
         if self.task == "regression":
             z = out[:, :1].astype(np.float64)
             if expert is not None:
-                experts = (z, expert.logits(x))
+                experts = np.stack([z, expert.logits(x)])
                 z = self.mixture.mix(list(experts))
             mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
             return z[:, 0] * std + mean, experts
@@ -507,9 +504,9 @@ class IncrementalTrainer:
         probs = np.empty_like(logits)
         proba = np.empty((rows, width))
         softmax_mix(logits, self.mixture.weights_view(), probs, proba)
-        return proba, (probs[0], probs[1])
+        return proba, probs
 
-    def _expert_losses(self, outputs: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
+    def _expert_losses(self, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per labelled row, each expert's loss (columns in the order of
         :data:`~stream_trainer.training.mixture.EXPERTS`); ``y`` class indices or raw targets,
         standardized with the target statistics the prediction used."""
@@ -523,7 +520,7 @@ class IncrementalTrainer:
 
     def _observe_experts(
         self,
-        outputs: tuple[np.ndarray, np.ndarray] | None,
+        outputs: np.ndarray | None,
         y: np.ndarray,
         idx: np.ndarray | None,
     ) -> None:
@@ -533,7 +530,7 @@ class IncrementalTrainer:
         if outputs is None:
             return
         if idx is not None:
-            outputs = (outputs[0][idx], outputs[1][idx])
+            outputs = outputs[:, idx]
         self.mixture.observe(self._expert_losses(outputs, y).sum(axis=0), y.shape[0])
 
     def _engine_for(self, x: np.ndarray) -> StepEngine | None:

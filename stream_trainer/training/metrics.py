@@ -35,7 +35,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassificationMetrics", "RegressionMetrics"]
+__all__ = [
+    "ClassificationMetrics",
+    "RegressionMetrics",
+    "score_served_class",
+    "score_served_value",
+]
 
 _EPS = 1e-15
 
@@ -222,3 +227,25 @@ class RegressionMetrics:
         obj = cls()
         obj.__dict__.update(state)  # a state written before ``unscored`` was kept leaves it 0
         return obj
+
+
+def score_served_class(metrics: ClassificationMetrics, y_true: int, served: Any) -> None:
+    """Score one label that arrived after its prediction was served: ``served`` holds the class
+    probabilities served then, columns in the order of the classes as they were (a sequence or
+    array; a class learned since has no column, so it is a miss adding 0 to the log loss sum,
+    river's rule), or is ``None``/empty when no model existed (unscored)."""
+    row = None if served is None else np.asarray(served, dtype=np.float64)
+    if row is None or row.size == 0:
+        metrics.update(np.asarray([y_true]), None)
+        return
+    metrics.update(np.asarray([y_true]), row.reshape(1, -1))
+
+
+def score_served_value(metrics: RegressionMetrics, y_true: float, served: Any) -> None:
+    """Score one regression target against the value served before it arrived (a number or a
+    one-element array), or count it unscored when ``served`` is ``None``/empty."""
+    value = None if served is None else np.asarray(served, dtype=np.float64).reshape(-1)
+    if value is None or value.size == 0:
+        metrics.update(np.asarray([y_true]), None)
+        return
+    metrics.update(np.asarray([y_true]), value[:1])

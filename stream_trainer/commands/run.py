@@ -148,6 +148,31 @@ def register(subparsers: Any) -> None:
         help="under torchrun: a collective that waits longer fails and the replica exits"
         " (default 120)",
     )
+    delayed = p.add_argument_group("delayed labels")
+    delayed.add_argument(
+        "--labels-source",
+        dest="labels_source",
+        help="where labels arrive: 'inline' (in the records; the default), 'source' (later "
+        "records {ID, TARGET} on the source itself) or kafka://HOST:PORT/TOPIC (another topic on "
+        "the source's brokers)",
+    )
+    delayed.add_argument(
+        "--id-field",
+        dest="id_field",
+        help="field that carries a record's id, joined with its label (default id)",
+    )
+    delayed.add_argument(
+        "--max-pending",
+        dest="max_pending",
+        type=int,
+        help="most records waiting for their label; past it the oldest expires (default 100000)",
+    )
+    delayed.add_argument(
+        "--label-timeout-seconds",
+        dest="label_timeout_seconds",
+        type=float,
+        help="record time a record waits for its label before it expires (default 3600)",
+    )
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -208,6 +233,8 @@ def run_service(args: argparse.Namespace) -> int:
     if world.distributed:  # torchrun: one replica of a data-parallel group
         from stream_trainer.distributed.service import DistributedTrainerService
 
+        if config.delayed_labels:
+            raise ConfigError("delayed labels (--labels-source) run in one process, not torchrun")
         service: TrainerService = DistributedTrainerService.join(config, world)
     else:
         service = TrainerService(config)

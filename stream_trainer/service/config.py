@@ -147,6 +147,11 @@ class ServiceConfig:
     # -- data-parallel replicas (stream_trainer.distributed; used when WORLD_SIZE > 1) ----------
     dist_backend: str = "auto"
     dist_timeout_seconds: float = 120.0
+    # -- delayed labels (stream_trainer.service.label_join) ---------------------------------
+    labels_source: str = "inline"
+    id_field: str = "id"
+    max_pending: int = 100_000
+    label_timeout_seconds: float = 3600.0
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
@@ -160,6 +165,9 @@ class ServiceConfig:
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
+            (self.max_pending >= 1, "max_pending must be >= 1"),
+            (self.label_timeout_seconds > 0, "label_timeout_seconds must be > 0"),
+            (bool(self.id_field), "id_field must not be empty"),
             (
                 self.dist_backend in ("auto", "gloo", "nccl"),
                 "dist_backend must be one of ('auto', 'gloo', 'nccl')",
@@ -192,6 +200,7 @@ class ServiceConfig:
             )
         if self.is_kafka:
             self.kafka_endpoint()
+        self.labels_topic()
 
     def __repr__(self) -> str:
         """Like the dataclass ``repr``, with secrets masked (see :meth:`describe`)."""
@@ -210,12 +219,42 @@ class ServiceConfig:
             raise ConfigError(f"a Kafka source is kafka://HOST:PORT/TOPIC, got {self.source!r}")
         return match.group(1), match.group(2)
 
+    @property
+    def delayed_labels(self) -> bool:
+        """Labels arrive after the features (on the source, or on a labels topic)."""
+        return self.labels_source != "inline"
+
+    def labels_topic(self) -> str | None:
+        """The topic labels arrive on when it is not the source's; checks ``labels_source``:
+        ``inline`` (labels in the records), ``source`` (``{id, <target>}`` records on the source
+        itself) or ``kafka://HOST:PORT/TOPIC`` on the source's brokers."""
+        if self.labels_source in ("inline", "source"):
+            return None
+        match = re.fullmatch(r"kafka://([^/]+)/([^/?#]+)", self.labels_source)
+        if not match:
+            raise ConfigError(
+                "labels_source is 'inline', 'source' or kafka://HOST:PORT/TOPIC, got "
+                f"{mask_url(self.labels_source)!r}"
+            )
+        if not self.is_kafka:
+            raise ConfigError(
+                "a labels topic needs a kafka:// source (files: labels_source = source)"
+            )
+        bootstrap, topic = self.kafka_endpoint()
+        if match.group(1) != bootstrap or match.group(2) == topic:
+            raise ConfigError(
+                "the labels topic must be another topic on the source's brokers "
+                f"({bootstrap}), got {mask_url(self.labels_source)!r}: one consumer reads both, so "
+                "their offsets are committed together with the checkpoint"
+            )
+        return match.group(2)
+
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-able data, secrets masked (this is what gets logged)."""
         data = dataclasses.asdict(self)
         data["trainer"] = self.trainer.to_dict()
         data["kafka"] = _mask_mapping(self.kafka)
-        for name in ("checkpoint", "source"):
+        for name in ("checkpoint", "source", "labels_source"):
             data[name] = mask_url(data[name])
         return data
 

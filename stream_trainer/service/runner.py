@@ -70,6 +70,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.dead_letter_file import DeadLetterFile
 from stream_trainer.service.file_source import FileBatchSource
+from stream_trainer.service.label_join import LabelJoin, split_label_tensors
 from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
@@ -166,7 +168,13 @@ class TrainerService:
         # committed offset (_read_committed_versions).
         self.origins: dict[str, int | None] = {}
         self._fallback_starts: dict[str, int] = {}
+        # Delayed labels (stream_trainer.service.label_join): the pending store, None when the
+        # labels arrive inline. Filled by _restore_or_create (a restored one from the checkpoint).
+        self.label_join: LabelJoin | None = None
         self.trainer = self._restore_or_create()
+        self._unmatched_reported: Counter[str] = Counter(
+            self.label_join.unmatched if self.label_join is not None else ()
+        )
         if self.restored is not None:
             self.origins = _restored_origins(self.restored)
 
@@ -194,6 +202,7 @@ class TrainerService:
 
             trainer_config = replace(trainer_config, target=self._target())
         self.trainer_config = trainer_config
+        self.label_join = self._new_label_join()
         restored = self.store.load_newest(self._restore)
         self.rejected_versions = {} if restored is None else dict(restored.rejected)
         self._rejections_unreported: Counter[str] = (
@@ -224,14 +233,43 @@ class TrainerService:
             checkpoint.step,
             checkpoint.offsets,
         )
-        trainer: IncrementalTrainer = restored.value
+        trainer, join = restored.value
         trainer.adopt_limits(trainer_config)  # screening limits: the configured ones
+        if join is not None:
+            self.label_join = join
         return trainer
 
-    def _restore(self, checkpoint: Checkpoint) -> IncrementalTrainer:
-        """One stored version, validated and rebuilt; a version written with another trainer
-        configuration stops the service (``ConfigError``) rather than being skipped."""
+    def _new_label_join(self) -> LabelJoin | None:
+        c = self.config
+        if not c.delayed_labels:
+            return None
+        assert self.trainer_config.target is not None
+        return LabelJoin(
+            c.id_field,
+            self.trainer_config.target,
+            labels_topic=c.labels_topic(),
+            max_pending=c.max_pending,
+            timeout_seconds=c.label_timeout_seconds,
+        )
+
+    def _restore(self, checkpoint: Checkpoint) -> tuple[IncrementalTrainer, LabelJoin | None]:
+        """One stored version, validated and rebuilt (with its pending store, delayed labels);
+        a version written with another trainer configuration, or holding records that wait for
+        labels when labels now arrive inline, stops the service (``ConfigError``) rather than
+        being skipped."""
         trainer = restore_checkpoint(checkpoint)
+        labels = checkpoint.state.get("service", {}).get("labels")
+        join = self._new_label_join()
+        if labels is not None and join is None:
+            waiting = len(labels.get("ids", ()))
+            raise ConfigError(
+                f"checkpoint v{checkpoint.version} holds {waiting} records waiting for delayed "
+                "labels: run with the same --labels-source (or another --checkpoint)"
+            )
+        if labels is not None and join is not None:
+            evicted = join.load(split_label_tensors(checkpoint.tensors)[1], labels)
+            if evicted:
+                log.warning("max_pending is below the stored pending records: %d expired", evicted)
         if checkpoint.config_fingerprint != self.trainer_config.fingerprint():
             saved = checkpoint.state["trainer"]["config"]
             now = self.trainer_config.to_dict()
@@ -244,7 +282,7 @@ class TrainerService:
                 f"checkpoint v{checkpoint.version} was written with another trainer configuration "
                 f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
             )
-        return trainer
+        return trainer, join
 
     def _open_source(self) -> None:
         c = self.config
@@ -253,12 +291,18 @@ class TrainerService:
             from consumers.security import KafkaSecurity
 
             bootstrap, topic = c.kafka_endpoint()
+            labels_topic = c.labels_topic()
+            features = self.trainer_config.features
+            if features is not None and self.label_join is not None:
+                features = (*features, c.id_field)
             options = {
                 "bootstrap_servers": bootstrap,
-                "topics": topic,
+                # One consumer reads the labels topic too: its offsets are checkpointed and
+                # committed with the features topic's (exactly-once extends to the labels).
+                "topics": topic if labels_topic is None else (topic, labels_topic),
                 "group_id": c.group,
                 "target": self.trainer_config.target,
-                "features": self.trainer_config.features,
+                "features": features,
                 "max_batch_records": c.max_batch_records,
                 "max_wait_ms": c.max_wait_ms,
                 **c.kafka,
@@ -513,6 +557,9 @@ class TrainerService:
         return report
 
     def _handle(self, batch: Any) -> None:
+        if self.label_join is not None:
+            self._handle_delayed(batch, self.label_join)
+            return
         trainer = self.trainer
         report: StepReport | None = None
         with self._lock:
@@ -532,8 +579,79 @@ class TrainerService:
             self._dirty = True
         self._after_step(batch, report, rejected)
 
+    def _handle_delayed(self, batch: Any, join: LabelJoin) -> None:
+        """A batch with delayed labels (:mod:`~stream_trainer.service.label_join`): predict the
+        features records and keep the unlabelled ones that carry an id, join the labels that
+        arrived with their rows and learn those in one step, then expire what is due."""
+        trainer = self.trainer
+        report: StepReport | None = None
+        learned: StepReport | None = None
+        problems: dict[int, Any] = {}
+        with self._lock:
+            split = join.split(batch.records)
+            rejected: list[RejectedRecord] = [*batch.rejected, *split.rejected]
+            evicted = 0
+            if split.features:
+                report = trainer.step(split.features)
+                if self.batch_log is not None:
+                    self.batch_log.append(trainer.steps, segments_of(split.features))
+                rejected.extend(report.rejected)
+                evicted = join.hold(report.accepted, split.ids, report.inputs, _served(report))
+            joined, duplicates = join.join(split.labels)
+            rejected.extend(duplicates)
+            if joined.ids:
+                labels = [join.label_of(r) for r in joined.labels]
+                learned, problems = trainer.learn_encoded(joined.inputs(), labels, joined.served())
+                rejected.extend(join.settle(joined, problems))
+                if self.batch_log is not None:
+                    ok = [k for i, k in enumerate(joined.ids) if i not in problems]
+                    self.batch_log.append(trainer.steps, segments_of(joined.labels), learned=ok)
+            expired, _ = join.expire()
+            if rejected:
+                self.dead_letters.send_many(rejected)
+                self.dead_lettered.update(r.reason.value for r in rejected)
+            self._note_offsets(batch)
+            self._records_since_checkpoint += len(batch.records) + len(batch.rejected)
+            self.records_read += len(batch.records) + len(batch.rejected)
+            self._dirty = True
+        if report is not None:
+            self._after_step(batch, report, [], ids=split.ids)
+        metrics = self._ensure_metrics()
+        if learned is not None:
+            self.history.add(self.records_read, learned.trained, trainer.metrics())
+            if metrics is not None:
+                metrics.observe_step(
+                    batch_size=learned.size,
+                    trained=learned.trained,
+                    predicted_only=0,
+                    predict_seconds=0.0,
+                    learn_seconds=learned.learn_seconds,
+                    loss=learned.loss,
+                )
+                metrics.set_records_since_last_label(trainer.records_since_label)
+                metrics.set_prequential(trainer.metrics())
+        if metrics is None:
+            self._dead_unreported.update(r.reason.value for r in rejected)
+            return
+        for reason, n in Counter(r.reason.value for r in rejected).items():
+            metrics.dead_lettered(reason, n)
+        unmatched = Counter(join.unmatched)
+        fresh = unmatched - self._unmatched_reported
+        self._unmatched_reported = unmatched
+        metrics.observe_labels(
+            pending=len(join.pending),
+            delays=[d for i, d in enumerate(joined.delays) if i not in problems] if learned else (),
+            expired=expired + evicted,
+            unmatched=fresh,
+        )
+
     def _after_step(
-        self, batch: Any, report: StepReport | None, rejected: list[RejectedRecord]
+        self,
+        batch: Any,
+        report: StepReport | None,
+        rejected: list[RejectedRecord],
+        *,
+        ids: Mapping[int, Any] | None = None,
     ) -> None:
         """Everything that follows a step outside the lock: history, predictions out, metrics.
         ``report`` is None when no step was taken (only rejected records arrived)."""
@@ -542,9 +660,14 @@ class TrainerService:
         if report is not None:
             self.history.add(self.records_read, report.size, trainer.metrics())
             if self.predictions is not None and report.accepted:
-                self._publish_predictions(report)
+                self._publish_predictions(report, ids)
             since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY
-            if not report.trained and since // every > (since - report.predicted_only) // every:
+            delayed = self.label_join is not None  # labels come later by design
+            if (
+                not delayed
+                and not report.trained
+                and since // every > (since - report.predicted_only) // every
+            ):
                 log.warning(
                     "%d records in a row without a value for the target field %r: they are "
                     "predicted, never learned (is the target right?)",
@@ -590,11 +713,17 @@ class TrainerService:
                 metrics.set_norm_health(layer, drift=0.0, train_serve_gap=gap)
         self._norm_snapshot = snapshot
 
-    def _publish_predictions(self, report: StepReport) -> None:
+    def _publish_predictions(
+        self, report: StepReport, ids: Mapping[int, Any] | None = None
+    ) -> None:
+        """One message per accepted record: the prediction, the model version, the record's
+        coordinates and, with delayed labels, its id (``ids``: ``id(record)`` -> join id)."""
         version = {"checkpoint": self.checkpoint_version, "step": self.trainer.steps}
         predictions = report.predictions()
         for i, (record, prediction) in enumerate(zip(report.accepted, predictions, strict=True)):
             body: dict[str, Any] = {"prediction": prediction, "model_version": version}
+            if ids is not None and id(record) in ids:
+                body["id"] = ids[id(record)]
             if report.proba is not None:
                 body["proba"] = dict(zip(report.classes, map(float, report.proba[i]), strict=False))
             body["source"] = {
@@ -662,8 +791,12 @@ class TrainerService:
                     "origins": {k: self.origins.get(k) for k in sorted(offsets)},
                 },
             }
+            tensors = self.trainer.state_tensors()
+            if self.label_join is not None:
+                state["service"]["labels"] = self.label_join.state_json()
+                tensors.update(self.label_join.state_tensors())
             checkpoint = Checkpoint(
-                tensors=self.trainer.state_tensors(),
+                tensors=tensors,
                 state=state,
                 offsets=offsets,
                 samples=self.trainer.samples_trained,
@@ -840,10 +973,30 @@ class TrainerService:
             "source": self.config.source,
             "run_name": self.config.run_name,
         }
+        join = self.label_join
+        if join is not None:
+            report["delayed_labels"] = {
+                "learned": join.learned,
+                "pending": len(join.pending),
+                "waiting_labels": len(join.early),
+                "expired": join.expired,
+                "unmatched": {k: n for k, n in sorted(join.unmatched.items()) if n},
+            }
         return report
 
 
 _MAX_COMMIT_METADATA = 1024
+
+
+def _served(report: StepReport) -> list[np.ndarray | None]:
+    """What each accepted record of ``report`` was served: its class probabilities, its value (a
+    one-element array), or ``None`` before a model existed."""
+    n = len(report.accepted)
+    if report.proba is not None and report.proba.shape[1]:
+        return [report.proba[i].astype(np.float32) for i in range(n)]
+    if report.values is not None:
+        return [np.asarray(report.values[i : i + 1], dtype=np.float32) for i in range(n)]
+    return [None] * n
 
 
 def _parse_commit_metadata(note: str) -> tuple[int | None, int | None]:

@@ -120,6 +120,16 @@ def test_rows_expire_by_the_labels_time_and_the_bound_evicts_the_oldest() -> Non
     assert join.expire() == (0, 1) and join.unmatched["unknown_id"] == 1 and join.early == {}
 
 
+def test_a_partition_read_ahead_does_not_move_the_watermark() -> None:
+    join = LabelJoin("id", "y", labels_topic="labels", timeout_seconds=10)
+    ahead = Record({"id": "a", "y": 1}, topic="labels", partition=0, timestamp_ms=100_000)
+    behind = Record({"id": "b", "y": 1}, topic="labels", partition=1, timestamp_ms=5_000)
+    join.split([ahead, behind])
+    assert join.watermark("labels") == 5.0 and join.watermark("features") == -math.inf
+    join.split([Record({"id": "c", "y": 1}, topic="labels", partition=1, timestamp_ms=200_000)])
+    assert join.watermark("labels") == 100.0
+
+
 # ---------------------------------------------------------------------------------- state
 
 
@@ -156,7 +166,8 @@ def test_the_state_round_trips_through_json_and_tensors() -> None:
         lambda s, t: s["times"].__setitem__(0, "soon"),
         lambda s, t: s["early"].append([True, 1, 0.0, None, None, None]),
         lambda s, t: s.update(expired=-1),
-        lambda s, t: s.update(watermarks=[1.0]),
+        lambda s, t: s.update(latest={"features": {}}),
+        lambda s, t: s["latest"]["labels"].update({"labels:0": None}),
         lambda s, t: t.__setitem__("pending.x", torch.full((3, 2), math.nan)),
         lambda s, t: t.__setitem__("pending.served", torch.zeros(2, 2)),
         lambda s, t: t.__setitem__("pending.served_width", torch.tensor([5, 0, 0])),
@@ -270,9 +281,7 @@ def test_hostile_labels_on_the_source_are_dead_lettered_and_counted(tmp_path: Pa
     report = _service(tmp_path, source).run()
     assert report["samples"] == len(labelled)
     dead = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
-    assert Counter(d["reason"] for d in dead) == Counter(
-        {"duplicate_id": 2, "bad_id": 2}
-    )
+    assert Counter(d["reason"] for d in dead) == Counter({"duplicate_id": 2, "bad_id": 2})
     delayed = report["delayed_labels"]
     assert delayed["waiting_labels"] == 1
     assert delayed["unmatched"] == {"bad_id": 2, "duplicate_id": 1}

@@ -13,10 +13,13 @@ waits for them in the same way.
 Time and expiry
 ---------------
 A record's time is its Kafka timestamp (seconds), or the wall clock when it was read when it has
-none. Each side expires by the progress of the *other* side, so a stream that is read late does
-not expire what is waiting on it: a pending row expires once a label with a time later than the
-row's time plus ``timeout_seconds`` has been read (the labels' watermark), and a label waiting for
-its features once a features record that much later has been read. Both stores are bounded by
+none. A side's *watermark* is the smallest, over the partitions of that side read so far, of the
+latest time read from each (so one partition read ahead of another does not move it). Each side
+expires by the progress of the *other* side, so a stream that is read late does not expire what
+is waiting on it: a pending row expires once the labels' watermark passes the row's time plus
+``timeout_seconds``, and a label waiting for its features once the features' watermark passes the
+label's time plus ``timeout_seconds``. A partition that stops receiving records holds its side's
+watermark back; the bound below still applies. Both stores are bounded by
 ``max_pending``: past it the oldest entry goes (a row counted *expired*, a label *unmatched*).
 Expiry walks each store in arrival order and stops at the first entry that is not due, so an entry
 behind a later one goes when that one does.
@@ -180,8 +183,8 @@ class LabelJoin:
         self.pending: OrderedDict[JoinId, _Row] = OrderedDict()
         self.early: OrderedDict[JoinId, _Label] = OrderedDict()
         self.recent: OrderedDict[JoinId, None] = OrderedDict()  # ids learned lately
-        self.features_watermark = -math.inf
-        self.labels_watermark = -math.inf
+        # Per side, partition key -> latest record time read from it (module docstring).
+        self.latest: dict[str, dict[str, float]] = {"features": {}, "labels": {}}
         self.expired = 0
         self.learned = 0
         self.unmatched: Counter[str] = Counter()
@@ -206,13 +209,15 @@ class LabelJoin:
         (id checked), rejecting bad and duplicate ids; advances the watermarks."""
         out = SplitBatch()
         seen: set[JoinId] = set()
+        features, labels = self.latest["features"], self.latest["labels"]
         for record in records:
             t = self._time(record)
             is_label = self._is_label(record)
+            key = f"{record.topic}:{record.partition}"
             if is_label or self.labels_topic is None:
-                self.labels_watermark = max(self.labels_watermark, t)
+                labels[key] = max(labels.get(key, t), t)
             if not is_label:
-                self.features_watermark = max(self.features_watermark, t)
+                features[key] = max(features.get(key, t), t)
             raw = record.value.get(self.id_field)
             if raw is None and not is_label:
                 out.features.append(record)  # no id: predicted only, or learned inline
@@ -245,6 +250,11 @@ class LabelJoin:
             out.features.append(stripped)
             out.ids[id(stripped)] = join_id
         return out
+
+    def watermark(self, side: str) -> float:
+        """The time ``side`` (``features`` or ``labels``) has reached on every partition read."""
+        latest = self.latest[side]
+        return min(latest.values()) if latest else -math.inf
 
     def _reject(
         self, out: SplitBatch, record: Record, problem: tuple[RejectReason, str], *, label: bool
@@ -333,11 +343,11 @@ class LabelJoin:
         """Drop the rows and waiting labels that are due (module docstring); returns
         ``(rows expired, labels unmatched)``."""
         rows = labels = 0
-        limit = self.labels_watermark - self.timeout_seconds
+        limit = self.watermark("labels") - self.timeout_seconds
         while self.pending and next(iter(self.pending.values())).time < limit:
             self.pending.popitem(last=False)
             rows += 1
-        limit = self.features_watermark - self.timeout_seconds
+        limit = self.watermark("features") - self.timeout_seconds
         while self.early and next(iter(self.early.values())).time < limit:
             self.early.popitem(last=False)
             labels += 1
@@ -370,9 +380,6 @@ class LabelJoin:
         }
 
     def state_json(self) -> dict[str, Any]:
-        def finite(t: float) -> float | None:
-            return t if math.isfinite(t) else None
-
         return {
             "version": LABEL_STATE_VERSION,
             "ids": list(self.pending),
@@ -389,7 +396,7 @@ class LabelJoin:
                 for k, lab in self.early.items()
             ],
             "recent": list(self.recent),
-            "watermarks": [finite(self.features_watermark), finite(self.labels_watermark)],
+            "latest": {side: dict(times) for side, times in self.latest.items()},
             "expired": self.expired,
             "learned": self.learned,
             "unmatched": dict(self.unmatched),
@@ -415,9 +422,7 @@ class LabelJoin:
             record = Record(value, topic=topic, partition=partition, offset=offset)
             self.early[join_id] = _Label(record, float(t))
         self.recent = OrderedDict.fromkeys(state["recent"])
-        f, lab = state["watermarks"]
-        self.features_watermark = -math.inf if f is None else float(f)
-        self.labels_watermark = -math.inf if lab is None else float(lab)
+        self.latest = {side: dict(state["latest"][side]) for side in ("features", "labels")}
         self.expired = state["expired"]
         self.learned = state["learned"]
         self.unmatched = Counter(state["unmatched"])
@@ -496,11 +501,18 @@ def validate_label_state(tensors: Mapping[str, torch.Tensor], state: Any) -> Non
     recent = _ids(state.get("recent"), "recent")
     if len(set(recent)) != len(recent):
         _fail("recent ids repeat")
-    marks = state.get("watermarks")
+    latest = state.get("latest")
     if not (
-        isinstance(marks, list) and len(marks) == 2 and all(m is None or _is_time(m) for m in marks)
+        isinstance(latest, dict)
+        and sorted(latest) == ["features", "labels"]
+        and all(
+            isinstance(times, dict)
+            and len(times) <= MAX_STORED_PENDING
+            and all(isinstance(k, str) and _is_time(t) for k, t in times.items())
+            for times in latest.values()
+        )
     ):
-        _fail("watermarks must be two finite numbers or null")
+        _fail("latest must map features and labels to {partition: time}")
     if not (_is_count(state.get("expired")) and _is_count(state.get("learned"))):
         _fail("expired and learned must be counts")
     unmatched = state.get("unmatched")

@@ -93,6 +93,7 @@ def test_hostile_ids_and_labels_are_rejected_with_a_reason_and_never_crash() -> 
     split = join.split([rec({"id": 3, "y": 2.5}), rec({"id": [1], "y": 1})])
     assert [r.reason for r in split.rejected] == [RejectReason.BAD_ID]
     joined, _ = join.join(split.labels)
+    assert joined.ids == [3]
     _, problems = t.learn_encoded(joined.inputs(), [2.5], joined.served())
     rejected = join.settle(joined, problems)
     assert [r.reason for r in rejected] == [RejectReason.BAD_LABEL]
@@ -100,6 +101,20 @@ def test_hostile_ids_and_labels_are_rejected_with_a_reason_and_never_crash() -> 
     assert join.unmatched == Counter({"bad_id": 1, "bad_label": 1})
     joined, _ = join.join(join.split([rec({"id": 3, "y": 1})]).labels)
     assert joined.ids == [3]
+
+
+def test_a_label_the_check_refuses_is_rejected_as_it_arrives() -> None:
+    def check(label: Any) -> tuple[RejectReason, str] | None:
+        return (RejectReason.BAD_LABEL, "not an integer") if isinstance(label, float) else None
+
+    join = LabelJoin("id", "y", labels_topic="labels", check_label=check)
+    split = join.split(
+        [rec({"id": 1, "y": 0.5}, topic="labels"), rec({"id": 1}, topic="labels"),
+         rec({"id": 1, "y": 1}, topic="labels")]
+    )  # fmt: skip
+    assert [r.reason for r in split.rejected] == [RejectReason.BAD_LABEL] * 2
+    assert [k for k, _, _ in split.labels] == [1]
+    assert join.unmatched == Counter({"bad_label": 2})
 
 
 def test_rows_expire_by_the_labels_time_and_the_bound_evicts_the_oldest() -> None:

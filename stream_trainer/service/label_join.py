@@ -156,6 +156,10 @@ class LabelJoin:
         How long, in record time, a row waits for its label (and a label for its features).
     wall_clock
         Seconds since the epoch, for records without a timestamp.
+    check_label
+        ``label value -> (reason, detail)`` for a label to refuse as it arrives, ``None`` to keep
+        it (the service screens it as the trainer will); the trainer screens it again when it
+        learns it.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class LabelJoin:
         max_pending: int = 100_000,
         timeout_seconds: float = 3600.0,
         wall_clock: Callable[[], float] = time.time,
+        check_label: Callable[[Any], tuple[RejectReason, str] | None] | None = None,
     ) -> None:
         if not id_field or id_field == target:
             raise ConfigError(f"id_field must be a field other than the target, got {id_field!r}")
@@ -180,6 +185,7 @@ class LabelJoin:
         self.max_pending = max_pending
         self.timeout_seconds = float(timeout_seconds)
         self.wall_clock = wall_clock
+        self.check_label = check_label
         self.pending: OrderedDict[JoinId, _Row] = OrderedDict()
         self.early: OrderedDict[JoinId, _Label] = OrderedDict()
         self.recent: OrderedDict[JoinId, None] = OrderedDict()  # ids learned lately
@@ -227,7 +233,18 @@ class LabelJoin:
                 self._reject(out, record, join_id, label=is_label)
                 continue
             if is_label:
-                out.labels.append((join_id, record, t))
+                label = record.value.get(self.target)
+                problem = (
+                    (RejectReason.BAD_LABEL, "the label is missing")
+                    if label is None or label == ""
+                    else None
+                    if self.check_label is None
+                    else self.check_label(label)
+                )
+                if problem is not None:
+                    self._reject(out, record, problem, label=True)
+                else:
+                    out.labels.append((join_id, record, t))
                 continue
             if join_id in self.pending or join_id in self.recent or join_id in seen:
                 problem = (

@@ -87,7 +87,7 @@ from stream_trainer.errors import (
     StreamTrainerError,
 )
 from stream_trainer.evaluation import StreamHistory
-from stream_trainer.records import RejectedRecord
+from stream_trainer.records import RejectedRecord, RejectReason
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.dead_letter_file import DeadLetterFile
@@ -98,6 +98,7 @@ from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import SCREENING_SETTINGS
+from stream_trainer.training.labels import infer_task, parse_label
 
 __all__ = ["TrainerService"]
 
@@ -250,7 +251,19 @@ class TrainerService:
             labels_topic=c.labels_topic(),
             max_pending=c.max_pending,
             timeout_seconds=c.label_timeout_seconds,
+            check_label=self._check_label,
         )
+
+    def _check_label(self, label: Any) -> tuple[RejectReason, str] | None:
+        """A delayed label screened as it arrives, as the trainer will screen it."""
+        trainer, c = self.trainer, self.trainer_config
+        parsed = parse_label(
+            label,
+            trainer.task or infer_task(label),
+            max_abs_value=c.max_abs_value,
+            max_length=c.max_string_length,
+        )
+        return parsed if isinstance(parsed, tuple) else None
 
     def _restore(self, checkpoint: Checkpoint) -> tuple[IncrementalTrainer, LabelJoin | None]:
         """One stored version, validated and rebuilt (with its pending store, delayed labels);

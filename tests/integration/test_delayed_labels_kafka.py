@@ -29,7 +29,7 @@ from kafka import KafkaProducer
 
 from stream_trainer.checkpoints import open_store
 from stream_trainer.service.config import NON_SETTING_ENV
-from tests.fixtures.kafka import end_offsets, group_offsets
+from tests.fixtures.kafka import end_offsets, group_offsets, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -131,6 +131,7 @@ def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkil
     features = kafka_topic_factory(1, "-features")
     labels = kafka_topic_factory(1, "-labels")
     dead = kafka_topic_factory(1, "-dead")
+    predictions = kafka_topic_factory(1, "-predictions")
     group = f"{features}-group"
     checkpoint_url = f"file://{tmp_path / 'checkpoints'}"
     batch_log = tmp_path / "batches.jsonl"
@@ -144,6 +145,7 @@ def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkil
         "--source", f"kafka://{kafka_bootstrap}/{features}",
         "--labels-source", f"kafka://{kafka_bootstrap}/{labels}",
         "--label-timeout-seconds", str(TIMEOUT_S), "--dead-letter", dead,
+        "--predictions-topic", predictions,
         "--group", group, "--checkpoint", checkpoint_url, "--checkpoint-every-records", "200",
         "--batch-log", str(batch_log), "--metrics-address", "off", "--no-progress",
         "--max-batch-records", "64", "--max-wait-ms", "50", "--seed", str(seed),
@@ -237,3 +239,10 @@ def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkil
     assert checkpoint.offsets == ends
     assert group_offsets(kafka_bootstrap, group) == ends
     assert math.isfinite(report["log_loss"])
+    # Every record was predicted as it arrived, and its prediction carries its id (records
+    # predicted again after a kill are published again: predictions are at least once).
+    published = read_topic(
+        kafka_bootstrap, predictions, sum(end_offsets(kafka_bootstrap, predictions).values())
+    )
+    ids = {json.loads(m.value)["id"] for m in published}
+    assert ids == {*range(n), "end"}

@@ -87,14 +87,14 @@ from stream_trainer.errors import (
     StreamTrainerError,
 )
 from stream_trainer.evaluation import StreamHistory
-from stream_trainer.records import RejectedRecord, RejectReason
+from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
-from stream_trainer.service.dead_letter_file import DeadLetterFile
-from stream_trainer.service.file_source import FileBatchSource
 from stream_trainer.service.label_join import LabelJoin, split_label_tensors
 from stream_trainer.service.restore import restore_checkpoint
-from stream_trainer.sources import BatchSizes, default_target
+from stream_trainer.sources import Batch, BatchSizes, BatchSource, DeadLetterSink, default_target
+from stream_trainer.sources.dead_letter_file import DeadLetterFile
+from stream_trainer.sources.file_batches import FileBatchSource
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import SCREENING_SETTINGS
@@ -153,8 +153,8 @@ class TrainerService:
         self._norm_snapshot: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.metrics: ServiceMetrics | None = None
         self.server: MetricsServer | None = None
-        self.source: Any = None
-        self.dead_letters: Any = None
+        self._source: BatchSource | None = None  # opened by run() (_open_source)
+        self._dead_letters: DeadLetterSink | None = None
         self.predictions: Any = None
         self.batch_log: BatchLog | None = None
         self._watchdog: threading.Timer | None = None
@@ -178,6 +178,28 @@ class TrainerService:
         )
         if self.restored is not None:
             self.origins = _restored_origins(self.restored)
+
+    @property
+    def source(self) -> BatchSource:
+        """The source of batches (Kafka or a file), open while :meth:`run` runs."""
+        if self._source is None:
+            raise RuntimeError("the source is not open: run() opens it")
+        return self._source
+
+    @source.setter
+    def source(self, source: BatchSource) -> None:
+        self._source = source
+
+    @property
+    def dead_letters(self) -> DeadLetterSink:
+        """Where rejected records go (a Kafka topic or a file), open while :meth:`run` runs."""
+        if self._dead_letters is None:
+            raise RuntimeError("the dead-letter sink is not open: run() opens it")
+        return self._dead_letters
+
+    @dead_letters.setter
+    def dead_letters(self, sink: DeadLetterSink) -> None:
+        self._dead_letters = sink
 
     # ------------------------------------------------------------------ start
     def _target(self) -> str:
@@ -300,7 +322,8 @@ class TrainerService:
     def _open_source(self) -> None:
         c = self.config
         if c.is_kafka:
-            from consumers import DeadLetterSink, KafkaSourceConfig, open_kafka_source
+            from consumers import DeadLetterSink as KafkaDeadLetters
+            from consumers import KafkaSourceConfig, open_kafka_source
             from consumers.security import KafkaSecurity
 
             bootstrap, topic = c.kafka_endpoint()
@@ -344,7 +367,7 @@ class TrainerService:
                 self.source.close()
                 raise
             security: KafkaSecurity = source_config.security
-            self.dead_letters = DeadLetterSink(bootstrap, topic=c.dead_letter, security=security)
+            self.dead_letters = KafkaDeadLetters(bootstrap, topic=c.dead_letter, security=security)
             if c.predictions_topic:
                 from consumers.producer import TopicProducer
 
@@ -444,7 +467,7 @@ class TrainerService:
         offset = self.pending_offsets.get(key)
         return offset if offset is not None else self._fallback_starts.get(key)
 
-    def _note_offsets(self, batch: Any) -> None:
+    def _note_offsets(self, batch: Batch) -> None:
         """Record a batch's next offsets, and the origin of every partition seen first in it
         (the first offset of it in the batch, or its start position when it has none)."""
         for key, offset in batch.next_offsets.items():
@@ -551,10 +574,9 @@ class TrainerService:
                 elif self._due():
                     self.checkpoint("interval")
                 self._report_lag()
-                if not c.is_kafka and self.source.exhausted:
-                    break
-                if c.is_kafka and c.stop_at_end and self.source.caught_up(end_at_start):
-                    log.info("caught up with the end offsets seen at start: stopping")
+                if (not c.is_kafka or c.stop_at_end) and self.source.caught_up(end_at_start):
+                    if c.is_kafka:
+                        log.info("caught up with the end offsets seen at start: stopping")
                     break
             ok = self.checkpoint("shutdown" if self.stop_event.is_set() else "end")
         finally:
@@ -569,7 +591,7 @@ class TrainerService:
         report["final_checkpoint_ok"] = ok
         return report
 
-    def _handle(self, batch: Any) -> None:
+    def _handle(self, batch: Batch) -> None:
         if self.label_join is not None:
             self._handle_delayed(batch, self.label_join)
             return
@@ -592,7 +614,7 @@ class TrainerService:
             self._dirty = True
         self._after_step(batch, report, rejected)
 
-    def _handle_delayed(self, batch: Any, join: LabelJoin) -> None:
+    def _handle_delayed(self, batch: Batch, join: LabelJoin) -> None:
         """A batch with delayed labels (:mod:`~stream_trainer.service.label_join`): predict the
         features records and keep the unlabelled ones that carry an id, join the labels that
         arrived with their rows and learn those in one step, then expire what is due."""
@@ -660,7 +682,7 @@ class TrainerService:
 
     def _after_step(
         self,
-        batch: Any,
+        batch: Batch,
         report: StepReport | None,
         rejected: list[RejectedRecord],
         *,
@@ -870,7 +892,7 @@ class TrainerService:
     def _count_dead_letter_refusals(self) -> None:
         """Export the dead letters the broker refused (sent cut down) and those it refused even
         cut down (dropped) as counters."""
-        sink = self.dead_letters
+        sink: Any = self.dead_letters  # the Kafka sink counts refusals; a file has none
         if not hasattr(sink, "cut_down"):
             return
         if self._dead_letter_counters is None:
@@ -911,10 +933,7 @@ class TrainerService:
 
     def _commit(self, offsets: dict[str, int], version: int) -> None:
         try:
-            if self.config.is_kafka:
-                self.source.commit(offsets, self._commit_metadata(offsets, version))
-            else:
-                self.source.commit(offsets)
+            self.source.commit(offsets, self._commit_metadata(offsets, version))
         except SourceError as exc:
             self._uncommitted = offsets
             log.warning("checkpoint v%d saved but the offset commit failed (%s)", version, exc)
@@ -943,8 +962,8 @@ class TrainerService:
 
     def _close(self) -> None:
         for closer in (
-            getattr(self.source, "close", None),
-            getattr(self.dead_letters, "close", None),
+            getattr(self._source, "close", None),
+            getattr(self._dead_letters, "close", None),
             getattr(self.predictions, "close", None),
             getattr(self.batch_log, "close", None),
             getattr(self.server, "close", None),
@@ -1042,11 +1061,12 @@ def _restored_origins(checkpoint: Checkpoint) -> dict[str, int | None]:
     return out
 
 
-def batch_first_offset(batch: Any, key: str, next_offset: int) -> int:
+def batch_first_offset(batch: Batch, key: str, next_offset: int) -> int:
     """The smallest offset of partition ``key`` among the batch's messages; ``next_offset`` when
     it has none (a start position handed out alone)."""
     first = next_offset
-    for item in (*batch.records, *batch.rejected):
+    items: list[Record | RejectedRecord] = [*batch.records, *batch.rejected]
+    for item in items:
         if item.offset is not None and f"{item.topic}:{item.partition}" == key:
             first = min(first, item.offset)
     return first

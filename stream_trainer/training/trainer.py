@@ -699,7 +699,7 @@ class IncrementalTrainer:
         their reason (step 3 of :meth:`screen`, for labels alone). Sets the task when unknown."""
         c = self.config
         task = self.task
-        new_classes: dict[str, None] = {}
+        new_classes: dict[str | float, None] = {}
         accepted: list[int] = []
         parsed: list[Any] = []
         problems: dict[int, tuple[RejectReason, str]] = {}

@@ -113,7 +113,8 @@ class SplitBatch:
     """One batch sorted for the join: features records (the id removed), labels, rejections."""
 
     features: list[Record] = field(default_factory=list)
-    ids: dict[int, JoinId] = field(default_factory=dict)  # id(features record) -> join id
+    # id(features record) -> (join id, record time)
+    ids: dict[int, tuple[JoinId, float]] = field(default_factory=dict)
     labels: list[tuple[JoinId, Record, float]] = field(default_factory=list)
     rejected: list[RejectedRecord] = field(default_factory=list)
 
@@ -196,10 +197,6 @@ class LabelJoin:
         self.unmatched: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ sorting a batch
-    def _time(self, record: Record) -> float:
-        ms = record.timestamp_ms
-        return ms / 1000.0 if ms is not None and ms >= 0 else self.wall_clock()
-
     def _is_label(self, record: Record) -> bool:
         if self.labels_topic is not None:
             return record.topic == self.labels_topic
@@ -211,20 +208,32 @@ class LabelJoin:
         )
 
     def split(self, records: Sequence[Record]) -> SplitBatch:
-        """Sort ``records`` into features records (id removed; an id checked and new) and labels
-        (id checked), rejecting bad and duplicate ids; advances the watermarks."""
+        """Sort ``records`` into features records (the id removed from their value, in place; an
+        id checked and new) and labels (id and label checked), rejecting bad and duplicate ids
+        and refused labels; advances the watermarks."""
         out = SplitBatch()
         seen: set[JoinId] = set()
         features, labels = self.latest["features"], self.latest["labels"]
+        now: float | None = None
+        keys: dict[tuple[str | None, int | None], str] = {}
+        id_field, same_stream = self.id_field, self.labels_topic is None
         for record in records:
-            t = self._time(record)
+            ms = record.timestamp_ms
+            if ms is not None and ms >= 0:
+                t = ms / 1000.0
+            else:
+                t = now = self.wall_clock() if now is None else now
             is_label = self._is_label(record)
-            key = f"{record.topic}:{record.partition}"
-            if is_label or self.labels_topic is None:
-                labels[key] = max(labels.get(key, t), t)
-            if not is_label:
-                features[key] = max(features.get(key, t), t)
-            raw = record.value.get(self.id_field)
+            where = (record.topic, record.partition)
+            key = keys.get(where)
+            if key is None:
+                key = keys[where] = f"{record.topic}:{record.partition}"
+            if (is_label or same_stream) and t > labels.get(key, -math.inf):
+                labels[key] = t
+            if not is_label and t > features.get(key, -math.inf):
+                features[key] = t
+            value = record.value
+            raw = value.get(id_field)
             if raw is None and not is_label:
                 out.features.append(record)  # no id: predicted only, or learned inline
                 continue
@@ -233,40 +242,26 @@ class LabelJoin:
                 self._reject(out, record, join_id, label=is_label)
                 continue
             if is_label:
-                label = record.value.get(self.target)
-                problem = (
-                    (RejectReason.BAD_LABEL, "the label is missing")
-                    if label is None or label == ""
-                    else None
-                    if self.check_label is None
-                    else self.check_label(label)
-                )
+                problem = self._label_problem(value.get(self.target))
                 if problem is not None:
                     self._reject(out, record, problem, label=True)
                 else:
                     out.labels.append((join_id, record, t))
                 continue
             if join_id in self.pending or join_id in self.recent or join_id in seen:
-                problem = (
-                    RejectReason.DUPLICATE_ID,
-                    f"id {join_id!r} is already pending or learned",
-                )
-                self._reject(out, record, problem, label=False)
+                detail = f"id {join_id!r} is already pending or learned"
+                self._reject(out, record, (RejectReason.DUPLICATE_ID, detail), label=False)
                 continue
             seen.add(join_id)
-            value = {k: v for k, v in record.value.items() if k != self.id_field}
-            stripped = Record(
-                value,
-                key=record.key,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                timestamp_ms=record.timestamp_ms,
-                raw=record.raw,
-            )
-            out.features.append(stripped)
-            out.ids[id(stripped)] = join_id
+            del value[id_field]  # the id is no feature (the raw bytes keep it for dead letters)
+            out.features.append(record)
+            out.ids[id(record)] = (join_id, t)
         return out
+
+    def _label_problem(self, label: Any) -> tuple[RejectReason, str] | None:
+        if label is None or label == "":
+            return RejectReason.BAD_LABEL, "the label is missing"
+        return None if self.check_label is None else self.check_label(label)
 
     def watermark(self, side: str) -> float:
         """The time ``side`` (``features`` or ``labels``) has reached on every partition read."""
@@ -284,23 +279,26 @@ class LabelJoin:
     def hold(
         self,
         accepted: Sequence[Record],
-        ids: Mapping[int, JoinId],
+        ids: Mapping[int, tuple[JoinId, float]],
         inputs: np.ndarray | None,
         served: Sequence[np.ndarray | None],
     ) -> int:
         """Keep the unlabelled ``accepted`` records that carry an id, with their encoded rows
-        (``inputs``) and served predictions; returns how many rows the bound evicted."""
+        (``inputs``) and served predictions (float32, as the checkpoint stores them, so that a
+        restored row scores as the live one); returns how many rows the bound evicted."""
         evicted = 0
+        target, pending = self.target, self.pending
         for i, record in enumerate(accepted):
-            join_id = ids.get(id(record))
-            if join_id is None or record.value.get(self.target) not in (None, ""):
+            entry = ids.get(id(record))
+            if entry is None or record.value.get(target) not in (None, ""):
                 continue  # no id, or labelled inline (learned in its own step)
             assert inputs is not None
-            kept = None if served[i] is None else np.array(served[i], dtype=np.float32)
-            # float32, as the checkpoint stores them: a restored row scores as the live one
-            self.pending[join_id] = _Row(inputs[i].copy(), kept, self._time(record))
-            if len(self.pending) > self.max_pending:
-                self.pending.popitem(last=False)
+            kept = served[i]
+            if kept is not None and kept.dtype != np.float32:
+                kept = kept.astype(np.float32)
+            pending[entry[0]] = _Row(inputs[i].copy(), kept, entry[1])
+            if len(pending) > self.max_pending:
+                pending.popitem(last=False)
                 self.expired += 1
                 evicted += 1
         return evicted

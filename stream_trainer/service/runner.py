@@ -649,11 +649,22 @@ class TrainerService:
             self._records_since_checkpoint += len(batch.records) + len(batch.rejected)
             self.records_read += len(batch.records) + len(batch.rejected)
             self._dirty = True
-        if report is not None:
-            self._after_step(batch, report, [], ids=split.ids)
         metrics = self._ensure_metrics()
+        if report is not None:
+            if self.predictions is not None and report.accepted:
+                self._publish_predictions(report, split.ids)
+            if metrics is not None:
+                metrics.observe_step(
+                    batch_size=report.size + len(batch.rejected),
+                    trained=report.trained,
+                    predicted_only=report.predicted_only,
+                    predict_seconds=report.predict_seconds,
+                    learn_seconds=report.learn_seconds,
+                    loss=report.loss,
+                )
         if learned is not None:
-            self.history.add(self.records_read, learned.trained, trainer.metrics())
+            quality = trainer.metrics()
+            self.history.add(self.records_read, learned.trained, quality)
             if metrics is not None:
                 metrics.observe_step(
                     batch_size=learned.size,
@@ -664,7 +675,9 @@ class TrainerService:
                     loss=learned.loss,
                 )
                 metrics.set_records_since_last_label(trainer.records_since_label)
-                metrics.set_prequential(trainer.metrics())
+                metrics.set_prequential(quality)
+                if (trainer.steps - 1) % self.config.health_every_steps == 0:
+                    self._report_norm_health(metrics, report if report is not None else learned)
         if metrics is None:
             self._dead_unreported.update(r.reason.value for r in rejected)
             return
@@ -685,8 +698,6 @@ class TrainerService:
         batch: Batch,
         report: StepReport | None,
         rejected: list[RejectedRecord],
-        *,
-        ids: Mapping[int, Any] | None = None,
     ) -> None:
         """Everything that follows a step outside the lock: history, predictions out, metrics.
         ``report`` is None when no step was taken (only rejected records arrived)."""
@@ -695,7 +706,7 @@ class TrainerService:
         if report is not None:
             self.history.add(self.records_read, report.size, trainer.metrics())
             if self.predictions is not None and report.accepted:
-                self._publish_predictions(report, ids)
+                self._publish_predictions(report)
             since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY
             delayed = self.label_join is not None  # labels come later by design
             if (
@@ -749,7 +760,7 @@ class TrainerService:
         self._norm_snapshot = snapshot
 
     def _publish_predictions(
-        self, report: StepReport, ids: Mapping[int, Any] | None = None
+        self, report: StepReport, ids: Mapping[int, tuple[Any, float]] | None = None
     ) -> None:
         """One message per accepted record: the prediction, the model version, the record's
         coordinates and, with delayed labels, its id (``ids``: ``id(record)`` -> join id)."""
@@ -758,7 +769,7 @@ class TrainerService:
         for i, (record, prediction) in enumerate(zip(report.accepted, predictions, strict=True)):
             body: dict[str, Any] = {"prediction": prediction, "model_version": version}
             if ids is not None and id(record) in ids:
-                body["id"] = ids[id(record)]
+                body["id"] = ids[id(record)][0]
             if report.proba is not None:
                 body["proba"] = dict(zip(report.classes, map(float, report.proba[i]), strict=False))
             body["source"] = {
@@ -1025,9 +1036,9 @@ def _served(report: StepReport) -> list[np.ndarray | None]:
     one-element array), or ``None`` before a model existed."""
     n = len(report.accepted)
     if report.proba is not None and report.proba.shape[1]:
-        return [report.proba[i].astype(np.float32) for i in range(n)]
+        return list(report.proba.astype(np.float32))
     if report.values is not None:
-        return [np.asarray(report.values[i : i + 1], dtype=np.float32) for i in range(n)]
+        return list(np.asarray(report.values, dtype=np.float32).reshape(-1, 1))
     return [None] * n
 
 

@@ -39,7 +39,9 @@ __all__ = [
     "ClassificationMetrics",
     "RegressionMetrics",
     "score_served_class",
+    "score_served_classes",
     "score_served_value",
+    "score_served_values",
 ]
 
 _EPS = 1e-15
@@ -249,3 +251,27 @@ def score_served_value(metrics: RegressionMetrics, y_true: float, served: Any) -
         metrics.update(np.asarray([y_true]), None)
         return
     metrics.update(np.asarray([y_true]), value[:1])
+
+
+def score_served_classes(metrics: ClassificationMetrics, y_true: np.ndarray, served: Any) -> None:
+    """:func:`score_served_class` over rows in order; one batch update when every row was
+    served over the same classes (the usual case), else row by row."""
+    widths = {0 if s is None else len(s) for s in served}
+    if len(widths) == 1:
+        width = widths.pop()
+        proba = None if width == 0 else np.asarray(np.stack(served), dtype=np.float64)
+        metrics.update(y_true, proba)
+        return
+    for y, row in zip(y_true.tolist(), served, strict=True):
+        score_served_class(metrics, y, row)
+
+
+def score_served_values(metrics: RegressionMetrics, y_true: np.ndarray, served: Any) -> None:
+    """:func:`score_served_value` over rows in order; one batch update when every row was
+    served a value (or none was)."""
+    values = [None if s is None else np.asarray(s, dtype=np.float64).reshape(-1) for s in served]
+    if all(v is not None and v.size for v in values):
+        metrics.update(y_true, np.concatenate(values))  # type: ignore[arg-type]
+        return
+    for y, value in zip(y_true.tolist(), values, strict=True):
+        score_served_value(metrics, y, value)

@@ -57,8 +57,8 @@ from stream_trainer.training.labels import infer_task, parse_label
 from stream_trainer.training.metrics import (
     ClassificationMetrics,
     RegressionMetrics,
-    score_served_class,
-    score_served_value,
+    score_served_classes,
+    score_served_values,
 )
 from stream_trainer.training.mixture import (
     EXPERTS,
@@ -670,8 +670,7 @@ class IncrementalTrainer:
         target: np.ndarray
         if self.task == "regression":
             target = np.asarray(parsed, dtype=np.float64)
-            for value, i in zip(target, accepted, strict=True):
-                score_served_value(self.reg_metrics, float(value), served[i])
+            score_served_values(self.reg_metrics, target, [served[i] for i in accepted])
             self.y_scaler.update(target[:, None])
         else:
             for label in parsed:
@@ -679,8 +678,7 @@ class IncrementalTrainer:
                     self.class_index[label] = len(self.classes)
                     self.classes.append(label)
             target = np.fromiter((self.class_index[y] for y in parsed), dtype=np.int64, count=n)
-            for index, i in zip(target.tolist(), accepted, strict=True):
-                score_served_class(self.cls_metrics, index, served[i])
+            score_served_classes(self.cls_metrics, target, [served[i] for i in accepted])
         self._shared_out = self._shared_tape = None
         self._expert_outputs = None
         t0 = time.perf_counter()

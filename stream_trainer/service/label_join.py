@@ -75,6 +75,7 @@ MAX_ID_LENGTH: Final = 256
 MAX_STORED_PENDING: Final = 1 << 24
 """Most entries a stored pending state may hold (each store)."""
 _MAX_WIDTH: Final = 1 << 24
+_ID_LIMIT: Final = 1 << 63
 _TENSORS: Final = ("pending.x", "pending.served", "pending.served_width")
 
 JoinId = str | int
@@ -84,7 +85,7 @@ def check_id(value: Any) -> JoinId | tuple[RejectReason, str]:
     """``value`` as a join id, or ``(bad_id, detail)``."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         return RejectReason.BAD_ID, f"id must be a string or an integer, got {type(value).__name__}"
-    if isinstance(value, int) and not -(1 << 63) <= value < 1 << 63:
+    if isinstance(value, int) and not -_ID_LIMIT <= value < _ID_LIMIT:
         return RejectReason.BAD_ID, "id is an integer beyond 64 bits"
     if isinstance(value, str) and not 0 < len(value) <= MAX_ID_LENGTH:
         return RejectReason.BAD_ID, f"id must have 1 to {MAX_ID_LENGTH} characters"
@@ -237,7 +238,7 @@ class LabelJoin:
             if raw is None and not is_label:
                 out.features.append(record)  # no id: predicted only, or learned inline
                 continue
-            join_id = check_id(raw)
+            join_id = raw if type(raw) is int and -_ID_LIMIT <= raw < _ID_LIMIT else check_id(raw)
             if isinstance(join_id, tuple):
                 self._reject(out, record, join_id, label=is_label)
                 continue

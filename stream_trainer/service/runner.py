@@ -650,34 +650,29 @@ class TrainerService:
             self.records_read += len(batch.records) + len(batch.rejected)
             self._dirty = True
         metrics = self._ensure_metrics()
-        if report is not None:
-            if self.predictions is not None and report.accepted:
-                self._publish_predictions(report, split.ids)
-            if metrics is not None:
-                metrics.observe_step(
-                    batch_size=report.size + len(batch.rejected),
-                    trained=report.trained,
-                    predicted_only=report.predicted_only,
-                    predict_seconds=report.predict_seconds,
-                    learn_seconds=report.learn_seconds,
-                    loss=report.loss,
-                )
-        if learned is not None:
-            quality = trainer.metrics()
-            self.history.add(self.records_read, learned.trained, quality)
-            if metrics is not None:
-                metrics.observe_step(
-                    batch_size=learned.size,
-                    trained=learned.trained,
-                    predicted_only=0,
-                    predict_seconds=0.0,
-                    learn_seconds=learned.learn_seconds,
-                    loss=learned.loss,
-                )
+        if report is not None and self.predictions is not None and report.accepted:
+            self._publish_predictions(report, split.ids)
+        trained = (report.trained if report else 0) + (learned.trained if learned else 0)
+        quality = trainer.metrics() if trained else None
+        if quality is not None:
+            self.history.add(self.records_read, trained, quality)
+        if metrics is not None and (report is not None or learned is not None):
+            # One poll, one batch: its records predicted, its labels' rows learned.
+            metrics.observe_step(
+                batch_size=len(batch.records) + len(batch.rejected),
+                trained=trained,
+                predicted_only=report.predicted_only if report else 0,
+                predict_seconds=report.predict_seconds if report else 0.0,
+                learn_seconds=(report.learn_seconds if report else 0.0)
+                + (learned.learn_seconds if learned else 0.0),
+                loss=learned.loss if learned is not None else report.loss if report else None,
+            )
+            shown = report if report is not None else learned
+            if quality is not None and shown is not None:
                 metrics.set_records_since_last_label(trainer.records_since_label)
                 metrics.set_prequential(quality)
                 if (trainer.steps - 1) % self.config.health_every_steps == 0:
-                    self._report_norm_health(metrics, report if report is not None else learned)
+                    self._report_norm_health(metrics, shown)
         if metrics is None:
             self._dead_unreported.update(r.reason.value for r in rejected)
             return

@@ -115,6 +115,12 @@ class ServiceConfig:
     ``max_batch_records``. A checkpoint is taken every ``checkpoint_every_records`` trained records
     or ``checkpoint_every_seconds``, whichever comes first, and on revoke, at the end and on
     SIGTERM/SIGINT.
+
+    Delayed labels (:mod:`stream_trainer.service.label_join`): ``labels_source`` is ``inline``
+    (each record carries its label), ``source`` (labels are later records ``{id, <target>}`` on
+    the source) or ``kafka://HOST:PORT/TOPIC`` (another topic on the source's brokers, read by
+    the same consumer); ``id_field`` names the id, ``max_pending`` bounds the records waiting for
+    a label and ``label_timeout_seconds`` how long, in record time, they wait.
     """
 
     source: str = "river:Phishing"

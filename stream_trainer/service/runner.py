@@ -6,7 +6,16 @@ Each turn polls one batch (Kafka: whatever arrived within ``max_wait_ms``, at mo
 ``max_batch_records``; a file: the next batch of the seeded size schedule), runs one prequential
 step (predict, score, learn), sends every rejected record to the dead letters, publishes
 predictions when asked, remembers the batch's *next* offsets, updates the metrics, and checkpoints
-when one is due.
+when one is due. The source and the dead letters are whatever implements
+:class:`~stream_trainer.sources.protocol.BatchSource` and
+:class:`~stream_trainer.sources.protocol.DeadLetterSink` (Kafka, or a file).
+
+With delayed labels (``labels_source`` not ``inline``; :mod:`stream_trainer.service.label_join`)
+a turn predicts the batch's records and keeps the unlabelled ones that carry an id, joins the
+labels that arrived with the rows they belong to and learns those rows in one step, then expires
+what waited too long. The pending store is saved in the checkpoint (step 2 below), and the labels
+topic is read by the same consumer as the source, so its offsets are saved and committed with the
+others: a restart re-reads exactly the features and labels its checkpoint has not seen.
 
 Checkpoint order (do not change it; it is what makes training exactly-once)
 --------------------------------------------------------------------------

@@ -31,16 +31,20 @@ def rec(
     return Record(value, topic=topic, partition=0, offset=offset, timestamp_ms=ts)
 
 
-def served_step(join: LabelJoin, trainer: IncrementalTrainer, records: list[Record]) -> Any:
-    """Split, predict and hold, as the service does; returns the split batch."""
+def served_step(
+    join: LabelJoin, trainer: IncrementalTrainer, records: list[Record]
+) -> tuple[Any, list[Any]]:
+    """Split, predict and hold, as the service does; returns the split batch and the ids whose
+    label was waiting."""
     split = join.split(records)
+    ready: list[Any] = []
     if split.features:
         report = trainer.step(split.features)
         served = [
             None if report.proba is None else report.proba[i] for i in range(len(report.accepted))
         ]
-        join.hold(report.accepted, split.ids, report.inputs, served)
-    return split
+        _, ready = join.hold(report.accepted, split.ids, report.inputs, served)
+    return split, ready
 
 
 def trainer() -> IncrementalTrainer:
@@ -52,7 +56,7 @@ def trainer() -> IncrementalTrainer:
 
 def test_a_label_joins_its_row_and_is_learned_once_with_the_features_it_was_served_on() -> None:
     join, t = LabelJoin("id", "y"), trainer()
-    split = served_step(join, t, [rec({"id": 1, "x": 0.5}), rec({"id": "b", "x": -1.0})])
+    split, _ = served_step(join, t, [rec({"id": 1, "x": 0.5}), rec({"id": "b", "x": -1.0})])
     assert split.rejected == [] and set(join.pending) == {1, "b"}
     assert t.samples_trained == 0 and t.predicted_only == 2
     row = join.pending[1].x.copy()
@@ -74,8 +78,9 @@ def test_a_label_read_before_its_features_waits_for_them() -> None:
     split = join.split([rec({"id": 7, "y": "cat"}, topic="labels")])
     joined, _ = join.join(split.labels)
     assert joined.ids == [] and list(join.early) == [7]
-    served_step(join, t, [rec({"id": 7, "x": 2.0})])
-    joined, _ = join.join([])
+    _, ready = served_step(join, t, [rec({"id": 7, "x": 2.0})])
+    assert ready == [7]
+    joined, _ = join.join([], ready)
     assert joined.ids == [7] and [r.value["y"] for r in joined.labels] == ["cat"]
     assert join.early == {} and join.pending == {}
 
@@ -84,7 +89,9 @@ def test_hostile_ids_and_labels_are_rejected_with_a_reason_and_never_crash() -> 
     join, t = LabelJoin("id", "y"), trainer()
     bad = [{"id": True, "x": 1.0}, {"id": 1.5, "x": 1.0}, {"id": "", "x": 1.0},
            {"id": "z" * 257, "x": 1.0}, {"id": 1 << 70, "x": 1.0}]  # fmt: skip
-    split = served_step(join, t, [rec(v) for v in [*bad, {"id": 3, "x": 1.0}, {"id": 3, "x": 2.0}]])
+    split, _ = served_step(
+        join, t, [rec(v) for v in [*bad, {"id": 3, "x": 1.0}, {"id": 3, "x": 2.0}]]
+    )
     assert [r.reason for r in split.rejected] == [RejectReason.BAD_ID] * 5 + [
         RejectReason.DUPLICATE_ID
     ]
@@ -103,7 +110,7 @@ def test_hostile_ids_and_labels_are_rejected_with_a_reason_and_never_crash() -> 
     assert joined.ids == [3]
 
 
-def test_a_label_the_check_refuses_is_rejected_as_it_arrives() -> None:
+def test_a_label_that_would_wait_is_checked_first_and_a_refused_one_holds_no_place() -> None:
     def check(label: Any) -> tuple[RejectReason, str] | None:
         return (RejectReason.BAD_LABEL, "not an integer") if isinstance(label, float) else None
 
@@ -112,8 +119,10 @@ def test_a_label_the_check_refuses_is_rejected_as_it_arrives() -> None:
         [rec({"id": 1, "y": 0.5}, topic="labels"), rec({"id": 1}, topic="labels"),
          rec({"id": 1, "y": 1}, topic="labels")]
     )  # fmt: skip
-    assert [r.reason for r in split.rejected] == [RejectReason.BAD_LABEL] * 2
-    assert [k for k, _, _ in split.labels] == [1]
+    assert [r.reason for r in split.rejected] == [RejectReason.BAD_LABEL]  # missing
+    joined, rejected = join.join(split.labels)
+    assert [r.reason for r in rejected] == [RejectReason.BAD_LABEL]  # 0.5, refused by the check
+    assert joined.ids == [] and list(join.early) == [1] and join.early[1].record.value["y"] == 1
     assert join.unmatched == Counter({"bad_label": 2})
 
 

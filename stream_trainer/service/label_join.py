@@ -198,33 +198,28 @@ class LabelJoin:
         self.unmatched: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ sorting a batch
-    def _is_label(self, record: Record) -> bool:
-        if self.labels_topic is not None:
-            return record.topic == self.labels_topic
-        value = record.value
-        return (
-            self.id_field in value
-            and value.get(self.target) not in (None, "")
-            and all(k == self.id_field or k == self.target for k in value)
-        )
-
     def split(self, records: Sequence[Record]) -> SplitBatch:
         """Sort ``records`` into features records (the id removed from their value, in place; an
-        id checked and new) and labels (id and label checked), rejecting bad and duplicate ids
-        and refused labels; advances the watermarks."""
+        id checked and new) and labels (an id checked, a label present), rejecting the others
+        (bad and duplicate ids, missing labels); advances the watermarks."""
         out = SplitBatch()
         seen: set[JoinId] = set()
         features, labels = self.latest["features"], self.latest["labels"]
         now: float | None = None
         keys: dict[tuple[str | None, int | None], str] = {}
-        id_field, same_stream = self.id_field, self.labels_topic is None
+        id_field, target, labels_topic = self.id_field, self.target, self.labels_topic
+        same_stream = labels_topic is None
         for record in records:
             ms = record.timestamp_ms
             if ms is not None and ms >= 0:
                 t = ms / 1000.0
             else:
                 t = now = self.wall_clock() if now is None else now
-            is_label = self._is_label(record)
+            value = record.value
+            if not same_stream:
+                is_label = record.topic == labels_topic
+            else:  # {id, <target>} and nothing else, both present
+                is_label = len(value) == 2 and id_field in value and target in value
             where = (record.topic, record.partition)
             key = keys.get(where)
             if key is None:
@@ -233,7 +228,6 @@ class LabelJoin:
                 labels[key] = t
             if not is_label and t > features.get(key, -math.inf):
                 features[key] = t
-            value = record.value
             raw = value.get(id_field)
             if raw is None and not is_label:
                 out.features.append(record)  # no id: predicted only, or learned inline
@@ -243,8 +237,9 @@ class LabelJoin:
                 self._reject(out, record, join_id, label=is_label)
                 continue
             if is_label:
-                problem = self._label_problem(value.get(self.target))
-                if problem is not None:
+                label = value.get(target)
+                if label is None or label == "":
+                    problem = (RejectReason.BAD_LABEL, "the label is missing")
                     self._reject(out, record, problem, label=True)
                 else:
                     out.labels.append((join_id, record, t))
@@ -258,11 +253,6 @@ class LabelJoin:
             out.features.append(record)
             out.ids[id(record)] = (join_id, t)
         return out
-
-    def _label_problem(self, label: Any) -> tuple[RejectReason, str] | None:
-        if label is None or label == "":
-            return RejectReason.BAD_LABEL, "the label is missing"
-        return None if self.check_label is None else self.check_label(label)
 
     def watermark(self, side: str) -> float:
         """The time ``side`` (``features`` or ``labels``) has reached on every partition read."""
@@ -283,11 +273,14 @@ class LabelJoin:
         ids: Mapping[int, tuple[JoinId, float]],
         inputs: np.ndarray | None,
         served: Sequence[np.ndarray | None],
-    ) -> int:
+    ) -> tuple[int, list[JoinId]]:
         """Keep the unlabelled ``accepted`` records that carry an id, with their encoded rows
         (``inputs``) and served predictions (float32, as the checkpoint stores them, so that a
-        restored row scores as the live one); returns how many rows the bound evicted."""
+        restored row scores as the live one); returns how many rows the bound evicted, and the
+        ids whose label was already waiting (for :meth:`join`)."""
         evicted = 0
+        ready: list[JoinId] = []
+        early = self.early
         target, pending = self.target, self.pending
         for i, record in enumerate(accepted):
             entry = ids.get(id(record))
@@ -298,23 +291,28 @@ class LabelJoin:
             if kept is not None and kept.dtype != np.float32:
                 kept = kept.astype(np.float32)
             pending[entry[0]] = _Row(inputs[i].copy(), kept, entry[1])
+            if entry[0] in early:
+                ready.append(entry[0])
             if len(pending) > self.max_pending:
                 pending.popitem(last=False)
                 self.expired += 1
                 evicted += 1
-        return evicted
+        return evicted, ready
 
     def join(
-        self, labels: Sequence[tuple[JoinId, Record, float]]
+        self, labels: Sequence[tuple[JoinId, Record, float]], ready: Sequence[JoinId] = ()
     ) -> tuple[Joined, list[RejectedRecord]]:
-        """Join the labels that arrived (and those that waited for rows now pending) with their
-        rows, removing both; a label without its row waits (bounded). Returns the joined rows and
-        the labels rejected as duplicates."""
+        """Join the labels that arrived, and those that waited for the rows now pending
+        (``ready``, from :meth:`hold`), with their rows, removing both. A label without its row
+        waits (bounded), once ``check_label`` accepts it; a joined label is screened by the
+        trainer when it learns it. Returns the joined rows and the labels rejected (duplicates,
+        refused labels)."""
         joined = Joined()
         rejected: list[RejectedRecord] = []
-        for join_id in [k for k in self.early if k in self.pending]:
-            label = self.early.pop(join_id)
-            self._take(joined, join_id, label.record, label.time)
+        for join_id in ready:
+            label = self.early.pop(join_id, None)
+            if label is not None and join_id in self.pending:
+                self._take(joined, join_id, label.record, label.time)
         for join_id, record, t in labels:
             if join_id in self.pending:
                 self._take(joined, join_id, record, t)
@@ -323,6 +321,12 @@ class LabelJoin:
                 rejected.append(RejectedRecord.of(record, RejectReason.DUPLICATE_ID, detail))
                 self.unmatched[RejectReason.DUPLICATE_ID.value] += 1
             else:
+                check = self.check_label
+                problem = None if check is None else check(record.value.get(self.target))
+                if problem is not None:
+                    rejected.append(RejectedRecord.of(record, *problem))
+                    self.unmatched[problem[0].value] += 1
+                    continue
                 self.early[join_id] = _Label(record, t)
                 if len(self.early) > self.max_pending:
                     self.early.popitem(last=False)

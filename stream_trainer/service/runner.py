@@ -634,14 +634,16 @@ class TrainerService:
         with self._lock:
             split = join.split(batch.records)
             rejected: list[RejectedRecord] = [*batch.rejected, *split.rejected]
-            evicted = 0
+            evicted, ready = 0, list[Any]()
             if split.features:
                 report = trainer.step(split.features)
                 if self.batch_log is not None:
                     self.batch_log.append(trainer.steps, segments_of(split.features))
                 rejected.extend(report.rejected)
-                evicted = join.hold(report.accepted, split.ids, report.inputs, _served(report))
-            joined, duplicates = join.join(split.labels)
+                evicted, ready = join.hold(
+                    report.accepted, split.ids, report.inputs, _served(report)
+                )
+            joined, duplicates = join.join(split.labels, ready)
             rejected.extend(duplicates)
             if joined.ids:
                 labels = [join.label_of(r) for r in joined.labels]

@@ -291,6 +291,25 @@ def test_the_service_learns_each_label_once_across_a_restart_and_scores_what_it_
     assert delays == first["delayed_labels"]["learned"]
 
 
+def test_labels_read_before_their_features_are_learned_when_the_features_come(
+    tmp_path: Path,
+) -> None:
+    lines, labelled = _stream(300, seed=9)
+    labels = [v for v in lines if "label" in v]
+    features = [v for v in lines if "label" not in v]
+    source = tmp_path / "stream.jsonl"
+    _write(source, labels + features)  # every label first: each batch of features joins many
+    registry = CollectorRegistry()
+    report = _service(tmp_path, source, registry, batch_sizes="64").run()
+    assert report["samples"] == len(labelled) == report["delayed_labels"]["learned"]
+    assert report["delayed_labels"]["waiting_labels"] == 0
+    labels_of = {"run": "default", "model": "mlp", "norm": "ema_batch"}
+    trained = registry.get_sample_value("stream_trainer_records_trained_total", labels_of)
+    assert trained == len(labelled)
+    predicted = registry.get_sample_value("stream_trainer_records_predicted_only_total", labels_of)
+    assert predicted == 300
+
+
 def test_hostile_labels_on_the_source_are_dead_lettered_and_counted(tmp_path: Path) -> None:
     lines, labelled = _stream(200, seed=5)
     hostile = [

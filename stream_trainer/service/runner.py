@@ -667,17 +667,19 @@ class TrainerService:
         quality = trainer.metrics() if trained else None
         if quality is not None:
             self.history.add(self.records_read, trained, quality)
-        if metrics is not None and (report is not None or learned is not None):
-            # One poll, one batch: its records predicted, its labels' rows learned.
-            metrics.observe_step(
-                batch_size=len(batch.records) + len(batch.rejected),
-                trained=trained,
-                predicted_only=report.predicted_only if report else 0,
-                predict_seconds=report.predict_seconds if report else 0.0,
-                learn_seconds=(report.learn_seconds if report else 0.0)
-                + (learned.learn_seconds if learned else 0.0),
-                loss=learned.loss if learned is not None else report.loss if report else None,
-            )
+        if metrics is not None:
+            # Two steps at most: the batch's records predicted (and those labelled inline
+            # learned), then the rows its labels joined learned (records of earlier batches).
+            for step in (report, learned):
+                if step is not None:
+                    metrics.observe_step(
+                        batch_size=step.size,
+                        trained=step.trained,
+                        predicted_only=step.predicted_only,
+                        predict_seconds=step.predict_seconds,
+                        learn_seconds=step.learn_seconds,
+                        loss=step.loss,
+                    )
             shown = report if report is not None else learned
             if quality is not None and shown is not None:
                 metrics.set_records_since_last_label(trainer.records_since_label)

@@ -67,7 +67,7 @@ def test_a_label_joins_its_row_and_is_learned_once_with_the_features_it_was_serv
     # the second label for id 1 waits (its row is taken); it is refused once id 1 is learned
     report, problems = t.learn_encoded(joined.inputs(), [1], joined.served())
     assert problems == {} and report.trained == 1 and t.samples_trained == 1
-    assert join.settle(joined, problems) == []
+    assert join.settle(joined, problems) == ([], [])
     assert join.learned == 1 and 1 in join.recent and set(join.pending) == {"b"}
     again, rejected = join.join(join.split([rec({"id": 1, "y": 1})]).labels)
     assert again.ids == [] and [r.reason for r in rejected] == [RejectReason.DUPLICATE_ID]
@@ -102,8 +102,8 @@ def test_hostile_ids_and_labels_are_rejected_with_a_reason_and_never_crash() -> 
     joined, _ = join.join(split.labels)
     assert joined.ids == [3]
     _, problems = t.learn_encoded(joined.inputs(), [2.5], joined.served())
-    rejected = join.settle(joined, problems)
-    assert [r.reason for r in rejected] == [RejectReason.BAD_LABEL]
+    rejected, retry = join.settle(joined, problems)
+    assert [r.reason for r in rejected] == [RejectReason.BAD_LABEL] and retry == []
     assert list(join.pending) == [3] and t.samples_trained == 0
     assert join.unmatched == Counter({"bad_id": 1, "bad_label": 1})
     joined, _ = join.join(join.split([rec({"id": 3, "y": 1})]).labels)
@@ -308,6 +308,24 @@ def test_labels_read_before_their_features_are_learned_when_the_features_come(
     assert trained == len(labelled)
     predicted = registry.get_sample_value("stream_trainer_records_predicted_only_total", labels_of)
     assert predicted == 300
+
+
+def test_a_refused_label_followed_by_a_good_one_in_the_same_batch_learns_the_good_one(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(4)
+    features = [{"id": i, "x1": rng.gauss(0, 1), "x2": rng.gauss(0, 1)} for i in range(40)]
+    labels: list[dict[str, Any]] = []
+    for v in features:
+        good = {"id": v["id"], "label": int(v["x1"] > 0)}
+        labels += [{"id": v["id"], "label": 1.5}, good] if v["id"] % 4 == 0 else [good]
+    source = tmp_path / "stream.jsonl"
+    _write(source, features + labels)
+    report = _service(tmp_path, source, batch_sizes="64").run()
+    assert report["samples"] == 40 and report["delayed_labels"]["pending"] == 0
+    assert report["delayed_labels"]["unmatched"] == {"bad_label": 10}
+    assert report["dead_lettered"] == {"bad_label": 10}
+    assert sorted(_learned(tmp_path / "batches.jsonl")) == list(range(40))
 
 
 def test_hostile_labels_on_the_source_are_dead_lettered_and_counted(tmp_path: Path) -> None:

@@ -342,10 +342,13 @@ class LabelJoin:
 
     def settle(
         self, joined: Joined, problems: Mapping[int, tuple[RejectReason, str]]
-    ) -> list[RejectedRecord]:
+    ) -> tuple[list[RejectedRecord], list[JoinId]]:
         """After the trainer learned ``joined``: the learned ids are remembered (duplicates of
-        them are refused), the refused labels are rejected and their rows wait again."""
+        them are refused), the refused labels are rejected and their rows wait again. Returns
+        the rejected labels and the ids of the rows back in the store whose next label already
+        waits (joined again by ``join((), ready=...)``)."""
         rejected: list[RejectedRecord] = []
+        retry: list[JoinId] = []
         for i, join_id in enumerate(joined.ids):
             problem = problems.get(i)
             if problem is None:
@@ -355,9 +358,11 @@ class LabelJoin:
             self.pending[join_id] = joined.rows[i]
             rejected.append(RejectedRecord.of(joined.labels[i], *problem))
             self.unmatched[problem[0].value] += 1
+            if join_id in self.early:
+                retry.append(join_id)
         while len(self.recent) > self.max_pending:
             self.recent.popitem(last=False)
-        return rejected
+        return rejected, retry
 
     def expire(self) -> tuple[int, int]:
         """Drop the rows and waiting labels that are due (module docstring); returns

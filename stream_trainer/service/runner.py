@@ -99,7 +99,7 @@ from stream_trainer.evaluation import StreamHistory
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
-from stream_trainer.service.label_join import LabelJoin, split_label_tensors
+from stream_trainer.service.label_join import Joined, LabelJoin, split_label_tensors
 from stream_trainer.service.restore import restore_checkpoint
 from stream_trainer.sources import Batch, BatchSizes, BatchSource, DeadLetterSink, default_target
 from stream_trainer.sources.dead_letter_file import DeadLetterFile
@@ -629,8 +629,6 @@ class TrainerService:
         arrived with their rows and learn those in one step, then expire what is due."""
         trainer = self.trainer
         report: StepReport | None = None
-        learned: StepReport | None = None
-        problems: dict[int, Any] = {}
         with self._lock:
             split = join.split(batch.records)
             rejected: list[RejectedRecord] = [*batch.rejected, *split.rejected]
@@ -645,13 +643,8 @@ class TrainerService:
                 )
             joined, duplicates = join.join(split.labels, ready)
             rejected.extend(duplicates)
-            if joined.ids:
-                labels = [join.label_of(r) for r in joined.labels]
-                learned, problems = trainer.learn_encoded(joined.inputs(), labels, joined.served())
-                rejected.extend(join.settle(joined, problems))
-                if self.batch_log is not None:
-                    ok = [k for i, k in enumerate(joined.ids) if i not in problems]
-                    self.batch_log.append(trainer.steps, segments_of(joined.labels), learned=ok)
+            learned, refused, delays = self._learn_joined(join, joined)
+            rejected.extend(refused)
             expired, _ = join.expire()
             if rejected:
                 self.dead_letters.send_many(rejected)
@@ -663,24 +656,23 @@ class TrainerService:
         metrics = self._ensure_metrics()
         if report is not None and self.predictions is not None and report.accepted:
             self._publish_predictions(report, split.ids)
-        trained = (report.trained if report else 0) + (learned.trained if learned else 0)
+        trained = (report.trained if report else 0) + sum(step.trained for step in learned)
         quality = trainer.metrics() if trained else None
         if quality is not None:
             self.history.add(self.records_read, trained, quality)
         if metrics is not None:
             # Two steps at most: the batch's records predicted (and those labelled inline
             # learned), then the rows its labels joined learned (records of earlier batches).
-            for step in (report, learned):
-                if step is not None:
-                    metrics.observe_step(
-                        batch_size=step.size,
-                        trained=step.trained,
-                        predicted_only=step.predicted_only,
-                        predict_seconds=step.predict_seconds,
-                        learn_seconds=step.learn_seconds,
-                        loss=step.loss,
-                    )
-            shown = report if report is not None else learned
+            for step in ([] if report is None else [report]) + learned:
+                metrics.observe_step(
+                    batch_size=step.size,
+                    trained=step.trained,
+                    predicted_only=step.predicted_only,
+                    predict_seconds=step.predict_seconds,
+                    learn_seconds=step.learn_seconds,
+                    loss=step.loss,
+                )
+            shown = report if report is not None else learned[-1] if learned else None
             if quality is not None and shown is not None:
                 metrics.set_records_since_last_label(trainer.records_since_label)
                 metrics.set_prequential(quality)
@@ -696,10 +688,34 @@ class TrainerService:
         self._unmatched_reported = unmatched
         metrics.observe_labels(
             pending=len(join.pending),
-            delays=[d for i, d in enumerate(joined.delays) if i not in problems] if learned else (),
+            delays=delays,
             expired=expired + evicted,
             unmatched=fresh,
         )
+
+    def _learn_joined(
+        self, join: LabelJoin, joined: Joined
+    ) -> tuple[list[StepReport], list[RejectedRecord], list[float]]:
+        """Learn the joined rows (one step), then, when labels were refused and another label of
+        the same id waited, those rows again; returns the steps, the refused labels and the
+        delays of the labels learned. Each step learned is a batch-log line listing its ids."""
+        trainer = self.trainer
+        steps: list[StepReport] = []
+        refused: list[RejectedRecord] = []
+        delays: list[float] = []
+        while joined.ids:
+            labels = [join.label_of(r) for r in joined.labels]
+            step, problems = trainer.learn_encoded(joined.inputs(), labels, joined.served())
+            steps.append(step)
+            again, retry = join.settle(joined, problems)
+            refused.extend(again)
+            ok = [i for i in range(len(joined.ids)) if i not in problems]
+            delays.extend(joined.delays[i] for i in ok)
+            if self.batch_log is not None:
+                ids = [joined.ids[i] for i in ok]
+                self.batch_log.append(trainer.steps, segments_of(joined.labels), learned=ids)
+            joined, _ = join.join((), retry)
+        return steps, refused, delays
 
     def _after_step(
         self,

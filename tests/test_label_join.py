@@ -67,7 +67,11 @@ def test_a_label_joins_its_row_and_is_learned_once_with_the_features_it_was_serv
     # the second label for id 1 waits (its row is taken); it is refused once id 1 is learned
     report, problems = t.learn_encoded(joined.inputs(), [1], joined.served())
     assert problems == {} and report.trained == 1 and t.samples_trained == 1
-    assert join.settle(joined, problems) == ([], [])
+    refused, retry = join.settle(joined, problems)
+    assert [(r.reason, r.value) for r in refused] == [
+        (RejectReason.DUPLICATE_ID, {"id": 1, "y": 0})
+    ]
+    assert retry == [] and join.early == {}
     assert join.learned == 1 and 1 in join.recent and set(join.pending) == {"b"}
     again, rejected = join.join(join.split([rec({"id": 1, "y": 1})]).labels)
     assert again.ids == [] and [r.reason for r in rejected] == [RejectReason.DUPLICATE_ID]
@@ -326,6 +330,18 @@ def test_a_refused_label_followed_by_a_good_one_in_the_same_batch_learns_the_goo
     assert report["delayed_labels"]["unmatched"] == {"bad_label": 10}
     assert report["dead_lettered"] == {"bad_label": 10}
     assert sorted(_learned(tmp_path / "batches.jsonl")) == list(range(40))
+
+
+def test_a_label_twice_in_one_batch_is_learned_once_and_the_repeat_refused(tmp_path: Path) -> None:
+    features = [{"id": i, "x1": float(i % 3), "x2": 1.0} for i in range(20)]
+    labels = [{"id": i, "label": i % 2} for i in range(20) for _ in range(1 + (i < 5))]
+    source = tmp_path / "stream.jsonl"
+    _write(source, features + labels)
+    report = _service(tmp_path, source, batch_sizes="64").run()
+    assert report["samples"] == 20
+    delayed = report["delayed_labels"]
+    assert delayed["unmatched"] == {"duplicate_id": 5} and delayed["waiting_labels"] == 0
+    assert report["dead_lettered"] == {"duplicate_id": 5}
 
 
 def test_hostile_labels_on_the_source_are_dead_lettered_and_counted(tmp_path: Path) -> None:

@@ -344,7 +344,8 @@ class LabelJoin:
         self, joined: Joined, problems: Mapping[int, tuple[RejectReason, str]]
     ) -> tuple[list[RejectedRecord], list[JoinId]]:
         """After the trainer learned ``joined``: the learned ids are remembered (duplicates of
-        them are refused), the refused labels are rejected and their rows wait again. Returns
+        them are refused, a second label of one that came in the same batch too), the refused
+        labels are rejected and their rows wait again. Returns
         the rejected labels and the ids of the rows back in the store whose next label already
         waits (joined again by ``join((), ready=...)``)."""
         rejected: list[RejectedRecord] = []
@@ -354,6 +355,13 @@ class LabelJoin:
             if problem is None:
                 self.recent[join_id] = None
                 self.learned += 1
+                repeat = self.early.pop(join_id, None)  # a second label in the same batch
+                if repeat is not None:
+                    detail = f"id {join_id!r} already has its label"
+                    rejected.append(
+                        RejectedRecord.of(repeat.record, RejectReason.DUPLICATE_ID, detail)
+                    )
+                    self.unmatched[RejectReason.DUPLICATE_ID.value] += 1
                 continue
             self.pending[join_id] = joined.rows[i]
             rejected.append(RejectedRecord.of(joined.labels[i], *problem))

@@ -25,6 +25,7 @@ OUTPUT = ROOT / "BENCHMARKS.md"
 JSON_SECTIONS = ("throughput", "accuracy", "sweep", "gap", "norm_time")
 QUOTED_SECTIONS = (
     "kafka",
+    "delayed_labels",
     "frames",
     "checkpoint",
     "engine",
@@ -122,6 +123,15 @@ def _kafka(results: Path) -> list[list[str]]:
     return [[what, cell, "≥ 0.8", f"`{_command_of(text)}`"]]
 
 
+def _delayed_labels(results: Path) -> list[list[str]]:
+    text = (results / "delayed_labels.md").read_text()
+    cell = _md_column(text, "batch sizes", "1:64", "delayed / inline")
+    if cell is None:
+        return []
+    what = "delayed-label service ÷ inline-label service, samples/s at 1:64 (min-max of rounds)"
+    return [[what, cell, "≥ 0.8", f"`{_command_of(text)}`"]]
+
+
 def _checkpoint(results: Path) -> list[list[str]]:
     text = (results / "checkpoint.md").read_text()
     out = []
@@ -195,6 +205,7 @@ _SUMMARY_PARTS: tuple[tuple[str, Callable[[Path], list[list[str]]]], ...] = (
     ("throughput.json", _throughput),
     ("engine.md", _engine),
     ("kafka.md", _kafka),
+    ("delayed_labels.md", _delayed_labels),
     ("checkpoint.md", _checkpoint),
     ("norm_time.json", _norm_time),
     ("accuracy.json", _accuracy),
@@ -235,8 +246,10 @@ def build_report() -> str:
         else:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
-        "## Standalone bench scripts: Kafka, frames, checkpoints, engine, baselines\n\n"
-        "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py`, "
+        "## Standalone bench scripts: Kafka, delayed labels, frames, checkpoints, engine, "
+        "baselines\n\n"
+        "Quoted as written by `bench/bench_kafka.py`, `bench/bench_delayed_labels.py`, "
+        "`bench/bench_frames.py`, "
         "`bench/bench_checkpoint.py`, `bench/bench_engine.py` and "
         "`bench/bench_baselines.py`.\n"
     )

@@ -1,6 +1,7 @@
 """Kafka I/O for stream-trainer (kafka-python): record source, dead letters, replay, recording.
 
-- :mod:`consumers.kafka_source`: :class:`KafkaRecordSource` and its :class:`KafkaSourceConfig`;
+- :mod:`consumers.kafka_source`: :class:`KafkaRecordSource`; its settings,
+  :class:`KafkaSourceConfig`, in :mod:`consumers.kafka_config`;
 - :mod:`consumers.process_source`: :class:`ProcessKafkaSource`, the same source with its consumer
   in a child process (:mod:`consumers.consumer_process`, frames in :mod:`consumers.process_frames`),
   and :func:`open_kafka_source`, which opens the one a config asks for;
@@ -18,9 +19,9 @@ from __future__ import annotations
 from consumers import kafka_client_fix  # noqa: F401
 from consumers.dead_letter import DeadLetterSink, dead_letter_topic
 from consumers.deserializer import RecordDecoder
+from consumers.kafka_config import KafkaSourceConfig
 from consumers.kafka_source import (
     KafkaRecordSource,
-    KafkaSourceConfig,
     SourceBatch,
     parse_partition_key,
     partition_key,

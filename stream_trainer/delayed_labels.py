@@ -23,7 +23,6 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from stream_trainer.errors import ConfigError
@@ -31,6 +30,7 @@ from stream_trainer.evaluation import EvaluationResult, StreamHistory, evaluatio
 from stream_trainer.records import Record, RejectedRecord
 from stream_trainer.training import ClassificationMetrics, IncrementalTrainer, RegressionMetrics
 from stream_trainer.training.labels import canonical_class
+from stream_trainer.training.metrics import score_served_class, score_served_value
 
 __all__ = ["evaluate_with_label_delay"]
 
@@ -70,16 +70,14 @@ class _DelayedReplay:
         if learner.step([record]).trained == 0:
             return  # rejected: counted by the trainer, not scored
         if learner.task == "regression":
-            y = np.asarray([float(label)])
-            self.reg_metrics.update(y, None if served is None else np.asarray([served]))
+            score_served_value(self.reg_metrics, float(label), served)
             return
         index = learner.class_index[str(canonical_class(label))]
-        if not isinstance(served, dict) or not served:
-            self.cls_metrics.update(np.asarray([index]), None)
-            return
-        # columns: the classes as served; a class learned since then is a miss (river's rule)
-        proba = np.asarray([[served.get(c, 0.0) for c in learner.classes[: len(served)]]])
-        self.cls_metrics.update(np.asarray([index]), proba)
+        # columns: the classes as served, in the learner's order
+        row = None
+        if isinstance(served, dict) and served:
+            row = [served.get(c, 0.0) for c in learner.classes[: len(served)]]
+        score_served_class(self.cls_metrics, index, row)
 
     def metrics(self) -> dict[str, float]:
         if self.learner.task == "regression":

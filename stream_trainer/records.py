@@ -67,6 +67,8 @@ class RejectReason(StrEnum):
     TOO_MANY_NEW_FEATURES = "too_many_new_features"
     TOO_MANY_FEATURES = "too_many_features"
     TOO_MANY_CLASSES = "too_many_classes"
+    BAD_ID = "bad_id"
+    DUPLICATE_ID = "duplicate_id"
 
 
 @dataclass(slots=True)

@@ -198,6 +198,26 @@ def test_baselines_tiny(tmp_path: Path) -> None:
         bl.main(["--streams", "Nope"])
 
 
+def test_delayed_labels_tiny(tmp_path: Path) -> None:
+    import bench.bench_delayed_labels as dl
+    import bench.report as report
+
+    inline, delayed = dl.batches(300, 4, 8, "1:16", 0)
+    assert [len(b) for b in inline] == [
+        sum("id" in v and "f0" in v for v in b) for b in delayed[: len(inline)]
+    ]
+    labels = [v for b in delayed for v in b if "y" in v]
+    assert sorted(v["id"] for v in labels) == list(range(300))
+    out = tmp_path / "delayed_labels.md"
+    argv = ["--records", "300", "--features", "4", "--repeats", "1", "--out", str(out)]
+    assert dl.main(argv) == 0
+    text = out.read_text()
+    assert "`python bench/bench_delayed_labels.py --records 300 --features 4 --repeats 1`" in text
+    rows = report._delayed_labels(tmp_path)
+    assert rows and rows[0][0].startswith("delayed-label service") and rows[0][2] == "≥ 0.8"
+    assert float(rows[0][1].split()[0]) > 0
+
+
 def test_report_reproduces_committed_benchmarks() -> None:
     """BENCHMARKS.md is generated only: `python -m bench report` rebuilds it byte for byte."""
     import bench.report as report

@@ -259,7 +259,7 @@ def test_a_failed_offset_commit_is_retried_without_new_records(
             super()._open_source()
             committed = self.source.commit
 
-            def commit(offsets: dict[str, int]) -> None:
+            def commit(offsets: dict[str, int], metadata: object = None) -> None:
                 attempts.append(dict(offsets))
                 if offsets == ends and attempts.count(ends) == 1:
                     raise SourceError("a consumer group rebalance is in progress", retriable=True)

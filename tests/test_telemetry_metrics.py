@@ -75,7 +75,8 @@ def test_fresh_registry_exports_zero_counters_and_the_known_dead_letter_reasons(
     assert set(DEAD_LETTER_REASONS) == {
         "not_utf8", "not_json", "not_object", "wrong_type",
         "non_finite", "bad_label", "too_large", "no_features", "out_of_range", "too_deep",
-        "too_many_new_features", "too_many_features", "too_many_classes",
+        "too_many_new_features", "too_many_features", "too_many_classes", "bad_id",
+        "duplicate_id",
     }  # fmt: skip
     # No fake values before the first report.
     for absent in (

@@ -102,6 +102,8 @@ def run_service(args: argparse.Namespace) -> int:
     if world.distributed:  # torchrun: one replica of a data-parallel group
         from stream_trainer.distributed.service import DistributedTrainerService
 
+        if config.delayed_labels:
+            raise ConfigError("delayed labels (--labels-source) run in one process, not torchrun")
         service: TrainerService = DistributedTrainerService.join(config, world)
     else:
         service = TrainerService(config)

@@ -11,7 +11,9 @@ exactly the same batches, and with the same seed gives bit-identical weights.
 
 After a crash the service truncates the log to the steps its checkpoint covers (the checkpoint
 stores how many lines that is), so the log always describes exactly what the persisted model
-learned: it doubles as a ledger of which record trained where.
+learned: it doubles as a ledger of which record trained where. With delayed labels a step that
+learned labels lists the ids it learned (``"learned": [...]``) and the segments of the labels;
+such a log is a ledger, not a replay plan.
 """
 
 from __future__ import annotations
@@ -59,10 +61,15 @@ class BatchLog:
         self.lines = len(lines)
         self._handle = self.path.open("a")
 
-    def append(self, step: int, segments: Sequence[Segment]) -> None:
-        self._handle.write(
-            json.dumps({"step": step, "segments": [list(s) for s in segments]}) + "\n"
-        )
+    def append(
+        self, step: int, segments: Sequence[Segment], *, learned: Sequence[str | int] | None = None
+    ) -> None:
+        """One step; ``learned``: with delayed labels, the ids the step learned (its segments are
+        then those of the labels)."""
+        entry: dict[str, object] = {"step": step, "segments": [list(s) for s in segments]}
+        if learned is not None:
+            entry["learned"] = list(learned)
+        self._handle.write(json.dumps(entry) + "\n")
         self._handle.flush()
         self.lines += 1
 

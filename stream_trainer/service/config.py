@@ -121,6 +121,12 @@ class ServiceConfig:
     ``max_batch_records``. A checkpoint is taken every ``checkpoint_every_records`` trained records
     or ``checkpoint_every_seconds``, whichever comes first, and on revoke, at the end and on
     SIGTERM/SIGINT.
+
+    Delayed labels (:mod:`stream_trainer.service.label_join`): ``labels_source`` is ``inline``
+    (each record carries its label), ``source`` (labels are later records ``{id, <target>}`` on
+    the source) or ``kafka://HOST:PORT/TOPIC`` (another topic on the source's brokers, read by
+    the same consumer); ``id_field`` names the id, ``max_pending`` bounds the records waiting for
+    a label and ``label_timeout_seconds`` how long, in record time, they wait.
     """
 
     source: str = setting(
@@ -194,6 +200,20 @@ class ServiceConfig:
         120.0,
         help="under torchrun: a collective that waits longer fails and the replica exits",
     )
+    # -- delayed labels (stream_trainer.service.label_join) ---------------------------------
+    labels_source: str = setting(
+        "inline",
+        help="where labels arrive: 'inline' (in the records), 'source' (later records {ID, "
+        "TARGET} on the source itself) or kafka://HOST:PORT/TOPIC (another topic on the "
+        "source's brokers)",
+    )
+    id_field: str = setting("id", help="field that carries a record's id, joined with its label")
+    max_pending: int = setting(
+        100_000, help="most records waiting for their label; past it the oldest expires"
+    )
+    label_timeout_seconds: float = setting(
+        3600.0, help="record time a record waits for its label before it expires"
+    )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     kafka: Mapping[str, Any] = field(default_factory=dict)
 
@@ -207,6 +227,9 @@ class ServiceConfig:
             (self.threads >= 1, "threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
+            (self.max_pending >= 1, "max_pending must be >= 1"),
+            (self.label_timeout_seconds > 0, "label_timeout_seconds must be > 0"),
+            (bool(self.id_field), "id_field must not be empty"),
             (
                 self.dist_backend in ("auto", "gloo", "nccl"),
                 "dist_backend must be one of ('auto', 'gloo', 'nccl')",
@@ -243,6 +266,7 @@ class ServiceConfig:
             )
         if self.is_kafka:
             self.kafka_endpoint()
+        self.labels_topic()
 
     def __repr__(self) -> str:
         """Like the dataclass ``repr``, with secrets masked (see :meth:`describe`)."""
@@ -261,12 +285,42 @@ class ServiceConfig:
             raise ConfigError(f"a Kafka source is kafka://HOST:PORT/TOPIC, got {self.source!r}")
         return match.group(1), match.group(2)
 
+    @property
+    def delayed_labels(self) -> bool:
+        """Labels arrive after the features (on the source, or on a labels topic)."""
+        return self.labels_source != "inline"
+
+    def labels_topic(self) -> str | None:
+        """The topic labels arrive on when it is not the source's; checks ``labels_source``:
+        ``inline`` (labels in the records), ``source`` (``{id, <target>}`` records on the source
+        itself) or ``kafka://HOST:PORT/TOPIC`` on the source's brokers."""
+        if self.labels_source in ("inline", "source"):
+            return None
+        match = re.fullmatch(r"kafka://([^/]+)/([^/?#]+)", self.labels_source)
+        if not match:
+            raise ConfigError(
+                "labels_source is 'inline', 'source' or kafka://HOST:PORT/TOPIC, got "
+                f"{mask_url(self.labels_source)!r}"
+            )
+        if not self.is_kafka:
+            raise ConfigError(
+                "a labels topic needs a kafka:// source (files: labels_source = source)"
+            )
+        bootstrap, topic = self.kafka_endpoint()
+        if match.group(1) != bootstrap or match.group(2) == topic:
+            raise ConfigError(
+                "the labels topic must be another topic on the source's brokers "
+                f"({bootstrap}), got {mask_url(self.labels_source)!r}: one consumer reads both, so "
+                "their offsets are committed together with the checkpoint"
+            )
+        return match.group(2)
+
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-able data, secrets masked (this is what gets logged)."""
         data = dataclasses.asdict(self)
         data["trainer"] = self.trainer.to_dict()
         data["kafka"] = _mask_mapping(self.kafka)
-        for name in ("checkpoint", "source"):
+        for name in ("checkpoint", "source", "labels_source"):
             data[name] = mask_url(data[name])
         return data
 

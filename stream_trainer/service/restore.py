@@ -3,7 +3,9 @@
 A checkpoint's state is ``{"trainer": <IncrementalTrainer.state_json()>, "service": {...}}``
 (see :meth:`TrainerService.checkpoint`). :func:`restore_checkpoint` checks the service part's
 types, then validates and applies the trainer part
-(:func:`~stream_trainer.training.state_validation.restore_trainer`). Every failure is a
+(:func:`~stream_trainer.training.state_validation.restore_trainer`), and the pending store of
+delayed labels when there is one (``service.labels`` and the ``pending.*`` tensors,
+:func:`~stream_trainer.service.label_join.validate_label_state`). Every failure is a
 :class:`~stream_trainer.checkpoints.CheckpointInvalidError`, so the store's
 :meth:`~stream_trainer.checkpoints.CheckpointStore.load_newest` falls back to an older version;
 ``stream-trainer checkpoints verify`` runs the same function.
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from stream_trainer.checkpoints import Checkpoint, CheckpointInvalidError
+from stream_trainer.service.label_join import split_label_tensors, validate_label_state
 from stream_trainer.training import IncrementalTrainer
 from stream_trainer.training.state_validation import restore_trainer
 
@@ -24,8 +27,12 @@ def restore_checkpoint(checkpoint: Checkpoint) -> IncrementalTrainer:
     """The trainer ``checkpoint`` holds, after :func:`validate_service_state` and the trainer
     state's structural validation; raises only ``CheckpointError`` subclasses."""
     validate_service_state(checkpoint.state)
+    trainer_tensors, pending = split_label_tensors(checkpoint.tensors)
+    labels = checkpoint.state.get("service", {}).get("labels")
+    if labels is not None or pending:
+        validate_label_state(pending, labels)
     return restore_trainer(
-        checkpoint.tensors,
+        trainer_tensors,
         checkpoint.state["trainer"],
         fingerprint=checkpoint.config_fingerprint,
     )

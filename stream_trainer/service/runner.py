@@ -6,7 +6,16 @@ Each turn polls one batch (Kafka: whatever arrived within ``max_wait_ms``, at mo
 ``max_batch_records``; a file: the next batch of the seeded size schedule), runs one prequential
 step (predict, score, learn), sends every rejected record to the dead letters, publishes
 predictions when asked, remembers the batch's *next* offsets, updates the metrics, and checkpoints
-when one is due.
+when one is due. The source and the dead letters are whatever implements
+:class:`~stream_trainer.sources.protocol.BatchSource` and
+:class:`~stream_trainer.sources.protocol.DeadLetterSink` (Kafka, or a file).
+
+With delayed labels (``labels_source`` not ``inline``; :mod:`stream_trainer.service.label_join`)
+a turn predicts the batch's records and keeps the unlabelled ones that carry an id, joins the
+labels that arrived with the rows they belong to and learns those rows in one step, then expires
+what waited too long. The pending store is saved in the checkpoint (step 2 below), and the labels
+topic is read by the same consumer as the source, so its offsets are saved and committed with the
+others: a restart re-reads exactly the features and labels its checkpoint has not seen.
 
 Checkpoint order (do not change it; it is what makes training exactly-once)
 --------------------------------------------------------------------------
@@ -70,6 +79,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +95,19 @@ from stream_trainer.errors import (
     StreamTrainerError,
 )
 from stream_trainer.evaluation import StreamHistory, scored_samples
-from stream_trainer.records import RejectedRecord
+from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
-from stream_trainer.service.dead_letter_file import DeadLetterFile
-from stream_trainer.service.file_source import FileBatchSource
+from stream_trainer.service.label_join import Joined, LabelJoin, split_label_tensors
 from stream_trainer.service.restore import restore_checkpoint
-from stream_trainer.sources import BatchSizes, default_target
+from stream_trainer.sources import Batch, BatchSizes, BatchSource, DeadLetterSink, default_target
+from stream_trainer.sources.dead_letter_file import DeadLetterFile
+from stream_trainer.sources.file_batches import FileBatchSource
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.threads import pin_threads
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
+from stream_trainer.training.labels import infer_task, parse_label
 
 __all__ = ["TrainerService"]
 
@@ -150,8 +162,8 @@ class TrainerService:
         self._norm_snapshot: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.metrics: ServiceMetrics | None = None
         self.server: MetricsServer | None = None
-        self.source: Any = None
-        self.dead_letters: Any = None
+        self._source: BatchSource | None = None  # opened by run() (_open_source)
+        self._dead_letters: DeadLetterSink | None = None
         self.predictions: Any = None
         self.batch_log: BatchLog | None = None
         self._watchdog: threading.Timer | None = None
@@ -166,9 +178,37 @@ class TrainerService:
         # committed offset (_read_committed_versions).
         self.origins: dict[str, int | None] = {}
         self._fallback_starts: dict[str, int] = {}
+        # Delayed labels (stream_trainer.service.label_join): the pending store, None when the
+        # labels arrive inline. Filled by _restore_or_create (a restored one from the checkpoint).
+        self.label_join: LabelJoin | None = None
         self.trainer = self._restore_or_create()
+        self._unmatched_reported: Counter[str] = Counter(
+            self.label_join.unmatched if self.label_join is not None else ()
+        )
         if self.restored is not None:
             self.origins = _restored_origins(self.restored)
+
+    @property
+    def source(self) -> BatchSource:
+        """The source of batches (Kafka or a file), open while :meth:`run` runs."""
+        if self._source is None:
+            raise RuntimeError("the source is not open: run() opens it")
+        return self._source
+
+    @source.setter
+    def source(self, source: BatchSource) -> None:
+        self._source = source
+
+    @property
+    def dead_letters(self) -> DeadLetterSink:
+        """Where rejected records go (a Kafka topic or a file), open while :meth:`run` runs."""
+        if self._dead_letters is None:
+            raise RuntimeError("the dead-letter sink is not open: run() opens it")
+        return self._dead_letters
+
+    @dead_letters.setter
+    def dead_letters(self, sink: DeadLetterSink) -> None:
+        self._dead_letters = sink
 
     # ------------------------------------------------------------------ start
     def _target(self) -> str:
@@ -194,6 +234,7 @@ class TrainerService:
 
             trainer_config = replace(trainer_config, target=self._target())
         self.trainer_config = trainer_config
+        self.label_join = self._new_label_join()
         restored = self.store.load_newest(self._restore)
         self.rejected_versions = {} if restored is None else dict(restored.rejected)
         self._rejections_unreported: Counter[str] = (
@@ -224,14 +265,55 @@ class TrainerService:
             checkpoint.step,
             checkpoint.offsets,
         )
-        trainer: IncrementalTrainer = restored.value
+        trainer, join = restored.value
         trainer.adopt_limits(trainer_config)  # screening limits: the configured ones
+        if join is not None:
+            self.label_join = join
         return trainer
 
-    def _restore(self, checkpoint: Checkpoint) -> IncrementalTrainer:
-        """One stored version, validated and rebuilt; a version written with another trainer
-        configuration stops the service (``ConfigError``) rather than being skipped."""
+    def _new_label_join(self) -> LabelJoin | None:
+        c = self.config
+        if not c.delayed_labels:
+            return None
+        assert self.trainer_config.target is not None
+        return LabelJoin(
+            c.id_field,
+            self.trainer_config.target,
+            labels_topic=c.labels_topic(),
+            max_pending=c.max_pending,
+            timeout_seconds=c.label_timeout_seconds,
+            check_label=self._check_label,
+        )
+
+    def _check_label(self, label: Any) -> tuple[RejectReason, str] | None:
+        """A delayed label screened as it arrives, as the trainer will screen it."""
+        trainer, c = self.trainer, self.trainer_config
+        parsed = parse_label(
+            label,
+            trainer.task or infer_task(label),
+            max_abs_value=c.max_abs_value,
+            max_length=c.max_string_length,
+        )
+        return parsed if isinstance(parsed, tuple) else None
+
+    def _restore(self, checkpoint: Checkpoint) -> tuple[IncrementalTrainer, LabelJoin | None]:
+        """One stored version, validated and rebuilt (with its pending store, delayed labels);
+        a version written with another trainer configuration, or holding records that wait for
+        labels when labels now arrive inline, stops the service (``ConfigError``) rather than
+        being skipped."""
         trainer = restore_checkpoint(checkpoint)
+        labels = checkpoint.state.get("service", {}).get("labels")
+        join = self._new_label_join()
+        if labels is not None and join is None:
+            waiting = len(labels.get("ids", ()))
+            raise ConfigError(
+                f"checkpoint v{checkpoint.version} holds {waiting} records waiting for delayed "
+                "labels: run with the same --labels-source (or another --checkpoint)"
+            )
+        if labels is not None and join is not None:
+            evicted = join.load(split_label_tensors(checkpoint.tensors)[1], labels)
+            if evicted:
+                log.warning("max_pending is below the stored pending records: %d expired", evicted)
         if checkpoint.config_fingerprint != self.trainer_config.fingerprint():
             saved = checkpoint.state["trainer"]["config"]
             now = self.trainer_config.to_dict()
@@ -245,21 +327,28 @@ class TrainerService:
                 f"checkpoint v{checkpoint.version} was written with another trainer configuration "
                 f"(differs in: {', '.join(diff)}); use the same settings or another --checkpoint"
             )
-        return trainer
+        return trainer, join
 
     def _open_source(self) -> None:
         c = self.config
         if c.is_kafka:
-            from consumers import DeadLetterSink, KafkaSourceConfig, open_kafka_source
+            from consumers import DeadLetterSink as KafkaDeadLetters
+            from consumers import KafkaSourceConfig, open_kafka_source
             from consumers.security import KafkaSecurity
 
             bootstrap, topic = c.kafka_endpoint()
+            labels_topic = c.labels_topic()
+            features = self.trainer_config.features
+            if features is not None and self.label_join is not None:
+                features = (*features, c.id_field)
             options = {
                 "bootstrap_servers": bootstrap,
-                "topics": topic,
+                # One consumer reads the labels topic too: its offsets are checkpointed and
+                # committed with the features topic's (exactly-once extends to the labels).
+                "topics": topic if labels_topic is None else (topic, labels_topic),
                 "group_id": c.group,
                 "target": self.trainer_config.target,
-                "features": self.trainer_config.features,
+                "features": features,
                 "max_batch_records": c.max_batch_records,
                 "max_wait_ms": c.max_wait_ms,
                 **{k: v for k, v in c.kafka.items() if k != "producer"},
@@ -289,7 +378,7 @@ class TrainerService:
                 raise
             security: KafkaSecurity = source_config.security
             producer_options = c.kafka.get("producer", {})
-            self.dead_letters = DeadLetterSink(
+            self.dead_letters = KafkaDeadLetters(
                 bootstrap,
                 topic=c.dead_letter,
                 security=security,
@@ -398,7 +487,7 @@ class TrainerService:
         offset = self.pending_offsets.get(key)
         return offset if offset is not None else self._fallback_starts.get(key)
 
-    def _note_offsets(self, batch: Any) -> None:
+    def _note_offsets(self, batch: Batch) -> None:
         """Record a batch's next offsets, and the origin of every partition seen first in it
         (the first offset of it in the batch, or its start position when it has none)."""
         for key, offset in batch.next_offsets.items():
@@ -506,10 +595,9 @@ class TrainerService:
                 elif self._due():
                     self.checkpoint("interval")
                 self._report_lag()
-                if not c.is_kafka and self.source.exhausted:
-                    break
-                if c.is_kafka and c.stop_at_end and self.source.caught_up(end_at_start):
-                    log.info("caught up with the end offsets seen at start: stopping")
+                if (not c.is_kafka or c.stop_at_end) and self.source.caught_up(end_at_start):
+                    if c.is_kafka:
+                        log.info("caught up with the end offsets seen at start: stopping")
                     break
             ok = self.checkpoint("shutdown" if self.stop_event.is_set() else "end")
         finally:
@@ -524,7 +612,10 @@ class TrainerService:
         report["final_checkpoint_ok"] = ok
         return report
 
-    def _handle(self, batch: Any) -> None:
+    def _handle(self, batch: Batch) -> None:
+        if self.label_join is not None:
+            self._handle_delayed(batch, self.label_join)
+            return
         trainer = self.trainer
         report: StepReport | None = None
         with self._lock:
@@ -544,8 +635,105 @@ class TrainerService:
             self._dirty = True
         self._after_step(batch, report, rejected)
 
+    def _handle_delayed(self, batch: Batch, join: LabelJoin) -> None:
+        """A batch with delayed labels (:mod:`~stream_trainer.service.label_join`): predict the
+        features records and keep the unlabelled ones that carry an id, join the labels that
+        arrived with their rows and learn those in one step, then expire what is due."""
+        trainer = self.trainer
+        report: StepReport | None = None
+        with self._lock:
+            split = join.split(batch.records)
+            rejected: list[RejectedRecord] = [*batch.rejected, *split.rejected]
+            evicted, ready = 0, list[Any]()
+            if split.features:
+                report = trainer.step(split.features)
+                if self.batch_log is not None:
+                    self.batch_log.append(trainer.steps, segments_of(split.features))
+                rejected.extend(report.rejected)
+                evicted, ready = join.hold(
+                    report.accepted, split.ids, report.inputs, _served(report)
+                )
+            joined, duplicates = join.join(split.labels, ready)
+            rejected.extend(duplicates)
+            learned, refused, delays = self._learn_joined(join, joined)
+            rejected.extend(refused)
+            expired, _ = join.expire()
+            if rejected:
+                self.dead_letters.send_many(rejected)
+                self.dead_lettered.update(r.reason.value for r in rejected)
+            self._note_offsets(batch)
+            self._records_since_checkpoint += len(batch.records) + len(batch.rejected)
+            self.records_read += len(batch.records) + len(batch.rejected)
+            self._dirty = True
+        metrics = self._ensure_metrics()
+        if report is not None and self.predictions is not None and report.accepted:
+            self._publish_predictions(report, split.ids)
+        trained = (report.trained if report else 0) + sum(step.trained for step in learned)
+        quality = trainer.metrics() if trained else None
+        if quality is not None:
+            self.history.add(self.records_read, trained, quality)
+        if metrics is not None:
+            # Two steps at most: the batch's records predicted (and those labelled inline
+            # learned), then the rows its labels joined learned (records of earlier batches).
+            for step in ([] if report is None else [report]) + learned:
+                metrics.observe_step(
+                    batch_size=step.size,
+                    trained=step.trained,
+                    predicted_only=step.predicted_only,
+                    predict_seconds=step.predict_seconds,
+                    learn_seconds=step.learn_seconds,
+                    loss=step.loss,
+                )
+            shown = report if report is not None else learned[-1] if learned else None
+            if quality is not None and shown is not None:
+                metrics.set_records_since_last_label(trainer.records_since_label)
+                metrics.set_prequential(quality)
+                if (trainer.steps - 1) % self.config.health_every_steps == 0:
+                    self._report_norm_health(metrics, shown)
+        if metrics is None:
+            self._dead_unreported.update(r.reason.value for r in rejected)
+            return
+        for reason, n in Counter(r.reason.value for r in rejected).items():
+            metrics.dead_lettered(reason, n)
+        unmatched = Counter(join.unmatched)
+        fresh = unmatched - self._unmatched_reported
+        self._unmatched_reported = unmatched
+        metrics.observe_labels(
+            pending=len(join.pending),
+            delays=delays,
+            expired=expired + evicted,
+            unmatched=fresh,
+        )
+
+    def _learn_joined(
+        self, join: LabelJoin, joined: Joined
+    ) -> tuple[list[StepReport], list[RejectedRecord], list[float]]:
+        """Learn the joined rows (one step), then, when labels were refused and another label of
+        the same id waited, those rows again; returns the steps, the refused labels and the
+        delays of the labels learned. Each step learned is a batch-log line listing its ids."""
+        trainer = self.trainer
+        steps: list[StepReport] = []
+        refused: list[RejectedRecord] = []
+        delays: list[float] = []
+        while joined.ids:
+            labels = [join.label_of(r) for r in joined.labels]
+            step, problems = trainer.learn_delayed(joined.inputs(), labels, joined.served())
+            steps.append(step)
+            again, retry = join.settle(joined, problems)
+            refused.extend(again)
+            ok = [i for i in range(len(joined.ids)) if i not in problems]
+            delays.extend(joined.delays[i] for i in ok)
+            if self.batch_log is not None:
+                ids = [joined.ids[i] for i in ok]
+                self.batch_log.append(trainer.steps, segments_of(joined.labels), learned=ids)
+            joined, _ = join.join((), retry)
+        return steps, refused, delays
+
     def _after_step(
-        self, batch: Any, report: StepReport | None, rejected: list[RejectedRecord]
+        self,
+        batch: Batch,
+        report: StepReport | None,
+        rejected: list[RejectedRecord],
     ) -> None:
         """Everything that follows a step outside the lock: history, predictions out, metrics.
         ``report`` is None when no step was taken (only rejected records arrived)."""
@@ -558,7 +746,12 @@ class TrainerService:
             if self.predictions is not None and report.accepted:
                 self._publish_predictions(report)
             since, every = trainer.records_since_label, UNLABELLED_WARN_EVERY
-            if not report.trained and since // every > (since - report.predicted_only) // every:
+            delayed = self.label_join is not None  # labels come later by design
+            if (
+                not delayed
+                and not report.trained
+                and since // every > (since - report.predicted_only) // every
+            ):
                 log.warning(
                     "%d records in a row without a value for the target field %r: they are "
                     "predicted, never learned (is the target right?)",
@@ -604,11 +797,17 @@ class TrainerService:
                 metrics.set_norm_health(layer, drift=0.0, train_serve_gap=gap)
         self._norm_snapshot = snapshot
 
-    def _publish_predictions(self, report: StepReport) -> None:
+    def _publish_predictions(
+        self, report: StepReport, ids: Mapping[int, tuple[Any, float]] | None = None
+    ) -> None:
+        """One message per accepted record: the prediction, the model version, the record's
+        coordinates and, with delayed labels, its id (``ids``: ``id(record)`` -> join id)."""
         version = {"checkpoint": self.checkpoint_version, "step": self.trainer.steps}
         predictions = report.predictions()
         for i, (record, prediction) in enumerate(zip(report.accepted, predictions, strict=True)):
             body: dict[str, Any] = {"prediction": prediction, "model_version": version}
+            if ids is not None and id(record) in ids:
+                body["id"] = ids[id(record)][0]
             if report.proba is not None:
                 body["proba"] = dict(zip(report.classes, map(float, report.proba[i]), strict=False))
             body["source"] = {
@@ -676,8 +875,12 @@ class TrainerService:
                     "origins": {k: self.origins.get(k) for k in sorted(offsets)},
                 },
             }
+            tensors = self.trainer.state_tensors()
+            if self.label_join is not None:
+                state["service"]["labels"] = self.label_join.state_json()
+                tensors.update(self.label_join.state_tensors())
             checkpoint = Checkpoint(
-                tensors=self.trainer.state_tensors(),
+                tensors=tensors,
                 state=state,
                 offsets=offsets,
                 samples=self.trainer.samples_trained,
@@ -738,7 +941,7 @@ class TrainerService:
     def _count_dead_letter_refusals(self) -> None:
         """Export the dead letters the broker refused (sent cut down) and those it refused even
         cut down (dropped) as counters."""
-        sink = self.dead_letters
+        sink: Any = self.dead_letters  # the Kafka sink counts refusals; a file has none
         if not hasattr(sink, "cut_down"):
             return
         if self._dead_letter_counters is None:
@@ -779,10 +982,7 @@ class TrainerService:
 
     def _commit(self, offsets: dict[str, int], version: int) -> None:
         try:
-            if self.config.is_kafka:
-                self.source.commit(offsets, self._commit_metadata(offsets, version))
-            else:
-                self.source.commit(offsets)
+            self.source.commit(offsets, self._commit_metadata(offsets, version))
         except SourceError as exc:
             self._uncommitted = offsets
             log.warning("checkpoint v%d saved but the offset commit failed (%s)", version, exc)
@@ -811,8 +1011,8 @@ class TrainerService:
 
     def _close(self) -> None:
         for closer in (
-            getattr(self.source, "close", None),
-            getattr(self.dead_letters, "close", None),
+            getattr(self._source, "close", None),
+            getattr(self._dead_letters, "close", None),
             getattr(self.predictions, "close", None),
             getattr(self.batch_log, "close", None),
             getattr(self.server, "close", None),
@@ -854,10 +1054,30 @@ class TrainerService:
             "source": self.config.source,
             "run_name": self.config.run_name,
         }
+        join = self.label_join
+        if join is not None:
+            report["delayed_labels"] = {
+                "learned": join.learned,
+                "pending": len(join.pending),
+                "waiting_labels": len(join.early),
+                "expired": join.expired,
+                "unmatched": {k: n for k, n in sorted(join.unmatched.items()) if n},
+            }
         return report
 
 
 _MAX_COMMIT_METADATA = 1024
+
+
+def _served(report: StepReport) -> list[np.ndarray | None]:
+    """What each accepted record of ``report`` was served: its class probabilities, its value (a
+    one-element array), or ``None`` before a model existed."""
+    n = len(report.accepted)
+    if report.proba is not None and report.proba.shape[1]:
+        return list(report.proba.astype(np.float32))
+    if report.values is not None:
+        return list(np.asarray(report.values, dtype=np.float32).reshape(-1, 1))
+    return [None] * n
 
 
 def _parse_commit_metadata(note: str) -> tuple[int | None, int | None]:
@@ -890,11 +1110,12 @@ def _restored_origins(checkpoint: Checkpoint) -> dict[str, int | None]:
     return out
 
 
-def batch_first_offset(batch: Any, key: str, next_offset: int) -> int:
+def batch_first_offset(batch: Batch, key: str, next_offset: int) -> int:
     """The smallest offset of partition ``key`` among the batch's messages; ``next_offset`` when
     it has none (a start position handed out alone)."""
     first = next_offset
-    for item in (*batch.records, *batch.rejected):
+    items: list[Record | RejectedRecord] = [*batch.records, *batch.rejected]
+    for item in items:
         if item.offset is not None and f"{item.topic}:{item.partition}" == key:
             first = min(first, item.offset)
     return first

@@ -9,6 +9,12 @@
 - ``river:NAME`` and ``synth:NAME?seed=S&n=N``: datasets bundled with river.
 
 Kafka is not a file source: ``kafka://`` specs are handled by the service (``consumers``).
+
+The service reads batches through one protocol,
+:class:`~stream_trainer.sources.protocol.BatchSource`, and sets rejected records aside through
+:class:`~stream_trainer.sources.protocol.DeadLetterSink`;
+the file adapters are :mod:`stream_trainer.sources.file_batches` and
+:mod:`stream_trainer.sources.dead_letter_file`.
 """
 
 from __future__ import annotations
@@ -21,10 +27,14 @@ from stream_trainer.records import Record, RejectedRecord, decode_json_record
 from stream_trainer.sources.batching import BatchSizes, iter_batches
 from stream_trainer.sources.bundled import BUNDLED_TARGETS, iter_bundled
 from stream_trainer.sources.files import iter_arff, iter_csv, iter_jsonl
+from stream_trainer.sources.protocol import Batch, BatchSource, DeadLetterSink
 
 __all__ = [
     "BUNDLED_TARGETS",
+    "Batch",
     "BatchSizes",
+    "BatchSource",
+    "DeadLetterSink",
     "default_target",
     "iter_batches",
     "open_source",

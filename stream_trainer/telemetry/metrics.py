@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -40,8 +40,10 @@ __all__ = [
     "BATCH_SIZE_BUCKETS",
     "CLASSIFICATION_METRICS",
     "DEAD_LETTER_REASONS",
+    "LABEL_DELAY_BUCKETS",
     "REGRESSION_METRICS",
     "TASKS",
+    "UNMATCHED_LABEL_REASONS",
     "ServiceMetrics",
 ]
 
@@ -58,6 +60,15 @@ BATCH_SIZE_BUCKETS: Final = tuple(float(2**i) for i in range(11))  # 1, 2, 4, ..
 STEP_SECONDS_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+LABEL_DELAY_BUCKETS: Final = (
+    0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0,
+)  # fmt: skip
+UNMATCHED_LABEL_REASONS: Final = (
+    "bad_id", "duplicate_id", "unknown_id", "bad_label", "too_large", "out_of_range",
+    "too_many_classes",
+)  # fmt: skip
+"""Why a delayed label was not learned: a refused id or label, a repeat, or no features in time
+(``unknown_id``)."""
 CHECKPOINT_SECONDS_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -271,6 +282,27 @@ class ServiceMetrics:
         )
         self._experts: dict[str, Gauge] = {}
 
+        self._pending = gauge(
+            "labels_pending_records",
+            "Records predicted and waiting for their delayed label (with --labels-source).",
+        ).labels(**lab)
+        self._label_delay = histogram(
+            "label_delay_seconds",
+            "Record time from a record's features to its label, for the labels learned.",
+            LABEL_DELAY_BUCKETS,
+        ).labels(**lab)
+        self._expired = counter(
+            "labels_expired_total",
+            "Pending records whose label did not arrive within the timeout, or evicted past"
+            " max_pending: predicted, never learned.",
+        ).labels(**lab)
+        unmatched = counter(
+            "labels_unmatched_total",
+            "Delayed labels not learned, by reason (unknown_id: no features within the timeout).",
+            ("reason",),
+        )
+        self._unmatched = {r: unmatched.labels(**lab, reason=r) for r in UNMATCHED_LABEL_REASONS}
+
         self._build = Info(
             _PREFIX + "build", "Build and configuration of the service.", _BASE_LABELS,
             registry=self.registry,
@@ -351,6 +383,31 @@ class ServiceMetrics:
             msg = f"unknown dead-letter reason {reason!r}; expected one of {DEAD_LETTER_REASONS}"
             raise ValueError(msg) from None
         child.inc(n)
+
+    def observe_labels(
+        self,
+        *,
+        pending: int,
+        delays: Sequence[float] = (),
+        expired: int = 0,
+        unmatched: Mapping[str, int] | None = None,
+    ) -> None:
+        """Delayed labels after a batch: the records now pending, the delay (seconds of record
+        time) of each label learned, the records expired and the labels unmatched by reason (one
+        of :data:`UNMATCHED_LABEL_REASONS`) since the last call."""
+        self._pending.set(pending)
+        for delay in delays:
+            self._label_delay.observe(delay)
+        if expired:
+            self._expired.inc(expired)
+        for reason, n in (unmatched or {}).items():
+            try:
+                child = self._unmatched[reason]
+            except KeyError:
+                expected = UNMATCHED_LABEL_REASONS
+                msg = f"unknown unmatched-label reason {reason!r}; expected one of {expected}"
+                raise ValueError(msg) from None
+            child.inc(n)
 
     def set_consumer_lag(self, lag: Mapping[str, int]) -> None:
         """Set the lag of every assigned partition, keyed ``"topic:partition"``.

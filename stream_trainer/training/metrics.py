@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassificationMetrics", "RegressionMetrics"]
+__all__ = [
+    "ClassificationMetrics",
+    "RegressionMetrics",
+    "score_served_class",
+    "score_served_classes",
+    "score_served_value",
+    "score_served_values",
+]
 
 _EPS = 1e-15
 
@@ -222,3 +229,49 @@ class RegressionMetrics:
         obj = cls()
         obj.__dict__.update(state)  # a state written before ``unscored`` was kept leaves it 0
         return obj
+
+
+def score_served_class(metrics: ClassificationMetrics, y_true: int, served: Any) -> None:
+    """Score one label that arrived after its prediction was served: ``served`` holds the class
+    probabilities served then, columns in the order of the classes as they were (a sequence or
+    array; a class learned since has no column, so it is a miss adding 0 to the log loss sum,
+    river's rule), or is ``None``/empty when no model existed (unscored)."""
+    row = None if served is None else np.asarray(served, dtype=np.float64)
+    if row is None or row.size == 0:
+        metrics.update(np.asarray([y_true]), None)
+        return
+    metrics.update(np.asarray([y_true]), row.reshape(1, -1))
+
+
+def score_served_value(metrics: RegressionMetrics, y_true: float, served: Any) -> None:
+    """Score one regression target against the value served before it arrived (a number or a
+    one-element array), or count it unscored when ``served`` is ``None``/empty."""
+    value = None if served is None else np.asarray(served, dtype=np.float64).reshape(-1)
+    if value is None or value.size == 0:
+        metrics.update(np.asarray([y_true]), None)
+        return
+    metrics.update(np.asarray([y_true]), value[:1])
+
+
+def score_served_classes(metrics: ClassificationMetrics, y_true: np.ndarray, served: Any) -> None:
+    """:func:`score_served_class` over rows in order; one batch update when every row was
+    served over the same classes (the usual case), else row by row."""
+    widths = {0 if s is None else len(s) for s in served}
+    if len(widths) == 1:
+        width = widths.pop()
+        proba = None if width == 0 else np.asarray(np.stack(served), dtype=np.float64)
+        metrics.update(y_true, proba)
+        return
+    for y, row in zip(y_true.tolist(), served, strict=True):
+        score_served_class(metrics, y, row)
+
+
+def score_served_values(metrics: RegressionMetrics, y_true: np.ndarray, served: Any) -> None:
+    """:func:`score_served_value` over rows in order; one batch update when every row was
+    served a value (or none was)."""
+    values = [None if s is None else np.asarray(s, dtype=np.float64).reshape(-1) for s in served]
+    if all(v is not None and v.size for v in values):
+        metrics.update(y_true, np.concatenate(values))  # type: ignore[arg-type]
+        return
+    for y, value in zip(y_true.tolist(), values, strict=True):
+        score_served_value(metrics, y, value)

@@ -52,7 +52,12 @@ from stream_trainer.training.config import (
     TrainerConfig,
 )
 from stream_trainer.training.labels import infer_task, parse_label
-from stream_trainer.training.metrics import ClassificationMetrics, RegressionMetrics
+from stream_trainer.training.metrics import (
+    ClassificationMetrics,
+    RegressionMetrics,
+    score_served_classes,
+    score_served_values,
+)
 from stream_trainer.training.mixture import (
     EXPERTS,
     ExpertMixture,
@@ -86,6 +91,8 @@ class StepReport:
     classes: list[str] = field(default_factory=list)
     proba: np.ndarray | None = None
     values: np.ndarray | None = None
+    inputs: np.ndarray | None = None
+    """The encoded rows of ``accepted`` (float32, one column per encoder column at this step)."""
     loss: float | None = None
     predict_seconds: float = 0.0
     learn_seconds: float = 0.0
@@ -387,6 +394,7 @@ class IncrementalTrainer:
             return report
 
         x = self.encoder.fit_transform([r.value for r in accepted])
+        report.inputs = x
         labelled = [i for i, y in enumerate(labels) if y is not None]
         report.trained = len(labelled)
         report.predicted_only = len(accepted) - len(labelled)
@@ -644,6 +652,89 @@ class IncrementalTrainer:
                 group["lr"] = lr
         if c.momentum_in_samples and c.optimizer != "sgd":
             _set_beta1(optimizer, max(1.0, rows / c.lr_reference_batch))
+
+    def learn_delayed(
+        self, x: np.ndarray, labels: Sequence[Any], served: Sequence[np.ndarray | None]
+    ) -> tuple[StepReport, dict[int, tuple[RejectReason, str]]]:
+        """Learn rows encoded by an earlier :meth:`step` (its ``StepReport.inputs``) from labels
+        that arrived since, scoring the prediction each row was served then: delayed labels.
+
+        ``x`` is ``(n, w)`` with ``w`` at most the encoder's width now; the columns added since
+        are zero (those features were absent when the row was encoded). ``served[i]`` is what
+        row ``i`` was served: class probabilities whose columns are the classes as they were then
+        (a class learned since is a miss, river's rule), a one-element array holding the served
+        value (regression), or ``None`` when no model existed (unscored). The labels are screened
+        as a step screens them (``bad_label``, ``too_large``, ``out_of_range``,
+        ``too_many_classes``); a refused row is returned by index with its reason and nothing of
+        it is learned. The feature statistics are not touched (they learned the rows at serving).
+        One optimizer step on the accepted rows, like :meth:`step`.
+        """
+        report = StepReport(size=len(labels))
+        accepted, parsed, problems = self._screen_labels(labels)
+        self.steps += 1
+        if not accepted:
+            return report, problems
+        n = len(accepted)
+        rows = x[np.asarray(accepted, dtype=np.int64)]
+        width = max(self.encoder.n_columns, rows.shape[1])
+        if rows.shape[1] < width:
+            rows = np.pad(rows, ((0, 0), (0, width - rows.shape[1])))
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        target: np.ndarray
+        if self.task == "regression":
+            target = np.asarray(parsed, dtype=np.float64)
+            score_served_values(self.reg_metrics, target, [served[i] for i in accepted])
+            self.y_scaler.update(target[:, None])
+        else:
+            for label in parsed:
+                if label not in self.class_index:
+                    self.class_index[label] = len(self.classes)
+                    self.classes.append(label)
+            target = np.fromiter((self.class_index[y] for y in parsed), dtype=np.int64, count=n)
+            score_served_classes(self.cls_metrics, target, [served[i] for i in accepted])
+        t0 = time.perf_counter()
+        report.loss = self.learn_encoded(rows, target)
+        self._learn_expert(rows, target)
+        report.learn_seconds = time.perf_counter() - t0
+        report.trained = n
+        self.samples_trained += n
+        self.records_since_label = 0
+        return report, problems
+
+    def _screen_labels(
+        self, labels: Sequence[Any]
+    ) -> tuple[list[int], list[Any], dict[int, tuple[RejectReason, str]]]:
+        """The indices of the acceptable labels, their parsed values, and the refused ones with
+        their reason (step 3 of :meth:`screen`, for labels alone). Sets the task when unknown."""
+        c = self.config
+        task = self.task
+        new_classes: dict[str | float, None] = {}
+        accepted: list[int] = []
+        parsed: list[Any] = []
+        problems: dict[int, tuple[RejectReason, str]] = {}
+        for i, raw in enumerate(labels):
+            if raw is None or raw == "":
+                problems[i] = (RejectReason.BAD_LABEL, "the label is missing")
+                continue
+            row_task = task or infer_task(raw)
+            label = parse_label(
+                raw, row_task, max_abs_value=c.max_abs_value, max_length=c.max_string_length
+            )
+            if isinstance(label, tuple):
+                problems[i] = label
+                continue
+            is_new = row_task != "regression" and label not in self.class_index
+            if is_new and label not in new_classes:
+                if len(self.class_index) + len(new_classes) >= c.max_classes:
+                    detail = f"the model has {c.max_classes} classes (max_classes)"
+                    problems[i] = (RejectReason.TOO_MANY_CLASSES, f"{detail}; {label!r} is new")
+                    continue
+                new_classes[label] = None
+            task = row_task
+            accepted.append(i)
+            parsed.append(label)
+        self.task = task
+        return accepted, parsed, problems
 
     def learn_many(self, records: Sequence[Record]) -> None:
         """Learn from a batch (a prequential :meth:`step` whose report is discarded)."""

@@ -88,7 +88,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--metrics-address",
         dest="metrics_address",
-        help="HOST:PORT for /metrics, /healthz, /readyz ('off' disables; default 127.0.0.1:9100)",
+        help="HOST:PORT for /metrics, /healthz, /readyz, /model and /predict ('off' disables; "
+        "default 127.0.0.1:9100)",
     )
     p.add_argument(
         "--stop-at-end",
@@ -147,6 +148,20 @@ def register(subparsers: Any) -> None:
         type=float,
         help="under torchrun: a collective that waits longer fails and the replica exits"
         " (default 120)",
+    )
+    p.add_argument(
+        "--liveness-timeout-seconds",
+        dest="liveness_timeout_seconds",
+        type=float,
+        help="/healthz answers 503 once the loop has not begun an iteration for this long (an "
+        "idle source still polls every --max-wait-ms; default 60)",
+    )
+    p.add_argument(
+        "--serve-predictions",
+        dest="serve_predictions",
+        action="store_true",
+        help="answer POST /predict (JSON records in, predictions out) from the live model on "
+        "--metrics-address",
     )
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level")

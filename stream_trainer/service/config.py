@@ -140,6 +140,10 @@ class ServiceConfig:
     replay_batches: str | None = None
     health_every_steps: int = 50
     shutdown_timeout_seconds: float = 30.0
+    # /healthz answers 503 once the loop has not begun an iteration for this long.
+    liveness_timeout_seconds: float = 60.0
+    # POST /predict on the metrics address (stream_trainer.service.serving).
+    serve_predictions: bool = False
     log_format: str = "text"
     log_level: str = "INFO"
     progress: bool = True
@@ -159,6 +163,7 @@ class ServiceConfig:
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
+            (self.liveness_timeout_seconds > 0, "liveness_timeout_seconds must be > 0"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
             (
                 self.dist_backend in ("auto", "gloo", "nccl"),

@@ -92,8 +92,11 @@ from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.dead_letter_file import DeadLetterFile
 from stream_trainer.service.file_source import FileBatchSource
 from stream_trainer.service.restore import restore_checkpoint
+from stream_trainer.service.serving import LiveModelEndpoint
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
+from stream_trainer.telemetry.http import Liveness
+from stream_trainer.telemetry.metrics import register_loop_age, register_process_collectors
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import SCREENING_SETTINGS
 
@@ -131,6 +134,9 @@ class TrainerService:
         self.stop_event = threading.Event()
         self._checkpoint_requested: str | None = None
         self._lock = threading.RLock()
+        # Held around every use of the model that a /predict request must not overlap: a step,
+        # the norm health probe, taking a checkpoint's state (LiveModelEndpoint).
+        self.model_lock = threading.Lock()
         self.pending_offsets: dict[str, int] = {}
         self.saved_offsets: dict[str, int] = {}
         # Offsets of a saved checkpoint whose commit failed (e.g. during a rebalance): retried at
@@ -402,11 +408,29 @@ class TrainerService:
 
     def _start_telemetry(self) -> None:
         c = self.config
+        self._last_poll = self.clock()  # the liveness bound counts from here
         if c.metrics_address.lower() not in ("", "off", "none"):
+            register_process_collectors(self.registry)
+            register_loop_age(self.registry, run=c.run_name, age=self._loop_age)
+            endpoint = LiveModelEndpoint(
+                self.trainer,
+                self.model_lock,
+                settings=c.describe(),
+                checkpoint_version=lambda: self.checkpoint_version,
+                predict_enabled=c.serve_predictions,
+                registry=self.registry,
+                run=c.run_name,
+            )
             self.server = MetricsServer(
-                c.metrics_address, self.registry, health=self.health
+                c.metrics_address,
+                self.registry,
+                health=self.health,
+                liveness=self.liveness,
+                model=endpoint,
             ).start()
             log.info("metrics on %s/metrics", self.server.url)
+            if c.serve_predictions:
+                log.info("predictions on POST %s/predict", self.server.url)
 
     def _ensure_metrics(self) -> ServiceMetrics | None:
         if self.metrics is None and self.trainer.task is not None:
@@ -433,6 +457,23 @@ class TrainerService:
                 self.metrics.dead_lettered(reason, n)
             self._dead_unreported.clear()
         return self.metrics
+
+    def _loop_age(self) -> float:
+        """Seconds since the loop last polled its source, i.e. began an iteration."""
+        return max(0.0, self.clock() - self._last_poll)
+
+    def liveness(self) -> Liveness:
+        """Alive while the loop has polled within ``liveness_timeout_seconds``: every iteration
+        polls, and an idle source still answers each poll (empty, after at most ``max_wait_ms``),
+        so only a loop stuck in a step, a checkpoint or a poll goes quiet."""
+        age, bound = self._loop_age(), self.config.liveness_timeout_seconds
+        if age <= bound:
+            return Liveness(alive=True)
+        return Liveness(
+            alive=False,
+            reason=f"the service loop has not completed an iteration for {age:.1f} s "
+            f"(liveness_timeout_seconds {bound:g})",
+        )
 
     def health(self) -> HealthState:
         reasons = []
@@ -517,7 +558,8 @@ class TrainerService:
         report: StepReport | None = None
         with self._lock:
             if batch.records:
-                report = trainer.step(batch.records)
+                with self.model_lock:
+                    report = trainer.step(batch.records)
                 if self.batch_log is not None:
                     self.batch_log.append(trainer.steps, segments_of(batch.records))
             rejected: list[RejectedRecord] = list(batch.rejected)
@@ -569,7 +611,8 @@ class TrainerService:
                 metrics.set_expert_weights(trainer.expert_weights())
             # Steps 1, 1 + N, 1 + 2N, ... (``steps % N == 1`` never held for N = 1).
             if (trainer.steps - 1) % self.config.health_every_steps == 0:
-                self._report_norm_health(metrics, report)
+                with self.model_lock:
+                    self._report_norm_health(metrics, report)
         for reason, n in Counter(r.reason.value for r in rejected).items():
             metrics.dead_lettered(reason, n)
 
@@ -652,8 +695,11 @@ class TrainerService:
             finally:
                 self._count_dead_letter_refusals()
             # 2. save
+            with self.model_lock:
+                trainer_state = self.trainer.state_json()
+                tensors = self.trainer.state_tensors()
             state = {
-                "trainer": self.trainer.state_json(),
+                "trainer": trainer_state,
                 "service": {
                     "version": SERVICE_STATE_VERSION,
                     "run_name": self.config.run_name,
@@ -663,7 +709,7 @@ class TrainerService:
                 },
             }
             checkpoint = Checkpoint(
-                tensors=self.trainer.state_tensors(),
+                tensors=tensors,
                 state=state,
                 offsets=offsets,
                 samples=self.trainer.samples_trained,

@@ -28,6 +28,7 @@ QUOTED_SECTIONS = (
     "frames",
     "checkpoint",
     "step_paths",
+    "predict",
     "baselines",
     "baselines_seed1",
     "baselines_seed2",
@@ -225,9 +226,10 @@ def build_report() -> str:
         else:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
-        "## Standalone bench scripts: Kafka, frames, checkpoints, step paths, baselines\n\n"
+        "## Standalone bench scripts: Kafka, frames, checkpoints, step paths, /predict, "
+        "baselines\n\n"
         "Quoted as written by `bench/bench_kafka.py`, `bench/bench_frames.py`, "
-        "`bench/bench_checkpoint.py`, `bench/bench_step_paths.py` and "
+        "`bench/bench_checkpoint.py`, `bench/bench_step_paths.py`, `bench/bench_predict.py` and "
         "`bench/bench_baselines.py`.\n"
     )
     for name in QUOTED_SECTIONS:

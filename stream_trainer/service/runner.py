@@ -66,6 +66,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -108,6 +109,9 @@ UNLABELLED_WARN_EVERY = 10_000
 
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
+PREDICT_SWITCH_INTERVAL = 0.0002
+"""Seconds between the interpreter's GIL hand-offs while /predict is served (see
+:meth:`TrainerService._start_telemetry`)."""
 _LAG_MAX_BACKOFF_SECONDS = 60.0
 
 
@@ -430,6 +434,10 @@ class TrainerService:
             ).start()
             log.info("metrics on %s/metrics", self.server.url)
             if c.serve_predictions:
+                # A request thread re-takes the GIL after every blocking call (socket reads, each
+                # torch op); the training thread holds it up to the switch interval each time
+                # (5 ms by default), which would add that much per op to a prediction.
+                sys.setswitchinterval(min(sys.getswitchinterval(), PREDICT_SWITCH_INTERVAL))
                 log.info("predictions on POST %s/predict", self.server.url)
 
     def _ensure_metrics(self) -> ServiceMetrics | None:

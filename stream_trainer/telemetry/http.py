@@ -162,6 +162,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # a client that stops sending cannot hold a thread forever
+    # Headers and body go out in two writes: with Nagle's algorithm the second would wait for
+    # the client's delayed ACK of the first (tens of milliseconds on every keep-alive request).
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:

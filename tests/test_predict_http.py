@@ -18,27 +18,9 @@ import pytest
 
 from stream_trainer.records import Record
 from stream_trainer.service import TrainerService, load_service_config
+from tests.service_doubles import PausingService
 
 LIVENESS_BOUND = 1.0
-
-
-class PausingService(TrainerService):
-    """Stops inside its ``pause_after``-th batch (after the step, outside the model lock)
-    until ``resume`` is set: the model is frozen and the loop makes no progress."""
-
-    def __init__(self, *args: Any, pause_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pause_after = pause_after
-        self.batches = 0
-        self.paused = threading.Event()
-        self.resume = threading.Event()
-
-    def _handle(self, batch: Any) -> None:
-        super()._handle(batch)
-        self.batches += 1
-        if self.batches == self.pause_after:
-            self.paused.set()
-            self.resume.wait(timeout=60)
 
 
 def _csv(path: Path, rows: int, *, regression: bool = False) -> Path:

@@ -15,7 +15,7 @@ from stream_trainer.errors import StreamTrainerError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = ("evaluate", "run", "record", "replay", "checkpoints", "bench")
+COMMANDS = ("evaluate", "run", "record", "replay", "checkpoints", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -376,3 +376,37 @@ def test_no_model_yet_is_503(tmp_path: Path) -> None:
     finally:
         running.service.resume.set()
         running.stop()
+
+
+def test_the_loop_goes_ahead_of_queued_requests() -> None:
+    """While a request holds the model, the loop starts waiting; requests keep coming, back to
+    back: the loop still takes the model right after the request it waited for."""
+    from stream_trainer.service.serving import ModelLock
+
+    lock = ModelLock()
+    order: list[str] = []
+    holding, loop_waits = threading.Event(), threading.Event()
+
+    def requests() -> None:
+        with lock.serving():
+            order.append("request")
+            holding.set()
+            loop_waits.wait(timeout=10)
+            time.sleep(0.05)  # the loop is inside training() by now
+        for _ in range(200):  # released, and at once asked for again, and again
+            with lock.serving():
+                order.append("request")
+
+    def step() -> None:
+        holding.wait(timeout=10)
+        loop_waits.set()
+        with lock.training():
+            order.append("step")
+
+    threads = [threading.Thread(target=requests), threading.Thread(target=step)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order.index("step") == 1
+    assert len(order) == 202

@@ -203,7 +203,7 @@ class DistributedTrainerService(TrainerService):
             "control": control,
         }
         with self._lock:
-            with self.model_lock:
+            with self.model_lock.training():
                 report = self.dtrainer.step(batch.records, share=share)
             shared = self.dtrainer.shared
             stepped = sum(s["records"] for s in shared) > 0

@@ -93,7 +93,7 @@ from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.dead_letter_file import DeadLetterFile
 from stream_trainer.service.file_source import FileBatchSource
 from stream_trainer.service.restore import restore_checkpoint
-from stream_trainer.service.serving import LiveModelEndpoint
+from stream_trainer.service.serving import LiveModelEndpoint, ModelLock
 from stream_trainer.sources import BatchSizes, default_target
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
 from stream_trainer.telemetry.http import Liveness
@@ -140,7 +140,7 @@ class TrainerService:
         self._lock = threading.RLock()
         # Held around every use of the model that a /predict request must not overlap: a step,
         # the norm health probe, taking a checkpoint's state (LiveModelEndpoint).
-        self.model_lock = threading.Lock()
+        self.model_lock = ModelLock()
         self.pending_offsets: dict[str, int] = {}
         self.saved_offsets: dict[str, int] = {}
         # Offsets of a saved checkpoint whose commit failed (e.g. during a rebalance): retried at
@@ -566,7 +566,7 @@ class TrainerService:
         report: StepReport | None = None
         with self._lock:
             if batch.records:
-                with self.model_lock:
+                with self.model_lock.training():
                     report = trainer.step(batch.records)
                 if self.batch_log is not None:
                     self.batch_log.append(trainer.steps, segments_of(batch.records))
@@ -619,7 +619,7 @@ class TrainerService:
                 metrics.set_expert_weights(trainer.expert_weights())
             # Steps 1, 1 + N, 1 + 2N, ... (``steps % N == 1`` never held for N = 1).
             if (trainer.steps - 1) % self.config.health_every_steps == 0:
-                with self.model_lock:
+                with self.model_lock.training():
                     self._report_norm_health(metrics, report)
         for reason, n in Counter(r.reason.value for r in rejected).items():
             metrics.dead_lettered(reason, n)
@@ -703,7 +703,7 @@ class TrainerService:
             finally:
                 self._count_dead_letter_refusals()
             # 2. save
-            with self.model_lock:
+            with self.model_lock.training():
                 trainer_state = self.trainer.state_json()
                 tensors = self.trainer.state_tensors()
             state = {

@@ -14,17 +14,19 @@ answered 422 as a whole: ``{"error": ..., "rejected": [{"index", "reason", "deta
 Before the model has learned anything the answer is 503. Nothing a request holds changes the
 model, its statistics, metrics or counters.
 
-Concurrency: every use of the trainer holds ``lock``, which the service loop also holds for each
-training step and while it takes the state of a checkpoint (not while the store writes it). A
-request therefore waits for at most the step in flight, and a step for at most one request's
-forward pass over at most ``max_records`` records.
+Concurrency: every use of the trainer holds a :class:`ModelLock`, which the service loop also
+holds for each training step and while it takes the state of a checkpoint (not while the store
+writes it). The loop goes ahead of every waiting request, so a request waits for at most the
+step in flight, and a step for at most the one request being answered (one forward pass over at
+most ``max_records`` records), however many are queued.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
@@ -33,10 +35,60 @@ from prometheus_client import Counter as PromCounter
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training import IncrementalTrainer
 
-__all__ = ["DEFAULT_MAX_PREDICT_RECORDS", "LiveModelEndpoint"]
+__all__ = ["DEFAULT_MAX_PREDICT_RECORDS", "LiveModelEndpoint", "ModelLock"]
 
 DEFAULT_MAX_PREDICT_RECORDS: Final = 1000
 """Most records one ``POST /predict`` may carry (one forward pass: bounds a step's wait)."""
+
+
+class ModelLock:
+    """Mutual exclusion between the training loop and requests, the loop first: a request
+    takes the lock only while the loop neither holds it nor waits for it.
+
+    Examples
+    --------
+    >>> lock = ModelLock()
+    >>> with lock.training():
+    ...     pass
+    >>> with lock.serving():
+    ...     pass
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._held = False
+        self._training_waits = 0
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Hold the lock for the loop (ahead of any request that waits)."""
+        with self._condition:
+            self._training_waits += 1
+            try:
+                self._condition.wait_for(lambda: not self._held)
+            finally:
+                self._training_waits -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Hold the lock for a request, once the loop neither holds it nor waits for it."""
+        with self._condition:
+            self._condition.wait_for(lambda: not self._held and not self._training_waits)
+            self._held = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
 
 
 class LiveModelEndpoint:
@@ -47,7 +99,8 @@ class LiveModelEndpoint:
     trainer
         The live trainer; only read, under ``lock``.
     lock
-        Held around each use of ``trainer`` here and, by the service, around each step.
+        Held (:meth:`ModelLock.serving`) around each use of ``trainer`` here, and by the service
+        (:meth:`ModelLock.training`) around each step.
     settings
         The service's settings as logged (secrets masked), shown by ``GET /model``.
     checkpoint_version
@@ -61,11 +114,10 @@ class LiveModelEndpoint:
 
     Examples
     --------
-    >>> import threading
     >>> from stream_trainer.training import TrainerConfig
     >>> trainer = IncrementalTrainer(TrainerConfig(target="y", hidden=(4,), seed=0))
     >>> _ = trainer.step([Record({"x": float(i % 2), "y": i % 2}) for i in range(8)])
-    >>> endpoint = LiveModelEndpoint(trainer, threading.Lock(), settings={},
+    >>> endpoint = LiveModelEndpoint(trainer, ModelLock(), settings={},
     ...                              checkpoint_version=lambda: None)
     >>> status, body = endpoint.predict({"x": 1.0})
     >>> status, body["predictions"][0] in ("0", "1"), body["model"]["samples_seen"]
@@ -77,7 +129,7 @@ class LiveModelEndpoint:
     def __init__(
         self,
         trainer: IncrementalTrainer,
-        lock: threading.Lock | threading.RLock,
+        lock: ModelLock,
         *,
         settings: Mapping[str, Any],
         checkpoint_version: Callable[[], int | None],
@@ -111,7 +163,7 @@ class LiveModelEndpoint:
 
     def describe(self) -> dict[str, Any]:
         """Settings, model version, samples seen, task, classes and input columns."""
-        with self.lock:
+        with self.lock.serving():
             trainer = self.trainer
             model = trainer.model
             return {
@@ -143,7 +195,7 @@ class LiveModelEndpoint:
             return 413, {
                 "error": f"{len(items)} records, more than the limit of {self.max_records}"
             }
-        with self.lock:
+        with self.lock.serving():
             trainer = self.trainer
             records, rejected = self._screen(trainer, items)
             if rejected:

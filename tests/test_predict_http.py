@@ -253,6 +253,9 @@ def test_too_many_records_is_413(paused: Running) -> None:
 
 def test_other_methods_and_paths(paused: Running) -> None:
     assert request(paused.url, "GET", "/predict")[0] == 405
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        assert request(paused.url, method, "/predict")[0] == 405
+        assert request(paused.url, method, "/metrics")[0] == 405
     assert request(paused.url, "POST", "/model", b"{}", _json_headers(b"{}"))[0] == 404
 
 
@@ -410,3 +413,31 @@ def test_the_loop_goes_ahead_of_queued_requests() -> None:
         t.join(timeout=10)
     assert order.index("step") == 1
     assert len(order) == 202
+
+
+def test_garbage_is_never_a_server_error(paused: Running) -> None:
+    """Random bytes and random JSON shapes: each answered 4xx (or 200 when it happens to be a
+    valid record), never 5xx, and the model is left as it was."""
+    import random
+
+    rng = random.Random(7)
+    trainer = paused.service.trainer
+    before = (trainer.samples_trained, dict(trainer.rejected), list(trainer.classes))
+    atoms: list[Any] = [None, True, 0, -1.5, 1e308, "", "x1", "red", [], {}]
+
+    def shape(depth: int) -> Any:
+        kind = rng.randrange(4 if depth < 4 else 1)
+        if kind == 0:
+            return rng.choice(atoms)
+        if kind == 1:
+            return [shape(depth + 1) for _ in range(rng.randrange(3))]
+        keys = ["x1", "x2", "colour", "label", "", "\u00e9", "new"]
+        return {rng.choice(keys): shape(depth + 1) for _ in range(rng.randrange(4))}
+
+    bodies = [bytes(rng.randrange(256) for _ in range(rng.randrange(64))) for _ in range(30)]
+    bodies += [json.dumps(shape(0)).encode() for _ in range(60)]
+    for body in bodies:
+        status, answer = request(paused.url, "POST", "/predict", body, _json_headers(body))
+        assert status < 500, (body, answer)
+        assert status == 200 or answer["error"]
+    assert (trainer.samples_trained, dict(trainer.rejected), list(trainer.classes)) == before

@@ -209,6 +209,14 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("POST /predict failed")
         self._reply_json(status, body)
 
+    def do_PUT(self) -> None:
+        """Any other method: 405 naming the allowed one (never the base class's 501)."""
+        allow = "POST" if self.path.split("?", 1)[0] == "/predict" else "GET"
+        self.close_connection = True
+        self._reply_json(405, {"error": f"use {allow}"}, allow=allow, close=True)
+
+    do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PUT
+
     def _healthz(self) -> None:
         liveness = self.server.liveness
         if liveness is None:

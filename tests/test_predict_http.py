@@ -441,3 +441,34 @@ def test_garbage_is_never_a_server_error(paused: Running) -> None:
         assert status < 500, (body, answer)
         assert status == 200 or answer["error"]
     assert (trainer.samples_trained, dict(trainer.rejected), list(trainer.classes)) == before
+
+
+def _run_config(argv: list[str], environ: dict[str, str], config: Path | None = None) -> Any:
+    from stream_trainer.cli import build_parser
+    from stream_trainer.commands.run import service_config
+
+    extra = ["--config", str(config)] if config is not None else []
+    return service_config(build_parser().parse_args(["run", *extra, *argv]), environ)
+
+
+def test_the_settings_come_from_the_file_the_environment_and_the_flags(tmp_path: Path) -> None:
+    from stream_trainer.errors import ConfigError
+
+    defaults = _run_config([], {})
+    assert (defaults.serve_predictions, defaults.liveness_timeout_seconds) == (False, 60.0)
+    toml = tmp_path / "service.toml"
+    toml.write_text("serve_predictions = true\nliveness_timeout_seconds = 30.0\n")
+    from_file = _run_config([], {}, toml)
+    assert (from_file.serve_predictions, from_file.liveness_timeout_seconds) == (True, 30.0)
+    env = {
+        "STREAM_TRAINER_SERVE_PREDICTIONS": "true",
+        "STREAM_TRAINER_LIVENESS_TIMEOUT_SECONDS": "5",
+    }
+    from_env = _run_config([], env)
+    assert (from_env.serve_predictions, from_env.liveness_timeout_seconds) == (True, 5.0)
+    flags = _run_config(["--serve-predictions", "--liveness-timeout-seconds", "2.5"], {}, toml)
+    assert (flags.serve_predictions, flags.liveness_timeout_seconds) == (True, 2.5)
+    with pytest.raises(ConfigError, match=r"liveness_timeout_seconds must be > 0, got 0\.0"):
+        _run_config(["--liveness-timeout-seconds", "0"], {})
+    with pytest.raises(ConfigError, match="serve_predictions answers POST /predict"):
+        _run_config(["--serve-predictions", "--metrics-address", "off"], {})

@@ -189,6 +189,11 @@ class ServiceConfig:
             from stream_trainer.telemetry import parse_metrics_address
 
             parse_metrics_address(self.metrics_address)
+        if self.serve_predictions and self.metrics_address.lower() in ("", "off", "none"):
+            raise ConfigError(
+                "serve_predictions answers POST /predict on metrics_address, which is "
+                f"{self.metrics_address!r}: give it a HOST:PORT"
+            )
         _check_kafka_keys(self.kafka, "[kafka]")
         if self.instance_id is not None and "group_instance_id" in self.kafka:
             raise ConfigError(

@@ -415,6 +415,40 @@ def test_the_loop_goes_ahead_of_queued_requests() -> None:
     assert len(order) == 202
 
 
+def test_a_request_is_not_starved_by_back_to_back_steps() -> None:
+    """The loop steps back to back; a request that starts waiting during a step gets the model
+    right after that step."""
+    from stream_trainer.service.serving import ModelLock
+
+    lock = ModelLock()
+    order: list[str] = []
+    stepping, request_waits = threading.Event(), threading.Event()
+
+    def loop() -> None:
+        with lock.training():
+            order.append("step")
+            stepping.set()
+            request_waits.wait(timeout=10)
+            time.sleep(0.05)  # the request is inside serving() by now
+        for _ in range(200):
+            with lock.training():
+                order.append("step")
+
+    def request_() -> None:
+        stepping.wait(timeout=10)
+        request_waits.set()
+        with lock.serving():
+            order.append("request")
+
+    threads = [threading.Thread(target=loop), threading.Thread(target=request_)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order.index("request") == 1
+    assert len(order) == 202
+
+
 def test_garbage_is_never_a_server_error(paused: Running) -> None:
     """Random bytes and random JSON shapes: each answered 4xx (or 200 when it happens to be a
     valid record), never 5xx, and the model is left as it was."""

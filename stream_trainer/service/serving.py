@@ -16,9 +16,9 @@ model, its statistics, metrics or counters.
 
 Concurrency: every use of the trainer holds a :class:`ModelLock`, which the service loop also
 holds for each training step and while it takes the state of a checkpoint (not while the store
-writes it). The loop goes ahead of every waiting request, so a request waits for at most the
-step in flight, and a step for at most the one request being answered (one forward pass over at
-most ``max_records`` records), however many are queued.
+writes it). The two take turns, so a step waits for at most the one request being answered (one
+forward pass over at most ``max_records`` records) however many are queued, and a request for at
+most one step per request ahead of it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ DEFAULT_MAX_PREDICT_RECORDS: Final = 1000
 
 
 class ModelLock:
-    """Mutual exclusion between the training loop and requests, the loop first: a request
-    takes the lock only while the loop neither holds it nor waits for it.
+    """Mutual exclusion between the training loop and requests that takes turns: when one side
+    lets go while the other waits, the other goes next. The loop therefore waits for at most
+    the one request in flight (however many are queued), and a request for at most one step per
+    request ahead of it (the loop cannot take the lock back-to-back while a request waits).
 
     Examples
     --------
@@ -58,37 +60,47 @@ class ModelLock:
         self._condition = threading.Condition()
         self._held = False
         self._training_waits = 0
+        self._serving_waits = 0
+        self._serving_owed = False  # the loop let go while a request waited: a request is next
 
     @contextmanager
     def training(self) -> Iterator[None]:
-        """Hold the lock for the loop (ahead of any request that waits)."""
+        """Hold the lock for the loop: next after the request in flight, if any."""
         with self._condition:
             self._training_waits += 1
             try:
-                self._condition.wait_for(lambda: not self._held)
+                self._condition.wait_for(lambda: not self._held and not self._serving_owed)
             finally:
                 self._training_waits -= 1
             self._held = True
         try:
             yield
         finally:
-            self._release()
+            with self._condition:
+                self._held = False
+                self._serving_owed = self._serving_waits > 0
+                self._condition.notify_all()
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """Hold the lock for a request, once the loop neither holds it nor waits for it."""
+        """Hold the lock for a request: when the loop neither holds it nor waits for it, or
+        right after the step it waited for."""
         with self._condition:
-            self._condition.wait_for(lambda: not self._held and not self._training_waits)
+            self._serving_waits += 1
+            try:
+                self._condition.wait_for(
+                    lambda: not self._held and (self._serving_owed or not self._training_waits)
+                )
+            finally:
+                self._serving_waits -= 1
             self._held = True
+            self._serving_owed = False
         try:
             yield
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._condition:
-            self._held = False
-            self._condition.notify_all()
+            with self._condition:
+                self._held = False
+                self._condition.notify_all()
 
 
 class LiveModelEndpoint:

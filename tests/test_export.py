@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +127,20 @@ def test_a_tampered_version_is_refused_and_the_newest_valid_one_exported(
     assert not out.exists()
     assert cli_main(["export", "--checkpoint", url, "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint_version"] < newest
-    assert out.exists()
+    # The archive stands alone: a Python without stream-trainer on its path loads and runs it.
+    script = (
+        "import json, sys, torch\n"
+        f"model = torch.jit.load({str(out)!r})\n"
+        f"columns = json.load(open({str(out) + '.json'!r}))['input_columns']\n"
+        "print(tuple(model(torch.zeros(3, len(columns))).shape), 'stream_trainer' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "(3, 3) False"  # three classes: 0, 1, 2
 
 
 def test_nothing_to_export_before_any_checkpoint(

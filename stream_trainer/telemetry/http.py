@@ -254,7 +254,10 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             self._refuse(413, f"the body is {length} bytes, more than the limit of {limit}")
             return _UNREAD
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except OSError:  # the client stalled past the handler's timeout, or reset
+            raw = b""
         if len(raw) < length:
             self.close_connection = True
             return _UNREAD  # the client went away

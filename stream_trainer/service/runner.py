@@ -109,10 +109,10 @@ UNLABELLED_WARN_EVERY = 10_000
 
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
+_LAG_MAX_BACKOFF_SECONDS = 60.0
 PREDICT_SWITCH_INTERVAL = 0.0002
 """Seconds between the interpreter's GIL hand-offs while /predict is served (see
 :meth:`TrainerService._start_telemetry`)."""
-_LAG_MAX_BACKOFF_SECONDS = 60.0
 
 
 class TrainerService:
@@ -473,7 +473,8 @@ class TrainerService:
     def liveness(self) -> Liveness:
         """Alive while the loop has polled within ``liveness_timeout_seconds``: every iteration
         polls, and an idle source still answers each poll (empty, after at most ``max_wait_ms``),
-        so only a loop stuck in a step, a checkpoint or a poll goes quiet."""
+        so only a loop stuck in a step, a checkpoint or a poll goes quiet. A checkpoint counts
+        too: the bound must exceed the longest save the store's retries allow."""
         age, bound = self._loop_age(), self.config.liveness_timeout_seconds
         if age <= bound:
             return Liveness(alive=True)

@@ -29,6 +29,7 @@ QUOTED_SECTIONS = (
     "frames",
     "checkpoint",
     "engine",
+    "predict",
     "baselines",
     "baselines_seed1",
     "baselines_seed2",
@@ -247,10 +248,10 @@ def build_report() -> str:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
         "## Standalone bench scripts: Kafka, delayed labels, frames, checkpoints, engine, "
-        "baselines\n\n"
+        "/predict, baselines\n\n"
         "Quoted as written by `bench/bench_kafka.py`, `bench/bench_delayed_labels.py`, "
         "`bench/bench_frames.py`, "
-        "`bench/bench_checkpoint.py`, `bench/bench_engine.py` and "
+        "`bench/bench_checkpoint.py`, `bench/bench_engine.py`, `bench/bench_predict.py` and "
         "`bench/bench_baselines.py`.\n"
     )
     for name in QUOTED_SECTIONS:

@@ -20,7 +20,7 @@ from stream_trainer.errors import StreamTrainerError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = ("evaluate", "run", "record", "replay", "checkpoints", "bench")
+COMMANDS = ("evaluate", "run", "record", "replay", "checkpoints", "bench", "export")
 
 
 class _VersionAction(argparse.Action):

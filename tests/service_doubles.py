@@ -1,7 +1,9 @@
-"""Test stand-ins for a service process dying or being asked to stop, after a given batch."""
+"""Test stand-ins for a service process dying, being asked to stop or getting stuck, after a given
+batch."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from stream_trainer.service import TrainerService
@@ -39,3 +41,22 @@ class StoppingService(TrainerService):
         self.batches += 1
         if self.batches == self.stop_after:
             self.request_stop()
+
+
+class PausingService(TrainerService):
+    """Stops inside its ``pause_after``-th batch (after the step, outside the model lock)
+    until ``resume`` is set: the model is frozen and the loop makes no progress."""
+
+    def __init__(self, *args: Any, pause_after: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause_after = pause_after
+        self.batches = 0
+        self.paused = threading.Event()
+        self.resume = threading.Event()
+
+    def _handle(self, batch: Any) -> None:
+        super()._handle(batch)
+        self.batches += 1
+        if self.batches == self.pause_after:
+            self.paused.set()
+            self.resume.wait(timeout=60)

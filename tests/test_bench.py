@@ -180,6 +180,20 @@ def test_engine_bench_tiny(tmp_path: Path) -> None:
     assert be.trainer_rate(be._records(100), 4, "torch") > 0
 
 
+def test_predict_load_tiny(tmp_path: Path) -> None:
+    """The /predict load test end to end at a small scale: a service process, an open-loop
+    load, every request answered, the figures in the table."""
+    import bench.bench_predict as bp
+
+    out = tmp_path / "predict.md"
+    argv = ["--seconds", "1", "--rate", "40", "--records", "40000", "--clients", "2"]
+    assert bp.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 40 | 40 | 40 |" in text and "statuses {200: 40}" in text
+    assert bp.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert bp.percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+
+
 def test_baselines_tiny(tmp_path: Path) -> None:
     import bench.bench_baselines as bl
 

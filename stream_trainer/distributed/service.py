@@ -204,7 +204,8 @@ class DistributedTrainerService(TrainerService):
             "control": control,
         }
         with self._lock:
-            report = self.dtrainer.step(batch.records, share=share)
+            with self.model_lock.training():
+                report = self.dtrainer.step(batch.records, share=share)
             shared = self.dtrainer.shared
             stepped = sum(s["records"] for s in shared) > 0
             if stepped and self.batch_log is not None:

@@ -157,7 +157,8 @@ class ServiceConfig:
         "across restarts (e.g. the pod name): a restarted member takes its place at once",
     )
     metrics_address: str = setting(
-        "127.0.0.1:9100", help="HOST:PORT for /metrics, /healthz, /readyz ('off' disables)"
+        "127.0.0.1:9100",
+        help="HOST:PORT for /metrics, /healthz, /readyz, /model and /predict ('off' disables)",
     )
     stop_at_end: bool = setting(
         False, help="stop once caught up with the end offsets that existed at start"
@@ -180,6 +181,16 @@ class ServiceConfig:
     health_every_steps: int = setting(50, help="compute the health metrics every N steps")
     shutdown_timeout_seconds: float = setting(
         30.0, help="longest a stop (SIGTERM) may take before the process exits anyway"
+    )
+    liveness_timeout_seconds: float = setting(
+        60.0,
+        help="/healthz answers 503 once the loop has not begun an iteration for this long (an "
+        "idle source still polls every --max-wait-ms)",
+    )
+    serve_predictions: bool = setting(
+        False,
+        help="answer POST /predict (JSON records in, predictions out) from the live model on "
+        "--metrics-address",
     )
     log_format: str = setting("text", help="log lines as text or JSON", choices=LOG_FORMATS)
     log_level: str = setting("INFO", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -226,6 +237,7 @@ class ServiceConfig:
             (self.health_every_steps >= 1, "health_every_steps must be >= 1"),
             (self.threads >= 1, "threads must be >= 1"),
             (self.shutdown_timeout_seconds > 0, "shutdown_timeout_seconds must be > 0"),
+            (self.liveness_timeout_seconds > 0, "liveness_timeout_seconds must be > 0"),
             (self.dist_timeout_seconds > 0, "dist_timeout_seconds must be > 0"),
             (self.max_pending >= 1, "max_pending must be >= 1"),
             (self.label_timeout_seconds > 0, "label_timeout_seconds must be > 0"),
@@ -254,6 +266,11 @@ class ServiceConfig:
             from stream_trainer.telemetry import parse_metrics_address
 
             parse_metrics_address(self.metrics_address)
+        if self.serve_predictions and self.metrics_address.lower() in ("", "off", "none"):
+            raise ConfigError(
+                "serve_predictions answers POST /predict on metrics_address, which is "
+                f"{self.metrics_address!r}: give it a HOST:PORT"
+            )
         _check_kafka_keys(self.kafka, "[kafka]")
         if self.kafka:  # the security settings' own checks (OAUTHBEARER's provider...) at start
             from consumers.client_options import KafkaClientSettings

@@ -75,6 +75,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -100,10 +101,13 @@ from stream_trainer.service.batch_log import BatchLog, segments_of
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.label_join import Joined, LabelJoin, split_label_tensors
 from stream_trainer.service.restore import restore_checkpoint
+from stream_trainer.service.serving import LiveModelEndpoint, ModelLock
 from stream_trainer.sources import Batch, BatchSizes, BatchSource, DeadLetterSink, default_target
 from stream_trainer.sources.dead_letter_file import DeadLetterFile
 from stream_trainer.sources.file_batches import FileBatchSource
 from stream_trainer.telemetry import HealthState, MetricsServer, ServiceMetrics
+from stream_trainer.telemetry.http import Liveness
+from stream_trainer.telemetry.metrics import register_loop_age, register_process_collectors
 from stream_trainer.threads import pin_threads
 from stream_trainer.training import IncrementalTrainer, StepReport
 from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
@@ -118,6 +122,9 @@ UNLABELLED_WARN_EVERY = 10_000
 SERVICE_STATE_VERSION = 1
 _LAG_EVERY_SECONDS = 5.0
 _LAG_MAX_BACKOFF_SECONDS = 60.0
+PREDICT_SWITCH_INTERVAL = 0.0002
+"""Seconds between the interpreter's GIL hand-offs while /predict is served (see
+:meth:`TrainerService._start_telemetry`)."""
 
 
 class TrainerService:
@@ -143,6 +150,9 @@ class TrainerService:
         self.stop_event = threading.Event()
         self._checkpoint_requested: str | None = None
         self._lock = threading.RLock()
+        # Held around every use of the model that a /predict request must not overlap: a step,
+        # the norm health probe, taking a checkpoint's state (LiveModelEndpoint).
+        self.model_lock = ModelLock()
         self.pending_offsets: dict[str, int] = {}
         self.saved_offsets: dict[str, int] = {}
         # Offsets of a saved checkpoint whose commit failed (e.g. during a rebalance): retried at
@@ -502,11 +512,33 @@ class TrainerService:
 
     def _start_telemetry(self) -> None:
         c = self.config
+        self._last_poll = self.clock()  # the liveness bound counts from here
         if c.metrics_address.lower() not in ("", "off", "none"):
+            register_process_collectors(self.registry)
+            register_loop_age(self.registry, run=c.run_name, age=self._loop_age)
+            endpoint = LiveModelEndpoint(
+                self.trainer,
+                self.model_lock,
+                settings=c.describe(),
+                checkpoint_version=lambda: self.checkpoint_version,
+                predict_enabled=c.serve_predictions,
+                registry=self.registry,
+                run=c.run_name,
+            )
             self.server = MetricsServer(
-                c.metrics_address, self.registry, health=self.health
+                c.metrics_address,
+                self.registry,
+                health=self.health,
+                liveness=self.liveness,
+                model=endpoint,
             ).start()
             log.info("metrics on %s/metrics", self.server.url)
+            if c.serve_predictions:
+                # A request thread re-takes the GIL after every blocking call (socket reads, each
+                # torch op); the training thread holds it up to the switch interval each time
+                # (5 ms by default), which would add that much per op to a prediction.
+                sys.setswitchinterval(min(sys.getswitchinterval(), PREDICT_SWITCH_INTERVAL))
+                log.info("predictions on POST %s/predict", self.server.url)
 
     def _ensure_metrics(self) -> ServiceMetrics | None:
         if self.metrics is None and self.trainer.task is not None:
@@ -533,6 +565,24 @@ class TrainerService:
                 self.metrics.dead_lettered(reason, n)
             self._dead_unreported.clear()
         return self.metrics
+
+    def _loop_age(self) -> float:
+        """Seconds since the loop last polled its source, i.e. began an iteration."""
+        return max(0.0, self.clock() - self._last_poll)
+
+    def liveness(self) -> Liveness:
+        """Alive while the loop has polled within ``liveness_timeout_seconds``: every iteration
+        polls, and an idle source still answers each poll (empty, after at most ``max_wait_ms``),
+        so only a loop stuck in a step, a checkpoint or a poll goes quiet. A checkpoint counts
+        too: the bound must exceed the longest save the store's retries allow."""
+        age, bound = self._loop_age(), self.config.liveness_timeout_seconds
+        if age <= bound:
+            return Liveness(alive=True)
+        return Liveness(
+            alive=False,
+            reason=f"the service loop has not completed an iteration for {age:.1f} s "
+            f"(liveness_timeout_seconds {bound:g})",
+        )
 
     def health(self) -> HealthState:
         reasons = []
@@ -620,7 +670,8 @@ class TrainerService:
         report: StepReport | None = None
         with self._lock:
             if batch.records:
-                report = trainer.step(batch.records)
+                with self.model_lock.training():
+                    report = trainer.step(batch.records)
                 if self.batch_log is not None:
                     self.batch_log.append(trainer.steps, segments_of(batch.records))
             rejected: list[RejectedRecord] = list(batch.rejected)
@@ -776,7 +827,8 @@ class TrainerService:
                 metrics.set_expert_weights(trainer.expert_weights())
             # Steps 1, 1 + N, 1 + 2N, ... (``steps % N == 1`` never held for N = 1).
             if (trainer.steps - 1) % self.config.health_every_steps == 0:
-                self._report_norm_health(metrics, report)
+                with self.model_lock.training():
+                    self._report_norm_health(metrics, report)
         for reason, n in Counter(r.reason.value for r in rejected).items():
             metrics.dead_lettered(reason, n)
 
@@ -865,8 +917,11 @@ class TrainerService:
             finally:
                 self._count_dead_letter_refusals()
             # 2. save
+            with self.model_lock.training():
+                trainer_state = self.trainer.state_json()
+                tensors = self.trainer.state_tensors()
             state = {
-                "trainer": self.trainer.state_json(),
+                "trainer": trainer_state,
                 "service": {
                     "version": SERVICE_STATE_VERSION,
                     "run_name": self.config.run_name,

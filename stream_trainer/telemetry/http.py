@@ -1,35 +1,52 @@
-"""The service's HTTP endpoint: ``/metrics``, ``/healthz`` and ``/readyz``, in a daemon thread.
+"""The service's HTTP endpoint, in a daemon thread.
 
-``/healthz`` answers 200 while the process can answer at all (liveness: restart on failure).
-``/readyz`` answers 200 only while the injected ``health()`` says both consuming and checkpointing
-are fine, else 503 with a JSON body saying why (readiness: alert, stop routing to it).
+- ``GET /metrics``: the registry, in the text or OpenMetrics format the client asks for.
+- ``GET /healthz`` (liveness: restart on failure): 200 while the injected ``liveness()`` says the
+  loop is alive (or when none is given), else 503 with a JSON body saying since when it is stuck.
+- ``GET /readyz`` (readiness: alert, stop routing to it): 200 only while the injected
+  ``health()`` says both consuming and checkpointing are fine, else 503 with a JSON body saying
+  why.
+- ``GET /model`` and ``POST /predict``, when a :class:`ModelEndpoint` is given: what the model is,
+  and predictions of the live model. This layer checks the request itself (method, content type,
+  a ``Content-Length`` of at most ``max_body_bytes``, UTF-8 JSON) and answers 4xx with a JSON
+  ``{"error": ...}`` when it fails; the endpoint judges the records. Bad input is never a 5xx.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from stream_trainer.errors import ConfigError
+from stream_trainer.records import MAX_JSON_DEPTH, json_depth_exceeds
+
+log = logging.getLogger("stream_trainer.http")
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_METRICS_ADDRESS",
     "HealthState",
+    "Liveness",
     "MetricsServer",
+    "ModelEndpoint",
     "parse_metrics_address",
 ]
 
 DEFAULT_METRICS_ADDRESS: Final = "127.0.0.1:9100"
 """Loopback by default: exposing metrics beyond the host is an explicit choice (compose uses
 ``0.0.0.0:9100``)."""
+
+DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
+"""Largest ``POST /predict`` body read (1 MiB); a longer one is answered 413 unread."""
 
 _JSON: Final = "application/json; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -58,6 +75,31 @@ class HealthState:
             "checkpointing": self.checkpointing,
             "reasons": list(self.reasons),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """Whether the service loop still turns: ``alive``, else ``reason`` says since when not."""
+
+    alive: bool
+    reason: str = ""
+
+
+class ModelEndpoint(Protocol):
+    """What ``/model`` and ``/predict`` call (from server threads: must be thread-safe)."""
+
+    @property
+    def predict_enabled(self) -> bool:
+        """Whether ``POST /predict`` is served (else it answers 404 saying how to enable it)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The body of ``GET /model``."""
+        ...
+
+    def predict(self, payload: Any) -> tuple[int, dict[str, Any]]:
+        """Status and JSON body for the parsed JSON body of a ``POST /predict``."""
+        ...
 
 
 def parse_metrics_address(address: str) -> tuple[str, int]:
@@ -91,6 +133,10 @@ def parse_metrics_address(address: str) -> tuple[str, int]:
     return host, port
 
 
+_UNREAD: Final = object()
+"""What :meth:`_Handler._read_json` returns once it has answered the request with a 4xx."""
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -100,16 +146,25 @@ class _Server(ThreadingHTTPServer):
         address: tuple[str, int],
         registry: CollectorRegistry,
         health: Callable[[], HealthState],
+        liveness: Callable[[], Liveness] | None,
+        model: ModelEndpoint | None,
+        max_body_bytes: int,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
         self.health = health
+        self.liveness = liveness
+        self.model = model
+        self.max_body_bytes = max_body_bytes
         super().__init__(address, _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10  # a client that stops sending cannot hold a thread forever
+    # Headers and body go out in two writes: with Nagle's algorithm the second would wait for
+    # the client's delayed ACK of the first (tens of milliseconds on every keep-alive request).
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
@@ -118,7 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._reply(200, content_type, encoder(self.server.registry))
         elif path == "/healthz":
-            self._reply(200, _TEXT, b"ok\n")
+            self._healthz()
         elif path == "/readyz":
             try:
                 state = self.server.health()
@@ -127,12 +182,130 @@ class _Handler(BaseHTTPRequestHandler):
             except Exception as exc:  # a broken health callback must not look ready
                 body = {"ready": False, "reasons": [f"health check raised {exc!r}"]}
                 status = 503
-            self._reply(status, _JSON, json.dumps(body).encode() + b"\n")
+            self._reply_json(status, body)
+        elif path == "/model" and self.server.model is not None:
+            self._reply_json(200, self._guarded(self.server.model.describe))
+        elif path == "/predict":
+            self._reply_json(405, {"error": "use POST /predict"}, allow="POST")
         else:
-            self._reply(404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n")
+            self._reply(404, _TEXT, b"not found; try /metrics, /healthz, /readyz or /model\n")
 
-    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        model = self.server.model
+        if path != "/predict" or model is None:
+            self._refuse(404, f"no POST {path}; POST JSON records to /predict")
+            return
+        if not model.predict_enabled:
+            self._refuse(404, "POST /predict is off: start the service with --serve-predictions")
+            return
+        payload = self._read_json()
+        if payload is _UNREAD:
+            return
+        status, body = 500, {"error": "internal error"}
+        try:
+            status, body = model.predict(payload)
+        except Exception:  # a bug, not the client's input: say so, keep serving
+            log.exception("POST /predict failed")
+        self._reply_json(status, body)
+
+    def do_PUT(self) -> None:
+        """Any other method: 405 naming the allowed one (never the base class's 501)."""
+        allow = "POST" if self.path.split("?", 1)[0] == "/predict" else "GET"
+        self.close_connection = True
+        self._reply_json(405, {"error": f"use {allow}"}, allow=allow, close=True)
+
+    do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_PUT
+
+    def _healthz(self) -> None:
+        liveness = self.server.liveness
+        if liveness is None:
+            self._reply(200, _TEXT, b"ok\n")
+            return
+        try:
+            state = liveness()
+        except Exception as exc:  # a broken liveness callback must not look alive
+            state = Liveness(alive=False, reason=f"liveness check raised {exc!r}")
+        if state.alive:
+            self._reply(200, _TEXT, b"ok\n")
+        else:
+            self._reply_json(503, {"alive": False, "reason": state.reason})
+
+    def _read_json(self) -> Any:
+        """The request's JSON body, or :data:`_UNREAD` once a 4xx has been answered."""
+        content_type = self.headers.get("Content-Type", "")
+        media, _, params = content_type.partition(";")
+        if media.strip().lower() != "application/json":
+            shown = content_type[:100]
+            self._refuse(415, f"send Content-Type: application/json, got {shown!r}")
+            return _UNREAD
+        charset = params.strip().lower().removeprefix("charset=").strip('"')
+        if params.strip() and charset not in ("utf-8", "utf8"):
+            self._refuse(415, "the body must be UTF-8 JSON")
+            return _UNREAD
+        if self.headers.get("Transfer-Encoding"):
+            self._refuse(411, "send the body with a Content-Length, not chunked")
+            return _UNREAD
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.strip().isdigit():
+            self._refuse(411, "a Content-Length header is required")
+            return _UNREAD
+        length, limit = int(length_text), self.server.max_body_bytes
+        if length > limit:
+            self._refuse(413, f"the body is {length} bytes, more than the limit of {limit}")
+            return _UNREAD
+        try:
+            raw = self.rfile.read(length)
+        except OSError:  # the client stalled past the handler's timeout, or reset
+            raw = b""
+        if len(raw) < length:
+            self.close_connection = True
+            return _UNREAD  # the client went away
+        if json_depth_exceeds(raw, MAX_JSON_DEPTH + 1):
+            message = f"the JSON nests deeper than {MAX_JSON_DEPTH + 1}"
+            self._reply_json(400, {"error": message, "reason": "too_deep"})
+            return _UNREAD
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            self._reply_json(400, {"error": "the body is not UTF-8"})
+        except ValueError as exc:
+            self._reply_json(400, {"error": f"the body is not JSON: {exc}"})
+        return _UNREAD
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` without reading the body, then close the connection (the unread
+        body would otherwise be taken for the next request)."""
+        self.close_connection = True
+        self._reply_json(status, {"error": message}, close=True)
+
+    @staticmethod
+    def _guarded(describe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return describe()
+        except Exception as exc:
+            log.exception("GET /model failed")
+            return {"error": f"cannot describe the model: {exc!r}"}
+
+    def _reply_json(
+        self, status: int, body: dict[str, Any], *, allow: str | None = None, close: bool = False
+    ) -> None:
+        data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+        extra = {"Allow": allow} if allow else {}
+        if close:
+            extra["Connection"] = "close"
+        self._reply(status, _JSON, data, extra)
+
+    def _reply(
+        self,
+        status: int,
+        content_type: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -155,6 +328,12 @@ class MetricsServer:
         The registry to expose, usually ``ServiceMetrics.registry``.
     health
         Called on each ``/readyz`` request (from a server thread: keep it cheap and thread-safe).
+    liveness
+        Called on each ``/healthz`` request, likewise; ``None``: ``/healthz`` is always 200.
+    model
+        Serves ``GET /model`` and ``POST /predict``; ``None``: both answer 404.
+    max_body_bytes
+        Largest ``POST /predict`` body accepted (413 above it).
 
     Examples
     --------
@@ -172,10 +351,19 @@ class MetricsServer:
         registry: CollectorRegistry,
         *,
         health: Callable[[], HealthState],
+        liveness: Callable[[], Liveness] | None = None,
+        model: ModelEndpoint | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        if max_body_bytes < 1:
+            msg = f"max_body_bytes must be >= 1, got {max_body_bytes!r}"
+            raise ConfigError(msg)
         self.host, self._requested_port = parse_metrics_address(address)
         self.registry = registry
         self._health = health
+        self._liveness = liveness
+        self._model = model
+        self._max_body_bytes = max_body_bytes
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -203,7 +391,14 @@ class MetricsServer:
             if self._server is not None:
                 return self
             try:
-                server = _Server((self.host, self._requested_port), self.registry, self._health)
+                server = _Server(
+                    (self.host, self._requested_port),
+                    self.registry,
+                    self._health,
+                    self._liveness,
+                    self._model,
+                    self._max_body_bytes,
+                )
             except OSError as exc:
                 msg = f"cannot listen on {self.host}:{self._requested_port} for metrics: {exc}"
                 raise ConfigError(msg) from exc

@@ -23,6 +23,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -30,6 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from stream_trainer import __version__
 from stream_trainer.checkpoints.validation import REJECT_REASONS
@@ -45,6 +49,8 @@ __all__ = [
     "TASKS",
     "UNMATCHED_LABEL_REASONS",
     "ServiceMetrics",
+    "register_loop_age",
+    "register_process_collectors",
 ]
 
 TASKS: Final = ("classification", "regression")
@@ -547,3 +553,27 @@ class ServiceMetrics:
         with self._lock:
             since = self._started if self._last_checkpoint is None else self._last_checkpoint
         return max(0.0, self._clock() - since)
+
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    """Add prometheus_client's process, platform and GC collectors to ``registry`` (what its
+    global default registry carries): ``process_resident_memory_bytes``,
+    ``process_cpu_seconds_total``, ``process_start_time_seconds``, ``process_open_fds`` (from
+    ``/proc``; none elsewhere), ``python_info`` and ``python_gc_*``. A registry that already has
+    them is left as it is."""
+    for make in (ProcessCollector, PlatformCollector, GCCollector):
+        # prometheus_client refuses a name registered twice: those are there already.
+        with contextlib.suppress(ValueError):
+            make(registry=registry)
+
+
+def register_loop_age(registry: CollectorRegistry, *, run: str, age: Callable[[], float]) -> None:
+    """``stream_trainer_loop_seconds_since_iteration{run}``: ``age()`` read at scrape time, the
+    seconds since the service loop last began an iteration (what ``/healthz`` bounds)."""
+    Gauge(
+        _PREFIX + "loop_seconds_since_iteration",
+        "Seconds since the service loop last began an iteration (polled its source); /healthz "
+        "fails past liveness_timeout_seconds.",
+        ["run"],
+        registry=registry,
+    ).labels(run=run).set_function(age)

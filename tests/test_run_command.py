@@ -111,6 +111,26 @@ def test_learner_flags_are_converted_to_trainer_settings():
     assert (t.target, t.rolling_window, t.weight_standardization) == ("y", 50, False)
 
 
+def test_norm_options_from_the_command_line(capsys):
+    """``--norm-option NORM.KEY=VALUE`` (repeatable) sets a norm's option over the defaults, for
+    ``run`` and for ``evaluate``; a malformed one is a usage error, an unknown key the norm's own
+    ConfigError."""
+    from stream_trainer.commands._learner_args import trainer_config
+
+    argv = ["--norm-option", "ema_batch.momentum=0.03", "--norm-option", "layer.bias=false"]
+    options = _config(argv).trainer.norm_options
+    assert options["ema_batch"] == {"momentum": 0.03}
+    assert options["layer"] == {"bias": False}
+    assert options["batch_renorm"] == {"momentum": 0.002}  # the default is kept
+    args = _parser().parse_args(["evaluate", "--source", "river:Phishing", *argv])
+    assert trainer_config(args, "y").norm_options["ema_batch"] == {"momentum": 0.03}
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["run", "--norm-option", "momentum=0.03"])
+    assert "expected NORM.KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="nope"):
+        _config(["--norm-option", "ema_batch.nope=1"])
+
+
 def test_unknown_flags_are_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args(["run", "--grup", "x"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.training.config import (
+    DEFAULT_NORM_OPTIONS,
     ENGINES,
     LR_SCALINGS,
     OPTIMIZERS,
@@ -26,6 +28,7 @@ __all__ = [
     "add_threads_argument",
     "build_learner",
     "model_name",
+    "norm_options_from",
     "trainer_config",
 ]
 
@@ -55,6 +58,29 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _norm_option(text: str) -> tuple[str, str, object]:
+    """``NORM.KEY=VALUE`` as ``(norm, key, value)``; the value read as JSON (a number, ``true``,
+    ``false``), else kept as text. The norm's constructor checks the key and the value."""
+    name, sep, raw = text.partition("=")
+    norm, dot, key = name.strip().partition(".")
+    if not sep or not dot or not norm or not key:
+        raise argparse.ArgumentTypeError(f"expected NORM.KEY=VALUE, got {text!r}")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw.strip()
+    return norm, key, value
+
+
+def norm_options_from(items: list[tuple[str, str, object]] | None) -> dict[str, dict[str, object]]:
+    """The ``norm_options`` of :class:`TrainerConfig` for ``--norm-option`` items: the defaults,
+    then each item in order."""
+    options = {name: dict(values) for name, values in DEFAULT_NORM_OPTIONS.items()}
+    for norm, key, value in items or []:
+        options.setdefault(norm, {})[key] = value
+    return options
+
+
 def _norm_list(text: str) -> str | tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     return parts[0] if len(parts) == 1 else parts
@@ -75,6 +101,15 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         type=_norm_list,
         default=_DEFAULTS.norm,
         help="normalization layer for every hidden layer, or one per layer (comma-separated)",
+    )
+    g.add_argument(
+        "--norm-option",
+        dest="norm_options",
+        type=_norm_option,
+        action="append",
+        metavar="NORM.KEY=VALUE",
+        help="an option of a norm layer, e.g. ema_batch.momentum=0.01 (repeatable; over the "
+        "defaults, ema_batch.momentum=0.002 and batch_renorm.momentum=0.002)",
     )
     g.add_argument(
         "--hidden", type=_int_list, default=_DEFAULTS.hidden, help="hidden sizes, e.g. 64,64"
@@ -181,6 +216,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         features=features,
         hidden=args.hidden,
         norm=args.norm,
+        norm_options=norm_options_from(args.norm_options),
         activation=args.activation,
         dropout=args.dropout,
         weight_standardization=args.weight_standardization,

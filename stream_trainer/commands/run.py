@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from stream_trainer.commands._kafka_args import add_kafka_arguments, kafka_flags
-from stream_trainer.commands._learner_args import add_learner_arguments, add_limit_arguments
+from stream_trainer.commands._learner_args import (
+    add_learner_arguments,
+    add_limit_arguments,
+    norm_options_from,
+)
 from stream_trainer.errors import ConfigError
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.settings import add_setting_arguments
@@ -66,6 +70,8 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], di
     if model != "mlp":
         raise ConfigError(f"run trains the MLP; river baselines ({model!r}) are for `evaluate`")
     trainer = {key: given.pop(key) for key in _trainer_keys() if key in given}
+    if "norm_options" in trainer:
+        trainer["norm_options"] = norm_options_from(trainer["norm_options"])
     if "features" in trainer and isinstance(trainer["features"], str):
         trainer["features"] = tuple(f.strip() for f in trainer["features"].split(",") if f.strip())
     if trainer.get("grad_clip") == 0:

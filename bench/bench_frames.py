@@ -33,7 +33,7 @@ from bench._common import RESULTS, md_table, write_script_result  # noqa: E402
 from bench.bench_kafka import bench_value  # noqa: E402
 from consumers.deserializer import RecordDecoder, _Message  # noqa: E402
 from consumers.kafka_source import decode_batch  # noqa: E402
-from consumers.process_frames import (  # noqa: E402
+from consumers.process.frames import (  # noqa: E402
     pack_polled,
     read_frame,
     unpack_batch,

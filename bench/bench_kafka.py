@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from consumers.kafka_source import KafkaRecordSource, KafkaSourceConfig  # noqa: E402
-from consumers.process_source import open_kafka_source  # noqa: E402
+from consumers.process.source import open_kafka_source  # noqa: E402
 from consumers.topics import create_topic  # noqa: E402
 from stream_trainer.records import Record  # noqa: E402
 

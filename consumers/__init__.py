@@ -2,8 +2,8 @@
 
 - :mod:`consumers.kafka_source`: :class:`KafkaRecordSource`; its settings,
   :class:`KafkaSourceConfig`, in :mod:`consumers.kafka_config`;
-- :mod:`consumers.process_source`: :class:`ProcessKafkaSource`, the same source with its consumer
-  in a child process (:mod:`consumers.consumer_process`, frames in :mod:`consumers.process_frames`),
+- :mod:`consumers.process.source`: :class:`ProcessKafkaSource`, the same source with its consumer
+  in a child process (:mod:`consumers.process.child`, frames in :mod:`consumers.process.frames`),
   and :func:`open_kafka_source`, which opens the one a config asks for;
 - :mod:`consumers.dead_letter`: :class:`DeadLetterSink`;
 - :mod:`consumers.producer`: producing recordings and file sources (``stream-trainer replay``);
@@ -26,7 +26,7 @@ from consumers.kafka_source import (
     parse_partition_key,
     partition_key,
 )
-from consumers.process_source import ProcessKafkaSource, open_kafka_source
+from consumers.process.source import ProcessKafkaSource, open_kafka_source
 from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
 from consumers.security import KafkaSecurity
 

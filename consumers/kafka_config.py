@@ -78,8 +78,8 @@ class KafkaSourceConfig:
     security
         Passed through to kafka-python; secrets stay out of ``repr`` and logs.
     consumer_process
-        Run the consumer in a child process (:class:`~consumers.process_source.ProcessKafkaSource`,
-        which :func:`~consumers.process_source.open_kafka_source` and the service open when this
+        Run the consumer in a child process (:class:`~consumers.process.source.ProcessKafkaSource`,
+        which :func:`~consumers.process.source.open_kafka_source` and the service open when this
         is true, the default): fetching, kafka-python's record parsing and the decoding then
         overlap the training step on another core. False keeps the consumer in the service's
         process (one core, no child). :class:`KafkaRecordSource` itself ignores it.
@@ -89,7 +89,7 @@ class KafkaSourceConfig:
         response parsed, a garbage collection) come out of its lead instead of the trainer's
         time, at the cost of memory (at most this many times ``max_batch_records`` records held)
         and of batches cut earlier under moderate load; at a rebalance, what was read ahead of
-        the revoked partitions is dropped and read again (:mod:`consumers.process_source`).
+        the revoked partitions is dropped and read again (:mod:`consumers.process.source`).
         :class:`KafkaRecordSource` ignores it.
     group_instance_id
         Static membership (KIP-345): a member that restarts with the same id takes its place in

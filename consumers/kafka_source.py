@@ -27,7 +27,7 @@ at ``auto_offset_reset``. On revocation (and on :meth:`close`) ``on_revoke(parti
 so the service can checkpoint before another member takes over. Both callbacks run on
 kafka-python's IO thread, which also drives heartbeats: they must return promptly (well under
 ``session_timeout_ms``). An exception raised by either is re-raised by the next :meth:`poll_batch`.
-With the consumer in a child process (:mod:`consumers.process_source`, the service's default) they
+With the consumer in a child process (:mod:`consumers.process.source`, the service's default) they
 run in the service's thread instead, while kafka-python's IO thread waits for them.
 
 .. note::
@@ -243,7 +243,7 @@ class KafkaRecordSource(ClosableSource):
         self._on_lost = on_lost
         self._retry = retry if retry is not None else _default_retry(config)
         self._consumer_factory = consumer_factory
-        # Public: the consumer process decodes with it too (consumers.process_frames.pack_polled).
+        # Public: the consumer process decodes with it too (consumers.process.frames.pack_polled).
         self.decoder = RecordDecoder(config.target, config.features, config.max_record_bytes)
         self._pending_error: BaseException | None = None
         self._committed_here: dict[str, int] = {}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from consumers.deserializer import RecordDecoder, _Message
 from consumers.kafka_source import SourceBatch, decode_batch
-from consumers.process_frames import (
+from consumers.process.frames import (
     JSON_HEADER,
     FrameError,
     pack_polled,

@@ -443,7 +443,7 @@ def test_deep_values_cross_the_consumer_process_pipe_without_recursion() -> None
     import io
 
     from consumers.deserializer import _Message
-    from consumers.process_frames import pack_polled, read_frame, unpack_batch, write_frame
+    from consumers.process.frames import pack_polled, read_frame, unpack_batch, write_frame
 
     nest = MAX_JSON_DEPTH - 1  # the label, inside the top-level object, at the limit exactly
     messages = [

@@ -5,7 +5,7 @@ only; the implementations are the file adapters beside this module
 (:class:`~stream_trainer.sources.file_batches.FileBatchSource`,
 :class:`~stream_trainer.sources.dead_letter_file.DeadLetterFile`) and the Kafka ones in
 :mod:`consumers` (:class:`~consumers.kafka_source.KafkaRecordSource`,
-:class:`~consumers.process_source.ProcessKafkaSource`, :class:`~consumers.DeadLetterSink`).
+:class:`~consumers.process.source.ProcessKafkaSource`, :class:`~consumers.DeadLetterSink`).
 ``tests/test_source_contract.py`` runs one suite of checks over all of them.
 
 Offsets

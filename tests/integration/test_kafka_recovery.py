@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers import DeadLetterSink, KafkaSourceConfig
 from consumers.kafka_source import KafkaRecordSource
-from consumers.process_source import ProcessKafkaSource
+from consumers.process.source import ProcessKafkaSource
 from stream_trainer.checkpoints import open_store
 from stream_trainer.errors import CheckpointError, SourceError
 from stream_trainer.records import RejectedRecord, RejectReason

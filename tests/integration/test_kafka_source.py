@@ -23,7 +23,7 @@ from consumers.kafka_source import (
     parse_partition_key,
     partition_key,
 )
-from consumers.process_source import ProcessKafkaSource
+from consumers.process.source import ProcessKafkaSource
 from consumers.retry import ConstantBackoff, ExponentialBackoff, NoBackoff, Retry
 from consumers.security import KafkaSecurity
 from stream_trainer.errors import ConfigError, SourceError

@@ -25,7 +25,7 @@ from consumers.kafka_source import (
     SourceBatch,
     partition_key,
 )
-from consumers.process_source import PIPE_BYTES, ProcessKafkaSource, open_kafka_source
+from consumers.process.source import PIPE_BYTES, ProcessKafkaSource, open_kafka_source
 from stream_trainer.errors import SourceError
 from tests.fixtures.kafka import load_broker, produce_messages
 from tests.integration.test_kafka_source import (
@@ -271,7 +271,7 @@ def test_read_ahead_dropped_at_a_revocation_is_read_again_without_trained_offset
         seen.extend((r.partition, r.offset) for r in source.poll_batch().records)  # type: ignore[misc]
         source.lag()  # a command: batch frames and events are read while batches wait
 
-    caplog.set_level("INFO", logger="consumers.process_source")
+    caplog.set_level("INFO", logger="consumers.process.source")
     with ProcessKafkaSource(config, on_revoke=revoked.append) as source:
         for _ in range(3):
             take(source)
@@ -319,7 +319,7 @@ def test_the_child_outlives_signals_meant_for_the_service(
 _ORPHAN = """
 import os, sys
 from consumers.kafka_source import KafkaSourceConfig
-from consumers.process_source import ProcessKafkaSource
+from consumers.process.source import ProcessKafkaSource
 source = ProcessKafkaSource(KafkaSourceConfig(sys.argv[1], sys.argv[2], group_id="orphan"))
 source.poll_batch()
 print(source.pid, flush=True)

@@ -1,4 +1,4 @@
-"""The wire between the service and its consumer process (:mod:`consumers.consumer_process`).
+"""The wire between the service and its consumer process (:mod:`consumers.process.child`).
 
 Everything crosses a pair of pipes as *frames*, and nothing on them is pickled: a frame is
 

@@ -1,7 +1,7 @@
 """The consumer process: a :class:`~consumers.kafka_source.KafkaRecordSource` in a child process.
 
-Started by :class:`~consumers.process_source.ProcessKafkaSource` as
-``python -m consumers.consumer_process``; it speaks frames (:mod:`consumers.process_frames`) on its
+Started by :class:`~consumers.process.source.ProcessKafkaSource` as
+``python -m consumers.process.child``; it speaks frames (:mod:`consumers.process.frames`) on its
 stdin and stdout and logs on stderr. It owns the group membership, the fetching, kafka-python's
 record parsing and the decoding and checks of the values; the service trains and checkpoints.
 Nothing here is pickled.
@@ -48,7 +48,7 @@ from consumers.kafka_source import (
     KafkaSourceConfig,
     partition_key,
 )
-from consumers.process_frames import (
+from consumers.process.frames import (
     PROTOCOL_VERSION,
     FrameError,
     pack_polled,
@@ -57,14 +57,14 @@ from consumers.process_frames import (
 )
 from stream_trainer.errors import ConfigError, SourceError
 
-log = logging.getLogger("consumers.consumer_process")
+log = logging.getLogger("consumers.process.child")
 
 POLL_SLICE_MS = 20
 """Longest single ``KafkaConsumer.poll`` while a batch waits: the latency of a command then."""
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:
-    """An exception as a frame field (what :func:`consumers.process_source` raises again)."""
+    """An exception as a frame field (what :func:`consumers.process.source` raises again)."""
     if isinstance(exc, ConfigError):
         kind = "config"
     elif isinstance(exc, ValueError):

@@ -2,7 +2,7 @@
 
 Why: kafka-python parses every record in Python, and in one process that work, the decoding and
 the training step run one after the other (the Kafka section of BENCHMARKS.md,
-``python bench/bench_kafka.py``). With the consumer in :mod:`consumers.consumer_process`, the child
+``python bench/bench_kafka.py``). With the consumer in :mod:`consumers.process.child`, the child
 fetches, parses, decodes and checks the batches after ``k`` on the other core while the service
 trains batch ``k``; the service only reads the decoded batch back from its frame
 (``python bench/bench_frames.py`` times it).
@@ -43,7 +43,7 @@ differences, all consequences of reading ahead:
 - :meth:`~ProcessKafkaSource.caught_up` is False while a batch read ahead holds messages, and
   :meth:`~ProcessKafkaSource.lag` counts their messages as not read.
 
-Nothing crosses the pipes pickled (:mod:`consumers.process_frames`). When the child dies, every
+Nothing crosses the pipes pickled (:mod:`consumers.process.frames`). When the child dies, every
 call raises :class:`~stream_trainer.errors.SourceError` (not retriable) with its exit code.
 """
 
@@ -73,7 +73,7 @@ from consumers.kafka_source import (
     parse_partition_key,
     partition_key,
 )
-from consumers.process_frames import (
+from consumers.process.frames import (
     PROTOCOL_VERSION,
     FrameError,
     read_frame,
@@ -185,7 +185,7 @@ class ProcessKafkaSource(ClosableSource):
             p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
         )
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "consumers.consumer_process"],
+            [sys.executable, "-m", "consumers.process.child"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,

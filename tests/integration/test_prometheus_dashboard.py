@@ -69,6 +69,12 @@ class Feed:
             m.set_norm_health(layer, drift=rng.uniform(0, 0.1), train_serve_gap=rng.uniform(0, 1))
         linear = rng.uniform(0, 1)
         m.set_expert_weights({"mlp": 1 - linear, "linear": linear})
+        m.observe_labels(
+            pending=rng.randint(0, 500),
+            delays=[rng.uniform(0.5, 600.0) for _ in range(20)],
+            expired=rng.randint(1, 5),
+            unmatched={"unknown_id": rng.randint(1, 3), "duplicate_id": 1},
+        )
         self.checkpoints += 1
         m.checkpoint_saved(
             duration_seconds=rng.uniform(0.005, 0.2),

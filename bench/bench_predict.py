@@ -98,11 +98,14 @@ def samples_seen(client: Client) -> int:
 
 
 def wait_for_model(client: Client, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until ``/model`` reports samples seen: a request that times out while the first steps run
+    (they may compile the engine's kernels, holding the model) is asked again."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the service exited with status {process.returncode}")
-        if samples_seen(client) > 0:
+        status, body = client.call("GET", "/model")
+        if status == 200 and json.loads(body)["model"]["samples_seen"] > 0:
             return
         time.sleep(0.2)
     raise RuntimeError("the service had no model in time")
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the service did not start")
                 time.sleep(0.2)
-            wait_for_model(client, process, timeout=60)
+            wait_for_model(client, process, timeout=180)
             idle_rate = training_rate(client, args.seconds)
             before, t0 = samples_seen(client), time.perf_counter()
             result = load(port, args.rate, args.seconds, args.clients)

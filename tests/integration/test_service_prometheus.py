@@ -259,10 +259,15 @@ def test_every_dashboard_query_returns_data(scraped):
     results = {q: prometheus.api("query", query=q, time=f"{final_time:.3f}") for q in queries}
     empty = [q for q, data in results.items() if not data["result"]]
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    # These services take their labels inline: the label-delay histogram of the delayed-label row
+    # has no observation, so its quantiles are NaN by design (tests/integration/
+    # test_prometheus_dashboard.py feeds that row and checks it).
     nan_only = [
         q
         for q, data in results.items()
-        if data["resultType"] == "vector" and not _finite(data["result"])
+        if data["resultType"] == "vector"
+        and not _finite(data["result"])
+        and "label_delay_seconds" not in q
     ]
     assert not nan_only, "dashboard queries with only NaN:\n" + "\n".join(nan_only)
 

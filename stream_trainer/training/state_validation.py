@@ -36,15 +36,11 @@ import torch
 
 from stream_trainer.checkpoints.validation import CheckpointInvalidError
 from stream_trainer.errors import CheckpointError
-from stream_trainer.training.config import LATER_SETTINGS, TrainerConfig
+from stream_trainer.training.config import TrainerConfig
 from stream_trainer.training.metrics import RegressionMetrics
 from stream_trainer.training.mixture import EXPERTS
-from stream_trainer.training.trainer import (
-    _V1_DEFAULTS,
-    STATE_VERSION,
-    IncrementalTrainer,
-    _optimizer,
-)
+from stream_trainer.training.state import SUPPORTED_VERSIONS, upgrade_config
+from stream_trainer.training.trainer import IncrementalTrainer, _optimizer
 
 __all__ = [
     "MAX_CLASSES",
@@ -117,8 +113,8 @@ def _validate(tensors: Mapping[str, torch.Tensor], state: Any, fingerprint: str 
     _check_numbers(state)
     state = _dict(state, "trainer state")
     version = state.get("version")
-    if version not in (1, STATE_VERSION):
-        _fail(f"trainer state version {version!r} is not {STATE_VERSION} (or 1)")
+    if version not in SUPPORTED_VERSIONS:
+        _fail(f"trainer state version {version!r} is not one of {list(SUPPORTED_VERSIONS)}")
     config = _config(state, version, fingerprint)
     task = state.get("task")
     if task not in (None, "classification", "regression"):
@@ -172,9 +168,7 @@ def _config(state: dict[str, Any], version: int, fingerprint: str | None) -> Tra
     for width in hidden:
         _count(width, "hidden width", low=1, high=MAX_HIDDEN)
     _count(raw.get("rolling_window"), "rolling_window", low=1, high=MAX_WINDOW)
-    if version == 1:  # as from_state upgrades it
-        raw = {**_V1_DEFAULTS, **raw}
-    raw = {**LATER_SETTINGS, **raw}
+    raw = upgrade_config(raw, version)  # as from_state upgrades it
     _config_types(raw)
     try:
         config = TrainerConfig.from_dict(raw)

@@ -47,7 +47,6 @@ from stream_trainer.norms import MomentReducer
 from stream_trainer.records import Record, RejectedRecord, RejectReason
 from stream_trainer.training.config import (
     EXECUTION_SETTINGS,
-    LATER_SETTINGS,
     SCREENING_SETTINGS,
     TrainerConfig,
 )
@@ -72,10 +71,6 @@ GradientSync = Callable[[list[nn.Parameter], int], int]
 """Distributed hook ``(parameters, local_rows) -> global_rows``: called after ``backward`` and
 before clipping; it replaces every ``p.grad`` with the sample-count-weighted mean over the replicas
 and returns the global number of labelled rows (used by ``lr_scaling``)."""
-
-STATE_VERSION = 2
-# Version 1 states predate these settings; the values they ran with (the newer defaults differ).
-_V1_DEFAULTS: dict[str, Any] = {"skip": False, "lr_scale_min": 0.0, "lr_decay_samples": None}
 
 
 @dataclass
@@ -865,109 +860,25 @@ class IncrementalTrainer:
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Model and optimizer tensors and the RNG state, flat names, for safetensors."""
-        tensors: dict[str, torch.Tensor] = {"rng.torch": self._rng_state.clone()}
-        if self.model is None or self.optimizer is None:
-            return tensors
-        for name, value in self.model.state_dict().items():
-            tensors[f"model.{name}"] = value.detach().clone().contiguous()
-        for i, param in enumerate(self.model.parameters()):
-            for key, value in self.optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{i}.{key}"] = value.detach().clone().contiguous()
-        if self.expert is not None:
-            for name, value in self.expert.state_tensors().items():
-                tensors[f"expert.{name}"] = value
-        return tensors
+        """Model and optimizer tensors and the RNG state, flat names, for safetensors
+        (:func:`stream_trainer.training.state.trainer_tensors`)."""
+        from stream_trainer.training.state import trainer_tensors
+
+        return trainer_tensors(self)
 
     def state_json(self) -> dict[str, Any]:
-        """Everything else, as JSON: config, schema, labels, metrics, counters."""
-        groups = []
-        if self.optimizer is not None:
-            for g in self.optimizer.param_groups:
-                groups.append(
-                    {
-                        k: (list(v) if isinstance(v, tuple) else v)
-                        for k, v in g.items()
-                        if k != "params"
-                    }
-                )
-        return {
-            "version": STATE_VERSION,
-            "config": self.config.to_dict(),
-            "task": self.task,
-            "classes": self.classes,
-            "encoder": self.encoder.state(),
-            "y_scaler": self.y_scaler.state(),
-            "metrics": {
-                "classification": self.cls_metrics.state(),
-                "regression": self.reg_metrics.state(),
-            },
-            "samples_trained": self.samples_trained,
-            "predicted_only": self.predicted_only,
-            "steps": self.steps,
-            "rejected": dict(self.rejected),
-            "model_dims": None
-            if self.model is None
-            else [self.model.in_features, self.model.out_features],
-            "optimizer_groups": groups,
-            "mixture": self.mixture.state(),
-        }
+        """Everything else, as JSON: config, schema, labels, metrics, counters
+        (:func:`stream_trainer.training.state.trainer_json`)."""
+        from stream_trainer.training.state import trainer_json
+
+        return trainer_json(self)
 
     @classmethod
     def from_state(
         cls, tensors: dict[str, torch.Tensor], state: dict[str, Any]
     ) -> IncrementalTrainer:
-        """Rebuild a trainer exactly as it was when ``state_tensors``/``state_json`` were taken."""
-        version = state.get("version")
-        if version not in (1, STATE_VERSION):
-            raise ConfigError(
-                f"trainer state version {version!r} is not {STATE_VERSION} (or 1, upgraded)"
-            )
-        config = state["config"]
-        if version == 1:  # upgrade: settings added in version 2 keep their version-1 behaviour
-            config = {**_V1_DEFAULTS, **config}
-        config = {**LATER_SETTINGS, **config}  # a state without them ran without them
-        trainer = cls(TrainerConfig.from_dict(config))
-        trainer.task = state["task"]
-        trainer.classes = list(state["classes"])
-        trainer.class_index = {c: i for i, c in enumerate(trainer.classes)}
-        trainer.encoder = FeatureEncoder.from_state(state["encoder"])
-        trainer._set_encoder_limits()
-        trainer.y_scaler = RunningStandardizer.from_state(state["y_scaler"])
-        trainer.cls_metrics = ClassificationMetrics.from_state(state["metrics"]["classification"])
-        trainer.reg_metrics = RegressionMetrics.from_state(state["metrics"]["regression"])
-        trainer.samples_trained = int(state["samples_trained"])
-        trainer.predicted_only = int(state["predicted_only"])
-        trainer.steps = int(state["steps"])
-        trainer.rejected = Counter(state["rejected"])
-        if "mixture" in state:
-            trainer.mixture = ExpertMixture.from_state(state["mixture"])
-        if state["model_dims"] is not None:
-            trainer._build_model(*state["model_dims"])
-            assert trainer.model is not None and trainer.optimizer is not None
-            model_state = {
-                k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")
-            }
-            trainer.model.load_state_dict(model_state)
-            opt_state: dict[int, dict[str, torch.Tensor]] = {}
-            for name, value in tensors.items():
-                if name.startswith("optim."):
-                    _, index, key = name.split(".", 2)
-                    opt_state.setdefault(int(index), {})[key] = value
-            n_params = len(list(trainer.model.parameters()))
-            groups = [dict(g, params=list(range(n_params))) for g in state["optimizer_groups"]]
-            for g in groups:
-                if "betas" in g:
-                    g["betas"] = tuple(g["betas"])
-            trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-            if trainer.config.linear_expert:
-                expert_state = {
-                    k[len("expert.") :]: v for k, v in tensors.items() if k.startswith("expert.")
-                }
-                trainer.expert = LinearExpert.from_state(
-                    expert_state, regression=trainer.task == "regression"
-                )
-        if "rng.torch" in tensors:
-            trainer._rng_state = tensors["rng.torch"].clone()
-        return trainer
+        """Rebuild a trainer exactly as it was when ``state_tensors``/``state_json`` were taken,
+        an older format upgraded first (:func:`stream_trainer.training.state.restore_trainer`)."""
+        from stream_trainer.training.state import restore_trainer
+
+        return restore_trainer(cls, tensors, state)

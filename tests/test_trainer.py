@@ -396,3 +396,19 @@ def test_regression_served_one_record_at_a_time_has_no_blow_up(norm: str) -> Non
                 worst = max(worst, abs(float(report.values[0]) - record.value["approval"]))
         assert worst < 10.0, (expert, worst)  # approval ratings vary by a few points
         assert trainer.metrics()["rmse"] < 2.0
+
+
+def test_the_upgrade_chain_fills_in_what_older_states_ran_with() -> None:
+    """A version-1 configuration gets the values it ran with for the settings version 2 added,
+    then the later settings' old values; a version outside the chain is refused by name."""
+    from stream_trainer.training.state import STATE_VERSION, upgrade_config
+
+    raw = {"target": "y", "hidden": [8]}
+    v1 = upgrade_config(raw, 1)
+    assert (v1["skip"], v1["lr_scale_min"], v1["lr_decay_samples"]) == (False, 0.0, None)
+    assert (v1["linear_expert"], v1["momentum_in_samples"]) == (False, False)
+    current = upgrade_config({**raw, "skip": True}, STATE_VERSION)
+    assert current["skip"] is True and "lr_scale_min" not in current
+    for bad in (0, STATE_VERSION + 1, None):
+        with pytest.raises(ConfigError, match="trainer state version"):
+            upgrade_config(raw, bad)  # type: ignore[arg-type]

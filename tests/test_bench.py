@@ -186,7 +186,9 @@ def test_predict_load_tiny(tmp_path: Path) -> None:
     import bench.bench_predict as bp
 
     out = tmp_path / "predict.md"
-    argv = ["--seconds", "1", "--rate", "40", "--records", "40000", "--clients", "2"]
+    # batch size 1 trains about 10,000 rows a second: 200,000 outlast the two phases
+    argv = ["--seconds", "1", "--rate", "40", "--records", "200000", "--clients", "2"]
+    argv += ["--batch-sizes", "1"]
     assert bp.main([*argv, "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 40 | 40 | 40 |" in text and "statuses {200: 40}" in text

@@ -94,8 +94,8 @@ class SynchronizedMomentReducer:
 
     @property
     def is_identity(self) -> bool:
-        """True while calls return their arguments unchanged (the norm layers' fused path reads
-        it; see :func:`~stream_trainer.norms._moments.reducer_is_identity`)."""
+        """True while calls return their arguments unchanged (the compiled engine reads it; see
+        :func:`~stream_trainer.norms._moments.reducer_is_identity`)."""
         return not self.active or self.comm.world_size == 1
 
     def __call__(self, count: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

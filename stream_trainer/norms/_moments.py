@@ -56,8 +56,8 @@ MomentReducer = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]
 
 The sums are raw (not shifted), so an element-wise all-reduce (``SUM``) of the three tensors is a
 correct reducer. A reducer object may have a boolean attribute ``is_identity``: while it is
-``True`` the reducer promises to return its arguments unchanged, and ``ema_batch`` /
-``batch_renorm`` may skip it and take their fused path (:func:`reducer_is_identity`)."""
+``True`` the reducer promises to return its arguments unchanged, and the compiled engine may train
+``ema_batch`` / ``batch_renorm`` without it (:func:`reducer_is_identity`)."""
 
 
 def identity_moment_reducer(count: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,13 +4,11 @@ compose, and written over metrics the service exports."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +18,7 @@ from stream_trainer.telemetry.metrics import (
     register_loop_age,
     register_process_collectors,
 )
+from tests.fixtures import service_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "dashboards/prometheus"
@@ -39,9 +38,9 @@ _METRIC = re.compile(r"(?<![\w:\"])(stream_trainer_[A-Za-z0-9_:]*)")
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is not installed (scripts/setup.sh installs it)")
-        pytest.skip("promtool (Debian prometheus) absent: scripts/setup.sh installs it")
+        service_unavailable(
+            "promtool", "not on PATH (Debian prometheus; scripts/setup.sh installs it)"
+        )
     return path
 
 

@@ -23,8 +23,7 @@ import pytest
 from consumers import KafkaRecordSource, KafkaSecurity, KafkaSourceConfig, ProcessKafkaSource
 from stream_trainer.errors import SourceError
 from stream_trainer.sources.recording import read_recording
-from tests.fixtures import service_unavailable
-from tests.fixtures.kafka import create_topic, load_broker, produce_messages
+from tests.fixtures.kafka import create_topic, own_broker, produce_messages
 
 pytestmark = pytest.mark.integration
 
@@ -35,20 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A broker of this module's own with a PLAINTEXT and a SASL_PLAINTEXT listener."""
-    broker_mod = load_broker()
-    if broker_mod.missing_tools():
-        service_unavailable("kafka", "java or mvn missing")
-    broker = broker_mod.KafkaBroker(
-        tmp_path_factory.mktemp("kafka-sasl"), sasl_users={USER: PASSWORD}
-    )
-    try:
-        broker.start()
-    except broker_mod.BrokerError as exc:
-        service_unavailable("kafka", f"{exc}\n{exc.log_tail}")
-    try:
+    with own_broker(tmp_path_factory.mktemp("kafka-sasl"), sasl_users={USER: PASSWORD}) as broker:
         yield broker
-    finally:
-        broker.stop(timeout_s=5.0)
 
 
 def _config(broker: Any, topic: str, password: str, *, child: bool) -> KafkaSourceConfig:

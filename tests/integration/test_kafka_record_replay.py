@@ -16,8 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from consumers.producer import Pacer, TopicProducer, replay_entries
 from stream_trainer.commands import record, replay
 from stream_trainer.sources.recording import RecordingEntry, read_recording
-from tests.fixtures import service_unavailable
-from tests.fixtures.kafka import load_broker, produce_messages
+from tests.fixtures.kafka import broker_script, produce_messages
 
 pytestmark = pytest.mark.integration
 
@@ -120,9 +119,7 @@ def test_replay_a_file_source_round_robin(
 
 
 def test_broker_script_start_daemon_and_stop(tmp_path: Path) -> None:
-    broker = load_broker()
-    if broker.missing_tools():
-        service_unavailable("Kafka broker", f"{broker.missing_tools()} not on PATH")
+    broker = broker_script()
     script = Path(broker.__file__)
     data = tmp_path / "kafka"
     started = subprocess.run(

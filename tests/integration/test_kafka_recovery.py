@@ -40,8 +40,7 @@ from stream_trainer.records import RejectedRecord, RejectReason
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
 from stream_trainer.service.config import NON_SETTING_ENV
-from tests.fixtures import service_unavailable
-from tests.fixtures.kafka import create_topic, group_offsets, load_broker
+from tests.fixtures.kafka import create_topic, group_offsets, own_broker
 
 pytestmark = pytest.mark.integration
 
@@ -407,18 +406,8 @@ def _flags_of(config: Any) -> dict[str, Any]:
 @pytest.fixture
 def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A broker of this test's own, which the test may stop."""
-    broker_mod = load_broker()
-    if broker_mod.missing_tools():
-        service_unavailable("kafka", "java or mvn missing")
-    broker = broker_mod.KafkaBroker(tmp_path_factory.mktemp("kafka-private"))
-    try:
-        broker.start()
-    except broker_mod.BrokerError as exc:
-        service_unavailable("kafka", f"{exc}\n{exc.log_tail}")
-    try:
+    with own_broker(tmp_path_factory.mktemp("kafka-private")) as broker:
         yield broker
-    finally:
-        broker.stop(timeout_s=5.0)
 
 
 @pytest.mark.slow

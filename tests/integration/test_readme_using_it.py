@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import service_unavailable
-from tests.fixtures.kafka import load_broker
+from tests.fixtures.kafka import broker_script
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +52,7 @@ def test_the_block_starts_in_the_repository_and_ends_by_stopping_the_services():
 
 
 def test_the_using_it_lines_run_when_pasted(tmp_path: Path) -> None:
-    broker = load_broker()
-    if broker.missing_tools():
-        service_unavailable("Kafka broker", f"{broker.missing_tools()} missing")
+    broker_script()
     for tool in ("redis-server", "redis-cli"):
         if not _shutil_which(tool):
             service_unavailable("Redis", f"{tool} not on PATH")

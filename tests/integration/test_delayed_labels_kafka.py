@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -28,8 +27,8 @@ import pytest
 from kafka import KafkaProducer
 
 from stream_trainer.checkpoints import open_store
-from stream_trainer.service.config import NON_SETTING_ENV
 from tests.fixtures.kafka import end_offsets, group_offsets, read_topic
+from tests.fixtures.service import service_env, uncheckpointed_steps, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5.0  # record time a row waits for its label
 STEP_MS = 20  # record time between two features records
 MAX_DELAY_MS = 2000
-
-
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STREAM_TRAINER_") or k in NON_SETTING_ENV
-    }
 
 
 def _events(n: int, seed: int) -> tuple[list[tuple[str, dict[str, Any], int]], dict[str, Any]]:
@@ -120,20 +111,6 @@ class Producer:
         self._producer.close(timeout=10)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def _uncheckpointed_lines(store: Any, batch_log: Path) -> int:
-    logged = len(batch_log.read_text().splitlines()) if batch_log.exists() else 0
-    saved = store.load_latest()
-    return logged - (saved.state["service"]["batch_log_lines"] if saved is not None else 0)
-
-
 @pytest.mark.slow
 def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkills(
     kafka_bootstrap: str, kafka_topic_factory: Callable[..., str], tmp_path: Path
@@ -176,24 +153,26 @@ def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkil
             producer.produce(head)
             log = tmp_path / f"run-{run}.log"
             with log.open("wb") as out:
-                process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out, stderr=out)
+                process = subprocess.Popen(
+                    command, cwd=ROOT, env=service_env(), stdout=out, stderr=out
+                )
             try:
-                _wait_for(
+                wait_for(
                     lambda b=before: (store.latest_version() or 0) > b,
                     f"run {run} to checkpoint",
-                    log,
                     timeout_s=150.0,
+                    detail=lambda log=log: log.read_text()[-3000:],
                 )
                 thread = producer.in_background(rest)
                 time.sleep(rng.uniform(0.0, 0.8))
                 deadline = time.monotonic() + 5.0
-                while _uncheckpointed_lines(store, batch_log) <= 0 and time.monotonic() < deadline:
+                while uncheckpointed_steps(store, batch_log) <= 0 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 assert process.poll() is None, log.read_text()[-3000:]
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=30)
                 thread.join(timeout=60)
-                lost.append(_uncheckpointed_lines(store, batch_log))
+                lost.append(uncheckpointed_steps(store, batch_log))
             finally:
                 if process.poll() is None:
                     process.kill()
@@ -203,7 +182,7 @@ def test_delayed_labels_on_a_second_topic_are_learned_exactly_once_across_sigkil
         final = subprocess.run(
             [*command, "--stop-at-end", "--report-json", str(report_path)],
             cwd=ROOT,
-            env=_env(),
+            env=service_env(),
             capture_output=True,
             timeout=240,
         )

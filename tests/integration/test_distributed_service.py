@@ -31,8 +31,8 @@ import pytest
 
 from stream_trainer.checkpoints import open_store
 from stream_trainer.service.batch_log import read_batch_log
-from stream_trainer.service.config import NON_SETTING_ENV
 from tests.fixtures.kafka import produce_messages
+from tests.fixtures.service import service_env
 from tests.integration.test_service_exactly_once import group_offsets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -55,10 +55,7 @@ def _produce(bootstrap: str, topic: str, total: int) -> dict[tuple[int, int], in
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAM_TRAINER_") or k in NON_SETTING_ENV}  # fmt: skip
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    return env
+    return service_env(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 
 
 def _free_port() -> int:

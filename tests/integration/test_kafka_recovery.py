@@ -39,8 +39,8 @@ from stream_trainer.errors import CheckpointError, SourceError
 from stream_trainer.records import RejectedRecord, RejectReason
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
-from stream_trainer.service.config import NON_SETTING_ENV
 from tests.fixtures.kafka import create_topic, group_offsets, own_broker
+from tests.fixtures.service import service_env
 
 pytestmark = pytest.mark.integration
 
@@ -496,14 +496,6 @@ def test_dead_letters_wait_out_a_broker_outage_and_are_sent_once(private_broker:
 # ---------------------------------------------------------------------------------- restart
 
 
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STREAM_TRAINER_") or k in NON_SETTING_ENV
-    }
-
-
 def _seconds_to_first_checkpoint_after_kill(
     bootstrap: str, tmp_path: Path, session_timeout_ms: int, instance_id: str | None
 ) -> float:
@@ -532,7 +524,7 @@ def _seconds_to_first_checkpoint_after_kill(
         ledger.produce([0], 100)
         with logs.open("wb") as out:
             first = subprocess.Popen(
-                command, cwd=ROOT, env=_env(), stdout=out, stderr=out, start_new_session=True
+                command, cwd=ROOT, env=service_env(), stdout=out, stderr=out, start_new_session=True
             )
         try:
             _wait(lambda: (store.latest_version() or 0) >= 1, 120, logs)
@@ -543,7 +535,12 @@ def _seconds_to_first_checkpoint_after_kill(
             with logs.open("ab") as out:
                 started = time.monotonic()
                 second = subprocess.Popen(
-                    command, cwd=ROOT, env=_env(), stdout=out, stderr=out, start_new_session=True
+                    command,
+                    cwd=ROOT,
+                    env=service_env(),
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
                 )
             try:
                 _wait(lambda: (store.latest_version() or 0) > before, 120, logs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -34,8 +33,8 @@ from stream_trainer.cli import main as cli_main
 from stream_trainer.errors import CheckpointError
 from stream_trainer.service import TrainerService, load_service_config
 from stream_trainer.service.batch_log import read_batch_log
-from stream_trainer.service.config import NON_SETTING_ENV
 from tests.fixtures.kafka import committed_offsets, end_offsets, group_offsets
+from tests.fixtures.service import service_env, uncheckpointed_steps, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -130,28 +129,6 @@ class OffsetSampler(threading.Thread):
         self.join(timeout=30)
 
 
-def _env() -> dict[str, str]:
-    """This environment without ``STREAM_TRAINER_*`` settings (they would change the runs)."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STREAM_TRAINER_") or k in NON_SETTING_ENV
-    }
-
-
-def _wait_for(
-    condition: Callable[[], bool],
-    what: str,
-    timeout_s: float = 60.0,
-    detail: Callable[[], str] = str,
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{detail()}")
-        time.sleep(0.05)
-
-
 def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -159,13 +136,6 @@ def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
             return False
         time.sleep(0.01)
     return True
-
-
-def _uncheckpointed_steps(store: Any, batch_log: Path) -> int:
-    """Steps in the batch log beyond what the latest checkpoint covers."""
-    logged = len(batch_log.read_text().splitlines()) if batch_log.exists() else 0
-    saved = store.load_latest()
-    return logged - (saved.state["service"]["batch_log_lines"] if saved is not None else 0)
 
 
 def _load(url: str) -> Checkpoint:
@@ -225,10 +195,12 @@ def test_kill_9_at_random_trains_every_record_exactly_once(
             before = store.latest_version() or 0
             ledger.produce(head)
             with (tmp_path / f"run-{run}.log").open("wb") as out:
-                process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out, stderr=out)
+                process = subprocess.Popen(
+                    command, cwd=ROOT, env=service_env(), stdout=out, stderr=out
+                )
             try:
                 # Generous: a loaded CI machine needs seconds to import torch and join the group.
-                _wait_for(
+                wait_for(
                     lambda b=before: (store.latest_version() or 0) > b,
                     f"trainer run {run} to checkpoint",
                     timeout_s=150.0,
@@ -239,14 +211,14 @@ def test_kill_9_at_random_trains_every_record_exactly_once(
                 time.sleep(rng.uniform(0.0, 0.8))
                 # ... at a moment when it holds trained steps that no checkpoint covers yet (the
                 # moment is random; this only avoids the instants right after a checkpoint).
-                _until(lambda: _uncheckpointed_steps(store, batch_log) > 0, timeout_s=5.0)
+                _until(lambda: uncheckpointed_steps(store, batch_log) > 0, timeout_s=5.0)
                 assert process.poll() is None, (tmp_path / f"run-{run}.log").read_text()
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=30)
                 producer.join(timeout=60)
                 # Steps the killed trainer logged beyond its last checkpoint: the restart drops
                 # them from the log and trains those records again.
-                lost_steps.append(_uncheckpointed_steps(store, batch_log))
+                lost_steps.append(uncheckpointed_steps(store, batch_log))
             finally:
                 if process.poll() is None:
                     process.kill()
@@ -256,7 +228,7 @@ def test_kill_9_at_random_trains_every_record_exactly_once(
         final = subprocess.run(
             [*command, "--stop-at-end", "--report-json", str(report)],
             cwd=ROOT,
-            env=_env(),
+            env=service_env(),
             capture_output=True,
             timeout=180,
         )
@@ -364,16 +336,16 @@ def test_redis_restart_mid_run_stops_commits_then_catches_up(
         ledger.produce(300)
         thread.start()
         first = end_offsets(kafka_bootstrap, topic)
-        _wait_for(lambda: service.saved_offsets == first, "the first records to be checkpointed")
-        _wait_for(lambda: committed_offsets(admin, group) == first, "the first commit")
+        wait_for(lambda: service.saved_offsets == first, "the first records to be checkpointed")
+        wait_for(lambda: committed_offsets(admin, group) == first, "the first commit")
         assert service.health().checkpointing
 
         redis.stop()
         ledger.produce(300)
         second = end_offsets(kafka_bootstrap, topic)
         # Training goes on: every record is read and trained while nothing can be saved ...
-        _wait_for(lambda: service.pending_offsets == second, "training while Redis is down")
-        _wait_for(lambda: service.checkpoint_failures >= 1, "a failed checkpoint")
+        wait_for(lambda: service.pending_offsets == second, "training while Redis is down")
+        wait_for(lambda: service.checkpoint_failures >= 1, "a failed checkpoint")
         assert service.trainer.samples_trained == 600
         health = service.health()
         assert not health.checkpointing and not health.ready
@@ -382,13 +354,13 @@ def test_redis_restart_mid_run_stops_commits_then_catches_up(
         assert committed_offsets(admin, group) == first
 
         redis.start()
-        _wait_for(lambda: service.saved_offsets == second, "a checkpoint once Redis is back")
+        wait_for(lambda: service.saved_offsets == second, "a checkpoint once Redis is back")
         assert service.health().checkpointing
-        _wait_for(lambda: committed_offsets(admin, group) == second, "the commit after it")
+        wait_for(lambda: committed_offsets(admin, group) == second, "the commit after it")
 
         ledger.produce(150)
         third = end_offsets(kafka_bootstrap, topic)
-        _wait_for(lambda: service.pending_offsets == third, "the last records")
+        wait_for(lambda: service.pending_offsets == third, "the last records")
         service.request_stop()
         thread.join(timeout=60)
         assert not thread.is_alive()

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_trainer.engine.kernels import standardize_rows
+
 __all__ = ["WARMUP", "RunningStandardizer"]
 
 WARMUP = 16  # values a column needs before its statistics clip new ones (module docstring)
@@ -147,8 +149,6 @@ class RunningStandardizer:
         :meth:`update` with ``x`` when ``learn``: what :meth:`update` then
         :meth:`transform` give, bit for bit, in one compiled call
         (:func:`stream_trainer.engine.kernels.standardize_rows`)."""
-        from stream_trainer.engine.kernels import standardize_rows  # numba: loaded on use
-
         self._std = None  # the kernel changes the state arrays in place
         standardize_rows(
             x, self.count, self.mean, self.m2, self.clip, self.eps, float(WARMUP), learn, out,

@@ -44,6 +44,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from stream_trainer.engine.kernels import adagrad_rows
+
 __all__ = ["EXPERT_LR", "MAX_STEPS", "LinearExpert"]
 
 EXPERT_LR = 0.07
@@ -108,8 +110,6 @@ class LinearExpert:
             for start in range(0, n, chunk):
                 self._chunk_step(rows[start : start + chunk], y[start : start + chunk])
             return
-        from stream_trainer.engine.kernels import adagrad_rows  # numba: loaded on use
-
         labels = np.zeros(1, np.int64) if self.regression else np.asarray(y, dtype=np.int64)
         targets = np.asarray(y, dtype=np.float64) if self.regression else np.zeros(1)
         adagrad_rows(

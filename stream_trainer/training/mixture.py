@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_trainer.engine.kernels import argmax_errors
+
 __all__ = [
     "DISCOUNT",
     "ETA",
@@ -70,8 +72,6 @@ def classification_losses(probas: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per row and expert, the 0/1 loss of the arg-max of the expert's probabilities ``probas[m]``
     (``probas``: ``(M, N, C)``; 1: wrong), ``(N, M)``. A class index beyond the columns (a class
     first seen in this batch) can never be the arg-max: an error."""
-    from stream_trainer.engine.kernels import argmax_errors  # numba: loaded on use
-
     losses = np.ones((target.shape[0], probas.shape[0]))
     if probas.shape[2]:
         rows = np.arange(target.shape[0])

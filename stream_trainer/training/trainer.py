@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from stream_trainer.engine import StepEngine
+from stream_trainer.engine.compiled import CompiledEngine
+from stream_trainer.engine.kernels import softmax_mix
 from stream_trainer.errors import ConfigError
 from stream_trainer.features import FeatureEncoder, RunningStandardizer
 from stream_trainer.features.encoder import SchemaPlan
@@ -498,8 +500,6 @@ class IncrementalTrainer:
             return z[:, 0] * std + mean, experts
         if expert is None:
             return softmax64(out), None
-        from stream_trainer.engine.kernels import softmax_mix  # numba: loaded on use
-
         rows, width = out.shape
         logits = np.empty((2, rows, width))
         logits[0] = out
@@ -550,8 +550,6 @@ class IncrementalTrainer:
             engine, self._engine_tried = None, False
         if engine is None and not self._engine_tried and self.model is not None:
             assert self.optimizer is not None
-            from stream_trainer.engine.compiled import CompiledEngine  # numba: loaded on use
-
             self._engine_tried = True
             engine = CompiledEngine.build([self.model], [self.optimizer])
         self._engine = engine

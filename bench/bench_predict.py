@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "--records",
         type=int,
         default=4_000_000,
-        help="rows of the CSV: enough that the service is still training when the load ends "
-        "(at 1:64 it trains about 100,000 rows a second)",
+        help="rows of the CSV: enough that the service is still training when the load ends",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "predict.md")
     args = parser.parse_args(argv)

@@ -115,22 +115,34 @@ def _engine(results: Path) -> list[list[str]]:
     return out
 
 
-def _kafka(results: Path) -> list[list[str]]:
-    text = (results / "kafka.md").read_text()
-    cell = _md_column(text, "max_batch_records", "64", "consumer process / bound")
-    if cell is None:
-        return []
-    what = "Kafka end to end (consumer process) ÷ its bound at batch 64 (min-max of runs)"
-    return [[what, cell, "≥ 0.8", f"`{_command_of(text)}`"]]
+def _one_cell(
+    name: str, row: tuple[str, str], column: str, what: str, target: str
+) -> Callable[[Path], list[list[str]]]:
+    """A summary part for one cell of ``name``.md: the ``column`` of the row whose first cell is
+    ``row[1]`` in the table headed ``row[0]``."""
+
+    def part(results: Path) -> list[list[str]]:
+        text = (results / f"{name}.md").read_text()
+        cell = _md_column(text, row[0], row[1], column)
+        return [] if cell is None else [[what, cell, target, f"`{_command_of(text)}`"]]
+
+    return part
 
 
-def _delayed_labels(results: Path) -> list[list[str]]:
-    text = (results / "delayed_labels.md").read_text()
-    cell = _md_column(text, "batch sizes", "1:64", "delayed / inline")
-    if cell is None:
-        return []
-    what = "delayed-label service ÷ inline-label service, samples/s at 1:64 (min-max of rounds)"
-    return [[what, cell, "≥ 0.8", f"`{_command_of(text)}`"]]
+_kafka = _one_cell(
+    "kafka",
+    ("max_batch_records", "64"),
+    "consumer process / bound",
+    "Kafka end to end (consumer process) ÷ its bound at batch 64 (min-max of runs)",
+    "≥ 0.8",
+)
+_delayed_labels = _one_cell(
+    "delayed_labels",
+    ("batch sizes", "1:64"),
+    "delayed / inline",
+    "delayed-label service ÷ inline-label service, samples/s at 1:64 (min-max of rounds)",
+    "≥ 0.8",
+)
 
 
 def _checkpoint(results: Path) -> list[list[str]]:

@@ -186,7 +186,7 @@ def test_predict_load_tiny(tmp_path: Path) -> None:
     import bench.bench_predict as bp
 
     out = tmp_path / "predict.md"
-    # batch size 1 trains about 10,000 rows a second: 200,000 outlast the two phases
+    # batch size 1 and 200,000 rows: the service is still training when both phases end
     argv = ["--seconds", "1", "--rate", "40", "--records", "200000", "--clients", "2"]
     argv += ["--batch-sizes", "1"]
     assert bp.main([*argv, "--out", str(out)]) == 0

@@ -237,11 +237,8 @@ class DistributedTrainer:
             target = y
             global_target, rest = rows[:, 0], rows[:, 2:]
         else:
-            for label in (c for e in everyone for c in e["classes"]):
-                if label not in t.class_index:
-                    t.class_index[label] = len(t.classes)
-                    t.classes.append(label)
-            target = np.fromiter((t.class_index[labels[i]] for i in labelled), dtype=np.int64)
+            t.add_classes(c for e in everyone for c in e["classes"])
+            target = t.class_targets([labels[i] for i in labelled])
             proba = report.proba
             width = t.model.out_features if t.model is not None else 0
             served_p = np.zeros((len(labelled), width))

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -420,12 +420,7 @@ class IncrementalTrainer:
             self.y_scaler.update(y[:, None])
             target = y
         else:
-            class_index = self.class_index
-            for i in labelled:
-                if labels[i] not in class_index:
-                    class_index[labels[i]] = len(self.classes)
-                    self.classes.append(labels[i])
-            target = np.fromiter((class_index[labels[i]] for i in labelled), dtype=np.int64)
+            target = self.class_targets([labels[i] for i in labelled])
             proba = report.proba
             self.cls_metrics.update(
                 target, None if proba is None else (proba if idx is None else proba[idx])
@@ -439,6 +434,20 @@ class IncrementalTrainer:
         report.learn_seconds = time.perf_counter() - t1
         self.samples_trained += len(labelled)
         return report
+
+    def add_classes(self, labels: Iterable[Any]) -> None:
+        """Give each label not seen yet the next class index, in order."""
+        class_index, classes = self.class_index, self.classes
+        for label in labels:
+            if label not in class_index:
+                class_index[label] = len(classes)
+                classes.append(label)
+
+    def class_targets(self, labels: Sequence[Any]) -> np.ndarray:
+        """The class indices of ``labels`` (parsed), new classes added first."""
+        self.add_classes(labels)
+        class_index = self.class_index
+        return np.fromiter((class_index[y] for y in labels), dtype=np.int64, count=len(labels))
 
     # The phases a learner implements: serve predictions, then learn from the labelled rows.
     def predict_encoded(
@@ -679,11 +688,7 @@ class IncrementalTrainer:
             score_served_values(self.reg_metrics, target, [served[i] for i in accepted])
             self.y_scaler.update(target[:, None])
         else:
-            for label in parsed:
-                if label not in self.class_index:
-                    self.class_index[label] = len(self.classes)
-                    self.classes.append(label)
-            target = np.fromiter((self.class_index[y] for y in parsed), dtype=np.int64, count=n)
+            target = self.class_targets(parsed)
             score_served_classes(self.cls_metrics, target, [served[i] for i in accepted])
         t0 = time.perf_counter()
         report.loss = self.learn_encoded(rows, target)

@@ -6,7 +6,8 @@ internal target field, ``learn_many(X, y)`` is one step on the whole frame (one 
 the batch's mean loss, as the service learns a batch), and the ``predict_*`` verbs are the
 trainer's read-only ``predict_many`` / ``predict_proba_many``. The constructor arguments are
 :class:`~stream_trainer.training.TrainerConfig`'s settings with the same defaults (``norm_options``
-``None`` means :data:`~stream_trainer.training.config.DEFAULT_NORM_OPTIONS`).
+``None`` means :data:`~stream_trainer.training.config.DEFAULT_NORM_OPTIONS`, ``member_momenta``
+``None`` :data:`~stream_trainer.training.config.DEFAULT_MEMBER_MOMENTA`).
 
 Conventions
 -----------
@@ -59,7 +60,12 @@ from river.base.typing import ClfTarget
 
 from stream_trainer.errors import CheckpointError
 from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LENGTH, Record
-from stream_trainer.training.config import DEFAULT_NORM_OPTIONS, SCREENING_SETTINGS, TrainerConfig
+from stream_trainer.training.config import (
+    DEFAULT_MEMBER_MOMENTA,
+    DEFAULT_NORM_OPTIONS,
+    SCREENING_SETTINGS,
+    TrainerConfig,
+)
 from stream_trainer.training.labels import canonical_class
 from stream_trainer.training.trainer import IncrementalTrainer
 
@@ -128,6 +134,9 @@ skip
     A linear shortcut from the inputs to the {output}.
 linear_expert
     Serve the MLP mixed with an online linear {linear}, weighted by recent errors.
+member_momenta
+    One MLP member per norm momentum, all trained, served as a mixture weighted by recent
+    errors (``()``: one member; ``None``: the trainer's default).
 optimizer
     ``adam``, ``adamw`` or ``sgd``.
 lr
@@ -178,6 +187,7 @@ class _TrainerAdapter:
         weight_standardization: bool | None = None,
         skip: bool = True,
         linear_expert: bool = True,
+        member_momenta: tuple[float, ...] | None = None,
         optimizer: str = "adam",
         lr: float = 3e-3,
         weight_decay: float = 0.0,
@@ -206,6 +216,7 @@ class _TrainerAdapter:
         self.weight_standardization = weight_standardization
         self.skip = skip
         self.linear_expert = linear_expert
+        self.member_momenta = member_momenta
         self.optimizer = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
@@ -249,6 +260,11 @@ class _TrainerAdapter:
             weight_standardization=self.weight_standardization,
             skip=self.skip,
             linear_expert=self.linear_expert,
+            member_momenta=(
+                DEFAULT_MEMBER_MOMENTA
+                if self.member_momenta is None
+                else tuple(self.member_momenta)
+            ),
             optimizer=self.optimizer,
             lr=self.lr,
             weight_decay=self.weight_decay,

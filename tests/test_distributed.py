@@ -76,8 +76,11 @@ def _split(batch: list[Record], world: int, step: int) -> list[list[Record]]:
     return [batch[bounds[k] : bounds[k + 1]] for k in range(world)]
 
 
-def _config(norm: str, optimizer: str = "adam") -> TrainerConfig:
-    return TrainerConfig(target="y", hidden=(8, 8), norm=norm, seed=3, lr=0.01, optimizer=optimizer)
+def _config(norm: str, optimizer: str = "adam", members: tuple[float, ...] = ()) -> TrainerConfig:
+    return TrainerConfig(
+        target="y", hidden=(8, 8), norm=norm, seed=3, lr=0.01, optimizer=optimizer,
+        member_momenta=members,
+    )  # fmt: skip
 
 
 def _free_port() -> int:
@@ -92,17 +95,27 @@ def _without_engine(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reference(
-    norm: str, batches: list[list[Record]], optimizer: str = "adam"
+    norm: str,
+    batches: list[list[Record]],
+    optimizer: str = "adam",
+    members: tuple[float, ...] = (),
 ) -> IncrementalTrainer:
     # bit for bit: the distributed trainer runs the autograd path
-    trainer = IncrementalTrainer(dataclasses.replace(_config(norm, optimizer), engine="torch"))
+    config = dataclasses.replace(_config(norm, optimizer, members), engine="torch")
+    trainer = IncrementalTrainer(config)
     for batch in batches:
         trainer.step(batch)
     return trainer
 
 
 def _worker(
-    rank: int, world: int, port: int, norm: str, out_dir: str, optimizer: str = "adam"
+    rank: int,
+    world: int,
+    port: int,
+    norm: str,
+    out_dir: str,
+    optimizer: str = "adam",
+    members: tuple[float, ...] = (),
 ) -> None:
     torch.set_num_threads(1)
     env = {"WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
@@ -119,7 +132,7 @@ def _worker(
             m = batch_moments(xs, reducer)
         moments = {"mean": m.mean, "var": m.var, "n": m.n}
 
-        trainer = DistributedTrainer(IncrementalTrainer(_config(norm, optimizer)), comm)
+        trainer = DistributedTrainer(IncrementalTrainer(_config(norm, optimizer, members)), comm)
         tensors: dict[str, torch.Tensor] = {f"moments.{k}": v for k, v in moments.items()}
         for step, batch in enumerate(_global_batches()):
             mine = _split(batch, world, step)[rank]
@@ -136,11 +149,11 @@ def _worker(
 
 
 def _run(
-    world: int, norm: str, tmp_path: Path, optimizer: str = "adam"
+    world: int, norm: str, tmp_path: Path, optimizer: str = "adam", members: tuple[float, ...] = ()
 ) -> list[dict[str, torch.Tensor]]:
     mp.start_processes(
-        _worker, args=(world, _free_port(), norm, str(tmp_path), optimizer), nprocs=world,
-        start_method="spawn", join=True,
+        _worker, args=(world, _free_port(), norm, str(tmp_path), optimizer, members),
+        nprocs=world, start_method="spawn", join=True,
     )  # fmt: skip
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(world)]
 
@@ -148,11 +161,18 @@ def _run(
 # ---------------------------------------------------------------------------------- one process
 
 
-@pytest.mark.parametrize("norm", [*NORMS, "layer"])
-def test_world_of_one_is_the_single_process_trainer(norm: str) -> None:
+@pytest.mark.parametrize(
+    ("norm", "members"),
+    [
+        *((n, ()) for n in (*NORMS, "layer")),
+        ("ema_batch", (0.01, 0.1)),
+        ("batch_renorm", (0.01, 0.1)),
+    ],
+)
+def test_world_of_one_is_the_single_process_trainer(norm: str, members: tuple[float, ...]) -> None:
     batches = _global_batches()
-    ref = _reference(norm, batches)
-    dt = DistributedTrainer(IncrementalTrainer(_config(norm)), LocalCollectives())
+    ref = _reference(norm, batches, members=members)
+    dt = DistributedTrainer(IncrementalTrainer(_config(norm, members=members)), LocalCollectives())
     for batch in batches:
         dt.step(batch)
     got, want = dt.trainer.state_tensors(), ref.state_tensors()
@@ -209,13 +229,21 @@ def test_world_from_env() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "norm"), [(2, "batch"), (2, "ema_batch"), (3, "batch_renorm")])
+@pytest.mark.parametrize(
+    ("world", "norm", "members"),
+    [
+        (2, "batch", ()),
+        (2, "ema_batch", ()),
+        (3, "batch_renorm", ()),
+        (2, "ema_batch", (0.01, 0.1)),
+    ],
+)
 def test_replicas_stay_identical_and_equal_one_process(
-    world: int, norm: str, tmp_path: Path
+    world: int, norm: str, members: tuple[float, ...], tmp_path: Path
 ) -> None:
     # SGD: Adam divides by sqrt(v), which turns the rounding noise of gradients that are exactly
     # zero in exact arithmetic (a Linear bias before a batch norm) into lr-sized steps.
-    ranks = _run(world, norm, tmp_path, "sgd")
+    ranks = _run(world, norm, tmp_path, "sgd", members)
     # identical weights (and optimizer state, norm statistics) on every rank after every step
     for r in range(1, world):
         assert ranks[r].keys() == ranks[0].keys()
@@ -228,8 +256,10 @@ def test_replicas_stay_identical_and_equal_one_process(
         [r for part in _split(batch, world, step) for r in part]
         for step, batch in enumerate(_global_batches())
     ]
-    ref = _reference(norm, batches, "sgd")
+    ref = _reference(norm, batches, "sgd", members)
+    assert len(ref.members) == max(1, len(members))
     last = len(_global_batches()) - 1
+    assert all(f"{last}.member{k}.model.head.weight" in ranks[0] for k in range(1, len(members)))
     for name, value in ref.state_tensors().items():
         if name != "rng.torch":
             got = ranks[0][f"{last}.{name}"]

@@ -22,7 +22,7 @@ from stream_trainer.errors import CheckpointError
 from stream_trainer.records import Record
 from stream_trainer.river import TARGET_FIELD, MLPClassifier, MLPRegressor
 from stream_trainer.training import IncrementalTrainer, TrainerConfig
-from stream_trainer.training.config import DEFAULT_NORM_OPTIONS
+from stream_trainer.training.config import DEFAULT_MEMBER_MOMENTA, DEFAULT_NORM_OPTIONS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "river.md"
 
@@ -66,6 +66,8 @@ def test_constructor_defaults_are_the_trainer_defaults() -> None:
             expected = getattr(config, name)
             if name == "norm_options":
                 assert param.default is None and expected == DEFAULT_NORM_OPTIONS
+            elif name == "member_momenta":
+                assert param.default is None and expected == DEFAULT_MEMBER_MOMENTA
             else:
                 assert param.default == expected, name
         # every trainer setting but the target, the task and the trainer's own metric window

@@ -58,6 +58,18 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _momenta(text: str) -> tuple[float, ...]:
+    """``0.002,0.01,...`` as a tuple of floats; ``none`` (or nothing) as ``()``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers or 'none', got {text!r}"
+        ) from None
+
+
 def _norm_option(text: str) -> tuple[str, str, object]:
     """``NORM.KEY=VALUE`` as ``(norm, key, value)``; the value read as JSON (a number, ``true``,
     ``false``), else kept as text. The norm's constructor checks the key and the value."""
@@ -135,6 +147,15 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.linear_expert,
         help="serve a mixture of the MLP and an online logistic (or linear) regression, weighted"
         " by their recent errors (default on)",
+    )
+    g.add_argument(
+        "--member-momenta",
+        type=_momenta,
+        default=_DEFAULTS.member_momenta,
+        metavar="M1,M2,...",
+        help="train one MLP member per norm momentum, served as a mixture weighted by their "
+        "recent errors: the stream picks its time scale ('none': one member, with the norm's "
+        "own momentum; default " + (",".join(map(str, _DEFAULTS.member_momenta)) or "none") + ")",
     )
     g.add_argument(
         "--lr-scale-min",
@@ -222,6 +243,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         weight_standardization=args.weight_standardization,
         skip=args.skip,
         linear_expert=args.linear_expert,
+        member_momenta=args.member_momenta,
         lr_scale_min=args.lr_scale_min,
         optimizer=args.optimizer,
         lr=args.lr,

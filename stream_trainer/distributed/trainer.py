@@ -80,8 +80,8 @@ class DistributedTrainer:
         self.exchange_seconds = 0.0
         trainer.moment_reducer = self.reducer
         trainer.gradient_sync = self.gradient_sync
-        if trainer.model is not None:  # restored: the layers exist already
-            for _, layer in trainer.model.norm_layers():
+        for member in trainer.members:  # restored: the layers exist already
+            for _, layer in member.norm_layers():
                 layer.moment_reducer = self.reducer
         trainer.encoder.scaler = SynchronizedStandardizer.wrap(comm, trainer.encoder.scaler)
         trainer.y_scaler = SynchronizedStandardizer.wrap(comm, trainer.y_scaler)
@@ -190,7 +190,7 @@ class DistributedTrainer:
             if t.encoder.numeric:
                 t.encoder.scaler.update(np.zeros((0, len(t.encoder.numeric)), dtype=np.float64))
         if t.model is not None and x.shape[1] != t.model.in_features:
-            t.model.grow(in_features=x.shape[1], optimizer=t.optimizer)
+            t.grow(x.shape[1])
 
         n_labelled = [int(e["labelled"]) for e in everyone]
         total_labelled = sum(n_labelled)
@@ -217,7 +217,8 @@ class DistributedTrainer:
         x_mine = (x if idx is None else x[idx]).astype(np.float64)
         if not t.config.linear_expert:
             x_mine = x_mine[:, :0]
-        experts = t.expert is not None and t.model is not None  # scored and served: lock-step
+        # a mixture to weigh, scored and served in lock-step
+        experts = len(t.expert_names) > 1 and t.model is not None
         if t.task == "regression":
             y = np.asarray([labels[i] for i in labelled], dtype=np.float64)
             # Every replica has the model or none has (lock-step): without it, unscored.
@@ -290,7 +291,7 @@ class DistributedTrainer:
         rows)."""
         t = self.trainer
         if outputs is None:  # no accepted row here this step
-            return np.zeros((len(y), 2))
+            return np.zeros((len(y), len(t.expert_names)))
         if idx is not None:
             outputs = outputs[:, idx]
         return t._expert_losses(outputs, y)

@@ -135,6 +135,12 @@ class NormRegistry:
             raise ConfigError(msg)
         return layer
 
+    def accepts_option(self, name: str, option: str) -> bool:
+        """Whether layer ``name`` takes the keyword option ``option`` (a builder taking ``**``
+        options is taken at its word: ``True``)."""
+        accepted = _accepted_options(self._builder(name))
+        return accepted is None or option in accepted
+
     def wants_weight_standardization(
         self, name: str, options: Mapping[str, Any] | None = None
     ) -> bool:
@@ -169,6 +175,11 @@ def register_norm(name: str, builder: NormBuilder, *, replace: bool = False) -> 
 def registered_norm_names() -> tuple[str, ...]:
     """Names in :data:`DEFAULT_REGISTRY`: :data:`NORM_NAMES` plus any registered later."""
     return DEFAULT_REGISTRY.names()
+
+
+def norm_accepts_option(name: str, option: str) -> bool:
+    """See :meth:`NormRegistry.accepts_option` (on :data:`DEFAULT_REGISTRY`)."""
+    return DEFAULT_REGISTRY.accepts_option(name, option)
 
 
 def norm_wants_weight_standardization(name: str, options: Mapping[str, Any] | None = None) -> bool:

@@ -553,6 +553,7 @@ class TrainerService:
             if self.trainer.samples_trained:
                 self.metrics.set_prequential(self.trainer.metrics())
                 self.metrics.set_expert_weights(self.trainer.expert_weights())
+                self.metrics.set_expert_losses(self.trainer.expert_losses())
             if self.restored is not None and self.checkpoint_version is not None:
                 # A restarted service serves the restored model: say which one before it saves.
                 self.metrics.set_model_version(
@@ -825,6 +826,7 @@ class TrainerService:
             if trainer.samples_trained:
                 metrics.set_prequential(trainer.metrics())
                 metrics.set_expert_weights(trainer.expert_weights())
+                metrics.set_expert_losses(trainer.expert_losses())
             # Steps 1, 1 + N, 1 + 2N, ... (``steps % N == 1`` never held for N = 1).
             if (trainer.steps - 1) % self.config.health_every_steps == 0:
                 with self.model_lock.training():

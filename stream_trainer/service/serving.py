@@ -188,6 +188,8 @@ class LiveModelEndpoint:
                 "features": trainer.encoder.column_names(),
                 "input_columns": None if model is None else model.in_features,
                 "expert_weights": trainer.expert_weights(),
+                "expert_losses": trainer.expert_losses(),
+                "member_momenta": list(trainer.config.member_momenta),
                 "metrics": trainer.metrics(),
             }
 

@@ -69,7 +69,8 @@ def _parse_one(kind: str, text: str) -> Any:
         return text
     if kind.startswith("tuple["):
         parts = [p.strip() for p in text.split(",") if p.strip()]
-        return tuple(int(p) for p in parts) if kind.startswith("tuple[int") else tuple(parts)
+        item = {"tuple[int": int, "tuple[float": float}.get(kind.split(",")[0], str)
+        return tuple(item(p) for p in parts)
     if kind.startswith("Mapping"):
         value = json.loads(text)
         if not isinstance(value, dict):

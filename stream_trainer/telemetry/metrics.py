@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.gc_collector import GCCollector
@@ -283,10 +283,19 @@ class ServiceMetrics:
         self._norm: dict[str, tuple[Gauge, Gauge]] = {}
         self._expert_family = gauge(
             "expert_weight",
-            "Weight of each expert (mlp, linear) in the served mixture; the weights sum to 1.",
+            "Weight of each expert (the MLP members mlp or mlp0, mlp1..., and linear) in the "
+            "served mixture; the weights sum to 1.",
             ("expert",),
         )
         self._experts: dict[str, Gauge] = {}
+        self._expert_loss_family = gauge(
+            "expert_recent_loss",
+            "Each expert's discounted recent loss, the mixture's L_k: 0/1 errors (classification) "
+            "or half squared standardized errors (regression) over about the last 1,000 labelled "
+            "records.",
+            ("expert",),
+        )
+        self._expert_losses: dict[str, Gauge] = {}
 
         self._pending = gauge(
             "labels_pending_records",
@@ -502,12 +511,21 @@ class ServiceMetrics:
         for expert, weight in weights.items():
             if not 0.0 <= weight <= 1.0:
                 raise ValueError(f"expert weight must be in [0, 1], got {expert}={weight!r}")
-            child = self._experts.get(expert)
-            if child is None:
-                child = self._experts[expert] = self._expert_family.labels(
-                    **self._labels, expert=expert
-                )
-            child.set(weight)
+            self._expert_child(self._experts, self._expert_family, expert).set(weight)
+
+    def set_expert_losses(self, losses: Mapping[str, float]) -> None:
+        """Report each expert's discounted recent loss (``stream_trainer.training.mixture``); each
+        must be finite and not negative."""
+        for expert, loss in losses.items():
+            if not 0.0 <= loss < float("inf"):
+                raise ValueError(f"expert loss must be finite and >= 0, got {expert}={loss!r}")
+            self._expert_child(self._expert_losses, self._expert_loss_family, expert).set(loss)
+
+    def _expert_child(self, children: dict[str, Gauge], family: Any, expert: str) -> Gauge:
+        child = children.get(expert)
+        if child is None:
+            child = children[expert] = family.labels(**self._labels, expert=expert)
+        return child
 
     def set_info(self, **kv: object) -> None:
         """Add key/values to ``stream_trainer_build_info`` (``version`` and ``task`` are preset).

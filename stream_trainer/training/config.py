@@ -13,12 +13,14 @@ from stream_trainer.errors import ConfigError
 from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LENGTH
 
 __all__ = [
+    "DEFAULT_MEMBER_MOMENTA",
     "DEFAULT_NORM_OPTIONS",
     "ENGINES",
     "EXECUTION_SETTINGS",
     "LATER_SETTINGS",
     "LR_SCALINGS",
     "MAX_ABS_VALUE_LIMIT",
+    "MAX_MEMBERS",
     "OPTIMIZERS",
     "RIVER_MODELS",
     "SCREENING_SETTINGS",
@@ -46,11 +48,21 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 }
 
 
+# The members' norm momenta (TrainerConfig.member_momenta), chosen on bench/tuning.py's suite.
+DEFAULT_MEMBER_MOMENTA: tuple[float, ...] = ()
+
+
 # Settings added after checkpoints were first written, with the value that a saved configuration
 # without them ran with. A restored state gets these values; the fingerprint leaves a setting out
 # while it has this value, so a checkpoint written before the setting existed still matches a
 # configuration that asks for the old behaviour (e.g. ``--no-momentum-in-samples``).
-LATER_SETTINGS: Mapping[str, Any] = {"momentum_in_samples": False, "linear_expert": False}
+LATER_SETTINGS: Mapping[str, Any] = {
+    "momentum_in_samples": False,
+    "linear_expert": False,
+    "member_momenta": [],
+}
+# At most this many members (``member_momenta``): each costs about one more model's step.
+MAX_MEMBERS = 8
 
 # The limits of the screening contract (IncrementalTrainer.screen): they decide which records are
 # admitted, not the shape of the model, so they are left out of the fingerprint and a restart may
@@ -88,8 +100,13 @@ class TrainerConfig:
     gradient average spans about as many *samples* whatever the batch size (batches up to the
     reference one keep ``beta1``). ``norm_options`` maps a norm
     name to its options and, when given, replaces :data:`DEFAULT_NORM_OPTIONS` as a whole.
-    ``task="auto"`` decides on the first labelled value: strings, booleans and integral numbers
-    make a classification task, other numbers a regression task.
+    ``member_momenta`` trains one MLP *member* per value, each with that momentum in every norm
+    layer that takes one (replacing ``norm_options``' momentum), all on every batch, served as a
+    mixture weighted by their recent errors beside the linear expert
+    (:mod:`stream_trainer.training.mixture`): the norm's memory is the learner's time scale, and
+    the mixture picks the one the stream rewards. ``()``, or a model whose norms take no momentum,
+    trains one member. ``task="auto"`` decides on the first labelled value: strings, booleans and
+    integral numbers make a classification task, other numbers a regression task.
 
     The screening limits (a record beyond one is rejected whole, with the reason in brackets; see
     :meth:`~stream_trainer.training.IncrementalTrainer.screen`): ``max_abs_value`` bounds the
@@ -119,6 +136,7 @@ class TrainerConfig:
     weight_standardization: bool | None = None
     skip: bool = True
     linear_expert: bool = True
+    member_momenta: tuple[float, ...] = DEFAULT_MEMBER_MOMENTA
     optimizer: str = "adam"
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -197,7 +215,45 @@ class TrainerConfig:
             object.__setattr__(self, "norm", tuple(self.norm))
         if self.features is not None:
             object.__setattr__(self, "features", tuple(self.features))
+        self._check_members()
         self._check_model()
+
+    def _check_members(self) -> None:
+        from stream_trainer.norms._options import check_momentum
+
+        if isinstance(self.member_momenta, str | bytes) or not isinstance(
+            self.member_momenta, tuple | list
+        ):
+            raise ConfigError(
+                f"member_momenta must be a list of momenta, got {self.member_momenta!r}"
+            )
+        momenta = tuple(check_momentum("member_momenta", m) for m in self.member_momenta)
+        if len(momenta) > MAX_MEMBERS:
+            raise ConfigError(f"member_momenta lists {len(momenta)} members, at most {MAX_MEMBERS}")
+        if len(set(momenta)) != len(momenta):
+            raise ConfigError(f"member_momenta repeats a value: {list(momenta)!r}")
+        object.__setattr__(self, "member_momenta", momenta)
+
+    def norm_names(self) -> list[str]:
+        """The norm of each hidden layer."""
+        return [self.norm] * len(self.hidden) if isinstance(self.norm, str) else list(self.norm)
+
+    def member_norm_options(self) -> list[dict[str, dict[str, Any]]]:
+        """The norm options of each member (``member_momenta``; one member without it)."""
+        from stream_trainer.norms import norm_accepts_option
+
+        base = {k: dict(v) for k, v in self.norm_options.items()}
+        with_momentum = [n for n in dict.fromkeys(self.norm_names())]
+        with_momentum = [n for n in with_momentum if norm_accepts_option(n, "momentum")]
+        if not self.member_momenta or not with_momentum:
+            return [base]
+        members = []
+        for momentum in self.member_momenta:
+            options = {k: dict(v) for k, v in base.items()}
+            for name in with_momentum:
+                options.setdefault(name, {})["momentum"] = momentum
+            members.append(options)
+        return members
 
     def _check_model(self) -> None:
         """Validate the model settings now, not when the first record arrives: norm names (an
@@ -211,7 +267,7 @@ class TrainerConfig:
         if self.activation not in ACTIVATIONS:
             msg = f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}"
             raise ConfigError(msg)
-        names = [self.norm] * len(self.hidden) if isinstance(self.norm, str) else list(self.norm)
+        names = self.norm_names()
         if len(names) != len(self.hidden):
             msg = (
                 f"norm lists {len(names)} names for {len(self.hidden)} hidden layers: "
@@ -232,6 +288,9 @@ class TrainerConfig:
         for name, options in self.norm_options.items():
             if name not in names:  # options for a norm this model does not use: still check them
                 build_norm(name, self.hidden[0], **dict(options))
+        for member in self.member_norm_options()[1:]:
+            for name in dict.fromkeys(names):
+                build_norm(name, self.hidden[0], **member.get(name, {}))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -239,6 +298,7 @@ class TrainerConfig:
         data["norm"] = self.norm if isinstance(self.norm, str) else list(self.norm)
         data["features"] = list(self.features) if self.features is not None else None
         data["norm_options"] = {k: dict(v) for k, v in self.norm_options.items()}
+        data["member_momenta"] = list(self.member_momenta)
         return data
 
     @classmethod
@@ -250,7 +310,7 @@ class TrainerConfig:
                 f"unknown trainer settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         values = dict(data)
-        for key in ("hidden", "features"):
+        for key in ("hidden", "features", "member_momenta"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         if isinstance(values.get("norm"), list):

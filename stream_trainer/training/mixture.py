@@ -1,9 +1,12 @@
 r"""Serving a mixture of experts weighted by their discounted prequential losses.
 
-The trainer runs the MLP and, by default, an online linear model
+The trainer runs its MLP members (one by default; one per norm momentum with
+``member_momenta``) and, by default, an online linear model
 (:class:`~stream_trainer.model.linear_expert.LinearExpert`) on the same inputs; every step scores
 each one on the labelled records *before* they learn from them (the same test-then-train order as
-the metrics) and serves the weighted average of their predictions.
+the metrics) and serves the weighted average of their predictions. The experts are named by
+:func:`expert_names`: ``mlp`` (one member) or ``mlp0``, ``mlp1``, ... (members in the order of
+``member_momenta``), then ``linear``.
 
 **Weights** (exponentially weighted average forecaster with discounting; Cesa-Bianchi & Lugosi,
 *Prediction, Learning, and Games*, 2006, ch. 2-3). Expert :math:`k` carries a discounted loss
@@ -30,7 +33,11 @@ records, so the mixture follows a drift that changes which expert is better), :m
   (with :math:`\eta` = 0.5, the weights of a Gaussian likelihood of variance 2), and the served
   value is :math:`\sum_k w_k \hat z_k` de-standardized.
 
-Before any label both weights are equal. The losses are part of the trainer's checkpoint.
+Before any label the weights are equal. The losses are part of the trainer's checkpoint.
+
+With members that differ in their norm's memory, the same weights choose the stream's time scale
+online: a member whose statistics follow the drift at the right speed makes fewer errors, and
+within about a thousand records it carries the served prediction (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -45,18 +52,23 @@ from stream_trainer.engine.kernels import argmax_errors
 __all__ = [
     "DISCOUNT",
     "ETA",
-    "EXPERTS",
     "ExpertMixture",
     "classification_losses",
+    "expert_names",
     "regression_losses",
     "softmax64",
 ]
 
-EXPERTS = ("mlp", "linear")
 DISCOUNT = 0.999
 ETA = 0.5
 # Chosen with the linear expert's step size (docs/decisions.md, "The linear expert"): a faster
 # rate or a shorter memory flips the mixture back and forth where the experts are about even.
+
+
+def expert_names(members: int, linear: bool) -> tuple[str, ...]:
+    """The experts of a trainer with ``members`` MLP members and (``linear``) a linear expert."""
+    mlps = ("mlp",) if members == 1 else tuple(f"mlp{k}" for k in range(members))
+    return (*mlps, "linear") if linear else mlps
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:
@@ -86,10 +98,13 @@ def regression_losses(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 class ExpertMixture:
-    """Discounted exponential weights over :data:`EXPERTS` (module docstring)."""
+    """Discounted exponential weights over the experts ``names`` (module docstring)."""
 
-    def __init__(self, losses: np.ndarray | None = None) -> None:
-        self.losses = np.zeros(len(EXPERTS)) if losses is None else np.asarray(losses, float)
+    def __init__(self, names: tuple[str, ...], losses: np.ndarray | None = None) -> None:
+        self.names = tuple(names)
+        self.losses = np.zeros(len(names)) if losses is None else np.asarray(losses, float)
+        if self.losses.shape != (len(names),):
+            raise ValueError(f"{len(names)} experts {names!r} need as many losses")
         self._weights = self._compute_weights()
 
     def _compute_weights(self) -> np.ndarray:
@@ -126,10 +141,16 @@ class ExpertMixture:
         return mixed
 
     def state(self) -> dict[str, Any]:
-        return {"experts": list(EXPERTS), "losses": [float(v) for v in self.losses]}
+        return {"experts": list(self.names), "losses": [float(v) for v in self.losses]}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> ExpertMixture:
-        if list(state.get("experts", [])) != list(EXPERTS):
-            raise ValueError(f"mixture state names experts {state.get('experts')!r}, not {EXPERTS}")
-        return cls(np.asarray(state["losses"], dtype=np.float64))
+    def from_state(cls, state: dict[str, Any], names: tuple[str, ...]) -> ExpertMixture:
+        """The mixture of ``state`` for the experts ``names``. A state saved without a linear
+        expert named one anyway (``mlp``, ``linear``): its MLP loss is kept."""
+        stored = tuple(state.get("experts", ()))
+        losses = list(state["losses"])
+        if stored == ("mlp", "linear") and names == ("mlp",):
+            stored, losses = names, losses[:1]
+        if stored != names:
+            raise ValueError(f"mixture state names experts {list(stored)!r}, not {list(names)!r}")
+        return cls(names, np.asarray(losses, dtype=np.float64))

@@ -114,7 +114,7 @@ class RiverLearner(IncrementalTrainer):
         return (report.values if self.task == "regression" else report.proba), ok
 
     def learn_encoded(
-        self, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None = None
+        self, x_np: np.ndarray, y: np.ndarray, graph: list[torch.Tensor] | None = None
     ) -> float | None:
         model = self._ensure_model()
         for row, target in zip(self._rows(x_np), y.tolist(), strict=True):

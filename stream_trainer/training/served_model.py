@@ -11,11 +11,12 @@ encoder's *input columns* on:
 2. numeric columns are standardized with the running statistics, in float64:
    :math:`z = \\mathrm{clip}((x - \\mu) / \\sigma, -c, c)`, a missing value :math:`z = 0`
    (:class:`~stream_trainer.features.RunningStandardizer`); then cast to float32;
-3. the MLP in serving mode (eval: running statistics, no dropout);
-4. classification: :math:`p = w_0\\,\\mathrm{softmax}(f(x)) + w_1\\,\\mathrm{softmax}(Wx + b)`
-   with the linear expert and the mixture weights :math:`w` of the moment of export (without a
-   linear expert, :math:`p = \\mathrm{softmax}(f(x))`); regression: :math:`\\hat y = (w_0 f(x)
-   + w_1 (Wx + b))\\,\\sigma_y + \\mu_y`, in float64 (:mod:`stream_trainer.training.mixture`).
+3. each MLP member :math:`f_k` in serving mode (eval: running statistics, no dropout);
+4. classification: :math:`p = \\sum_k w_k\\,\\mathrm{softmax}(f_k(x)) + w_L\\,
+   \\mathrm{softmax}(Wx + b)` with the linear expert and the mixture weights :math:`w` of the
+   moment of export (one member without a linear expert: :math:`p = \\mathrm{softmax}(f(x))`);
+   regression: :math:`\\hat y = (\\sum_k w_k f_k(x) + w_L (Wx + b))\\,\\sigma_y + \\mu_y`, in
+   float64 (:mod:`stream_trainer.training.mixture`).
 
 The output is ``(N, n_classes)`` probabilities, or ``(N,)`` values. Everything is a constant of
 the export: the module does not learn.
@@ -61,7 +62,7 @@ class ServedModel(nn.Module):
 
     def __init__(
         self,
-        mlp: nn.Module,
+        mlps: Sequence[nn.Module],
         *,
         n_columns: int,
         numeric_columns: list[int],
@@ -71,12 +72,13 @@ class ServedModel(nn.Module):
         model_in: int,
         regression: bool,
         expert: tuple[Tensor, Tensor] | None,
-        weights: tuple[float, float],
+        weights: list[float],
         y_mean: float,
         y_std: float,
     ) -> None:
+        """``weights``: one per member, then the linear expert's (with one)."""
         super().__init__()
-        self.mlp = mlp
+        self.mlps = nn.ModuleList(mlps)
         self.n_columns = n_columns
         self.register_buffer("numeric_columns", torch.tensor(numeric_columns, dtype=torch.long))
         self.register_buffer("mean", mean.to(torch.float64))
@@ -88,7 +90,8 @@ class ServedModel(nn.Module):
         weight, bias = expert if expert is not None else (torch.zeros(0, 0), torch.zeros(0))
         self.register_buffer("expert_weight", weight.to(torch.float64))
         self.register_buffer("expert_bias", bias.to(torch.float64))
-        self.w_mlp, self.w_linear = float(weights[0]), float(weights[1])
+        self.w_members = [float(w) for w in weights[: len(mlps)]]
+        self.w_linear = float(weights[len(mlps)]) if expert is not None else 0.0
         self.y_mean, self.y_std = float(y_mean), float(y_std)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,21 +104,23 @@ class ServedModel(nn.Module):
             inputs = encoded[:, : self.model_in]
         else:  # columns the model has not grown to yet read as zeros
             inputs = nn.functional.pad(encoded, (0, self.model_in - self.n_columns))
-        out = self.mlp(inputs)
-        expert_out = torch.zeros(0)
+        outs = [mlp(inputs).to(torch.float64) for mlp in self.mlps]
+        parts = [out[:, :1] if self.regression else torch.softmax(out, dim=1) for out in outs]
         if self.has_expert:
             d = min(self.expert_weight.shape[1], inputs.shape[1])
             expert_out = inputs[:, :d].to(torch.float64) @ self.expert_weight[:, :d].T
             expert_out = expert_out + self.expert_bias
+            parts.append(expert_out if self.regression else torch.softmax(expert_out, dim=1))
+        if len(parts) == 1:
+            served = parts[0]
+        else:
+            weights = [*self.w_members, self.w_linear] if self.has_expert else self.w_members
+            served = parts[0] * weights[0]
+            for part, weight in zip(parts[1:], weights[1:], strict=True):
+                served = served + part * weight
         if self.regression:
-            served = out[:, :1].to(torch.float64)
-            if self.has_expert:
-                served = served * self.w_mlp + expert_out * self.w_linear
             return served[:, 0] * self.y_std + self.y_mean
-        proba = torch.softmax(out.to(torch.float64), dim=1)
-        if self.has_expert:
-            proba = proba * self.w_mlp + torch.softmax(expert_out, dim=1) * self.w_linear
-        return proba
+        return served
 
 
 def input_columns(trainer: IncrementalTrainer) -> list[dict[str, str]]:
@@ -165,20 +170,21 @@ def served_module(trainer: IncrementalTrainer) -> tuple[ServedModel, dict[str, A
         raise ConfigError("the model has not learned anything yet: nothing to export")
     encoder = trainer.encoder
     scaler = encoder.scaler
-    mlp = copy.deepcopy(model)
-    mlp.eval()
-    for parameter in mlp.parameters():
-        parameter.requires_grad_(False)
+    mlps = [copy.deepcopy(member) for member in trainer.members]
+    for mlp in mlps:
+        mlp.eval()
+        for parameter in mlp.parameters():
+            parameter.requires_grad_(False)
     regression = trainer.task == "regression"
     expert = None
     if trainer.expert is not None:
         tensors = trainer.expert.state_tensors()
         expert = (tensors["weight"], tensors["bias"])
-    weights = trainer.mixture.weights().tolist() if expert is not None else [1.0, 0.0]
+    weights = trainer.mixture.weights().tolist()
     y_mean = float(trainer.y_scaler.mean[0]) if regression else 0.0
     y_std = float(trainer.y_scaler.std()[0]) if regression else 1.0
     module = ServedModel(
-        mlp,
+        mlps,
         n_columns=encoder.n_columns,
         numeric_columns=list(encoder.numeric_columns),
         mean=torch.from_numpy(scaler.mean.copy()),
@@ -187,7 +193,7 @@ def served_module(trainer: IncrementalTrainer) -> tuple[ServedModel, dict[str, A
         model_in=model.in_features,
         regression=regression,
         expert=expert,
-        weights=(weights[0], weights[1]),
+        weights=weights,
         y_mean=y_mean,
         y_std=y_std,
     )

@@ -3,10 +3,12 @@
 Two parts (:class:`~stream_trainer.training.IncrementalTrainer` delegates here):
 
 * **tensors** (safetensors): ``model.<state_dict key>``, ``optim.<parameter index>.<key>`` (Adam's
-  ``step``, ``exp_avg``, ``exp_avg_sq``), ``expert.<name>`` (the linear expert), ``rng.torch``;
+  ``step``, ``exp_avg``, ``exp_avg_sq``) of the first MLP member, the same under
+  ``member<k>.model.`` and ``member<k>.optim.`` for member ``k >= 1`` (``member_momenta``),
+  ``expert.<name>`` (the linear expert), ``rng.torch``;
 * **JSON**: ``version``, ``config``, ``task``, ``classes``, the encoder's schema and statistics,
-  the target statistics, the metrics, the counters, ``model_dims``, the optimizer's groups and
-  the mixture's losses.
+  the target statistics, the metrics, the counters, ``model_dims``, the optimizers' groups (the
+  same for every member) and the mixture's experts and losses.
 
 ``version`` is :data:`STATE_VERSION`; a state of an older version is read by upgrading its
 configuration through :data:`UPGRADES` one version at a time (each step says what the settings
@@ -37,6 +39,7 @@ __all__ = [
     "STATE_VERSION",
     "SUPPORTED_VERSIONS",
     "UPGRADES",
+    "member_prefix",
     "restore_trainer",
     "trainer_json",
     "trainer_tensors",
@@ -69,17 +72,22 @@ def upgrade_config(config: Mapping[str, Any], version: int) -> dict[str, Any]:
     return {**LATER_SETTINGS, **raw}
 
 
+def member_prefix(k: int) -> str:
+    """The tensor-name prefix of MLP member ``k`` (none for the first: the one-member layout)."""
+    return "" if k == 0 else f"member{k}."
+
+
 def trainer_tensors(trainer: IncrementalTrainer) -> dict[str, torch.Tensor]:
     """Model and optimizer tensors and the RNG state, flat names, copies (module doc)."""
     tensors: dict[str, torch.Tensor] = {"rng.torch": trainer._rng_state.clone()}
-    if trainer.model is None or trainer.optimizer is None:
-        return tensors
-    for name, value in trainer.model.state_dict().items():
-        tensors[f"model.{name}"] = value.detach().clone().contiguous()
-    for i, param in enumerate(trainer.model.parameters()):
-        for key, value in trainer.optimizer.state.get(param, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{i}.{key}"] = value.detach().clone().contiguous()
+    for k, (model, optimizer) in enumerate(zip(trainer.members, trainer.optimizers, strict=True)):
+        prefix = member_prefix(k)
+        for name, value in model.state_dict().items():
+            tensors[f"{prefix}model.{name}"] = value.detach().clone().contiguous()
+        for i, param in enumerate(model.parameters()):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{prefix}optim.{i}.{key}"] = value.detach().clone().contiguous()
     if trainer.expert is not None:
         for name, value in trainer.expert.state_tensors().items():
             tensors[f"expert.{name}"] = value
@@ -137,23 +145,13 @@ def restore_trainer(
     trainer.steps = int(state["steps"])
     trainer.rejected = Counter(state["rejected"])
     if "mixture" in state:
-        trainer.mixture = ExpertMixture.from_state(state["mixture"])
+        trainer.mixture = ExpertMixture.from_state(state["mixture"], trainer.expert_names)
     if state["model_dims"] is not None:
         trainer._build_model(*state["model_dims"])
-        assert trainer.model is not None and trainer.optimizer is not None
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        trainer.model.load_state_dict(model_state)
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("optim."):
-                _, index, key = name.split(".", 2)
-                opt_state.setdefault(int(index), {})[key] = value
-        n_params = len(list(trainer.model.parameters()))
-        groups = [dict(g, params=list(range(n_params))) for g in state["optimizer_groups"]]
-        for g in groups:
-            if "betas" in g:
-                g["betas"] = tuple(g["betas"])
-        trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        for k, (model, optimizer) in enumerate(
+            zip(trainer.members, trainer.optimizers, strict=True)
+        ):
+            _load_member(model, optimizer, tensors, member_prefix(k), state["optimizer_groups"])
         if trainer.config.linear_expert:
             expert_state = {
                 k[len("expert.") :]: v for k, v in tensors.items() if k.startswith("expert.")
@@ -164,3 +162,27 @@ def restore_trainer(
     if "rng.torch" in tensors:
         trainer._rng_state = tensors["rng.torch"].clone()
     return trainer
+
+
+def _load_member(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+    optimizer_groups: list[dict[str, Any]],
+) -> None:
+    """Load one member's parameters, buffers and optimizer state from ``prefix``-ed tensors."""
+    head = f"{prefix}model."
+    model.load_state_dict({k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)})
+    opt_head = f"{prefix}optim."
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(opt_head):
+            index, key = name[len(opt_head) :].split(".", 1)
+            opt_state.setdefault(int(index), {})[key] = value
+    n_params = len(list(model.parameters()))
+    groups = [dict(g, params=list(range(n_params))) for g in optimizer_groups]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})

@@ -38,8 +38,8 @@ from stream_trainer.checkpoints.validation import CheckpointInvalidError
 from stream_trainer.errors import CheckpointError
 from stream_trainer.training.config import TrainerConfig
 from stream_trainer.training.metrics import RegressionMetrics
-from stream_trainer.training.mixture import EXPERTS
-from stream_trainer.training.state import SUPPORTED_VERSIONS, upgrade_config
+from stream_trainer.training.mixture import expert_names
+from stream_trainer.training.state import SUPPORTED_VERSIONS, member_prefix, upgrade_config
 from stream_trainer.training.trainer import IncrementalTrainer, _optimizer
 
 __all__ = [
@@ -136,10 +136,12 @@ def _validate(tensors: Mapping[str, torch.Tensor], state: Any, fingerprint: str 
     if "mixture" in state:
         mixture = _dict(state["mixture"], "mixture")
         losses = mixture.get("losses")
-        if list(mixture.get("experts") or []) != list(EXPERTS):
-            _fail(f"mixture experts {mixture.get('experts')!r} are not {list(EXPERTS)}")
-        if not isinstance(losses, list) or len(losses) != len(EXPERTS):
-            _fail(f"mixture losses must be {len(EXPERTS)} numbers")
+        names = list(expert_names(len(config.member_norm_options()), config.linear_expert))
+        stored = list(mixture.get("experts") or [])
+        if stored != names and not (stored == ["mlp", "linear"] and names == ["mlp"]):
+            _fail(f"mixture experts {stored[:10]!r} are not {names}")
+        if not isinstance(losses, list) or len(losses) != len(stored):
+            _fail(f"mixture losses must be {len(stored)} numbers")
         for loss in losses:
             _number(loss, "mixture loss", minimum=0.0, maximum=MAX_SUM)
     dims = state.get("model_dims")
@@ -295,27 +297,13 @@ def _dims(dims: Any, task: Any, classes: list[Any], n_columns: int) -> tuple[int
 def _model_tensors(
     tensors: Mapping[str, torch.Tensor], config: TrainerConfig, in_features: int, out: int
 ) -> None:
-    """Every stored tensor against the model built on the meta device (no memory)."""
+    """Every stored tensor against the members built on the meta device (no memory)."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     trainer = IncrementalTrainer(config)
-    with torch.device("meta"):
-        model = trainer._make_mlp(in_features, out)
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        f"model.{name}": (tuple(value.shape), value.dtype)
-        for name, value in model.state_dict().items()
-    }
-    for index, param in enumerate(model.parameters()):
-        shape = tuple(param.shape)
-        if config.optimizer == "sgd":
-            keys: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-                "momentum_buffer": (shape, param.dtype)
-            }
-        else:
-            keys = {key: (shape, param.dtype) for key in _ADAM_STATE[1:]}
-            keys["step"] = ((), torch.float32)
-        present = [key for key in keys if f"optim.{index}.{key}" in tensors]
-        if present and len(present) != len(keys):
-            _fail(f"optimizer state of parameter {index} is incomplete ({sorted(present)})")
-        expected.update({f"optim.{index}.{key}": spec for key, spec in keys.items() if present})
+    for k, options in enumerate(config.member_norm_options()):
+        with torch.device("meta"):
+            model = trainer._make_mlp(in_features, out, options)
+        expected.update(_member_tensors(tensors, model, member_prefix(k), config))
     if config.linear_expert:
         weight = tensors.get("expert.weight")
         k, d = tuple(weight.shape) if weight is not None and weight.dim() == 2 else (-1, -1)
@@ -340,6 +328,31 @@ def _model_tensors(
         _tensor_values(name, tensor)
 
 
+def _member_tensors(
+    tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, prefix: str, config: TrainerConfig
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The names, shapes and dtypes one member's tensors must have under ``prefix``."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        f"{prefix}model.{name}": (tuple(value.shape), value.dtype)
+        for name, value in model.state_dict().items()
+    }
+    for index, param in enumerate(model.parameters()):
+        shape = tuple(param.shape)
+        if config.optimizer == "sgd":
+            keys: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+                "momentum_buffer": (shape, param.dtype)
+            }
+        else:
+            keys = {key: (shape, param.dtype) for key in _ADAM_STATE[1:]}
+            keys["step"] = ((), torch.float32)
+        head = f"{prefix}optim.{index}."
+        present = [key for key in keys if head + key in tensors]
+        if present and len(present) != len(keys):
+            _fail(f"optimizer state of {head[:-1]} is incomplete ({sorted(present)})")
+        expected.update({head + key: spec for key, spec in keys.items() if present})
+    return expected
+
+
 def _tensor_values(name: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point():
         if not bool(torch.isfinite(tensor).all()):
@@ -348,7 +361,7 @@ def _tensor_values(name: str, tensor: torch.Tensor) -> None:
             "expert.sum_sq_"
         )
     else:
-        nonnegative = name.startswith("model.")
+        nonnegative = name.startswith("model.") or ".model." in name
     if nonnegative and tensor.numel() and bool((tensor < 0).any()):
         _fail(f"tensor {name} holds negative values", reason="tensors")
 

@@ -4,11 +4,13 @@ A step takes whatever records arrived (1 or 500) and, in this order, **screens**
 (:meth:`IncrementalTrainer.screen`, the one screening contract: a record is accepted whole or
 rejected whole with a reason before anything is learned, and what is accepted can be learned,
 checkpointed and restored), **encodes** the accepted ones (feature statistics learn first; they
-see no label), **predicts** them in serving mode with the MLP and, with ``linear_expert``, the
-online linear model (:mod:`stream_trainer.model.linear_expert`), serving their mixture
+see no label), **predicts** them in serving mode with the MLP members (one, or one per
+``member_momenta``) and, with ``linear_expert``, the online linear model
+(:mod:`stream_trainer.model.linear_expert`), serving their mixture
 (:mod:`stream_trainer.training.mixture`), **scores** the labelled ones (records before the first
 model are *unscored*, as in river's protocol) and **learns** from them: one optimizer step on the
-batch-mean loss (cross-entropy, or MSE on the standardized target) with the learning-rate and
+batch-mean loss of each member (cross-entropy, or MSE on the standardized target) with the
+learning-rate and
 momentum conventions of :class:`~stream_trainer.training.TrainerConfig`, then the linear expert's
 per-record Adagrad steps. Records without a label are predicted only.
 
@@ -60,9 +62,9 @@ from stream_trainer.training.metrics import (
     score_served_values,
 )
 from stream_trainer.training.mixture import (
-    EXPERTS,
     ExpertMixture,
     classification_losses,
+    expert_names,
     regression_losses,
     softmax64,
 )
@@ -106,15 +108,15 @@ class StepReport:
 @dataclass
 class Served:
     """What the predict phase hands to scoring and learning: each expert's output on the step's
-    rows, ``(M, N, C)`` (class probabilities, or standardized values with ``C = 1``; the MLP's
-    first, then the linear expert's; ``None`` without a linear expert or a model), and, where the
-    training forward was also the serving one (a model whose output does not depend on the mode),
-    that forward with its graph on the rows to learn."""
+    rows, ``(M, N, C)`` (class probabilities, or standardized values with ``C = 1``; the MLP
+    members' first, then the linear expert's; ``None`` with a single expert or without a model),
+    and, where the training forward was also the serving one (a model whose output does not
+    depend on the mode), each member's forward with its graph on the rows to learn."""
 
     experts: np.ndarray | None = None
-    graph: torch.Tensor | None = None
+    graph: list[torch.Tensor] | None = None
 
-    def take_graph(self) -> torch.Tensor | None:
+    def take_graph(self) -> list[torch.Tensor] | None:
         """The graph, dropped from here: the learner must be able to release it (a model that
         grows has to forget it, or autograd keeps the old shapes of the grown parameters)."""
         graph, self.graph = self.graph, None
@@ -188,12 +190,15 @@ class IncrementalTrainer:
         self.classes: list[str] = []
         self.class_index: dict[str, int] = {}
         self.y_scaler = RunningStandardizer(1, clip=1e9)
-        self.model: StreamMLP | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        # The online linear model served in a mixture with the MLP (config.linear_expert; see
+        # The MLP members (config.member_momenta) and their optimizers, built on the first
+        # labelled batch: all or none exist.
+        self.members: list[StreamMLP] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._member_options = config.member_norm_options()
+        # The online linear model served in a mixture with the members (config.linear_expert; see
         # stream_trainer.training.mixture); built with the model.
         self.expert: LinearExpert | None = None
-        self.mixture = ExpertMixture()
+        self.mixture = ExpertMixture(self.expert_names)
         self.cls_metrics = ClassificationMetrics(config.rolling_window)
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
@@ -213,6 +218,21 @@ class IncrementalTrainer:
         self.gradient_sync: GradientSync | None = None
         self.moment_reducer: MomentReducer | None = None  # given to every norm layer on build
         # -- end of distributed hooks --------------------------------------------------------
+
+    @property
+    def model(self) -> StreamMLP | None:
+        """The first MLP member (the only one by default), or ``None`` before the first label."""
+        return self.members[0] if self.members else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The first member's optimizer."""
+        return self.optimizers[0] if self.optimizers else None
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The experts of the served mixture, in the order of :class:`Served`'s outputs."""
+        return expert_names(len(self._member_options), self.config.linear_expert)
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -243,27 +263,41 @@ class IncrementalTrainer:
 
     # ------------------------------------------------------------------ model
     def _build_model(self, in_features: int, out_features: int) -> None:
+        """Build every member (initialised in order from the trainer's generator), its optimizer
+        and the linear expert."""
         c = self.config
         with self._own_rng():
-            self.model = self._make_mlp(in_features, out_features)
-        self.optimizer = _optimizer(c.optimizer, self.model.parameters(), c)
-        self._params = list(self.model.parameters())
+            self.members = [
+                self._make_mlp(in_features, out_features, options)
+                for options in self._member_options
+            ]
+        self.optimizers = [_optimizer(c.optimizer, m.parameters(), c) for m in self.members]
         self._engine, self._engine_tried = None, False  # built at first use (after a restore)
         if c.linear_expert:
             regression = self.task == "regression"
             self.expert = LinearExpert(in_features, out_features, regression=regression)
         if self.moment_reducer is not None:  # distributed hook: synchronized batch statistics
-            for _, layer in self.model.norm_layers():
-                layer.moment_reducer = self.moment_reducer
+            for member in self.members:
+                for _, layer in member.norm_layers():
+                    layer.moment_reducer = self.moment_reducer
 
-    def _make_mlp(self, in_features: int, out_features: int) -> StreamMLP:
+    def grow(self, in_features: int, out_features: int | None = None) -> None:
+        """Grow every member to ``in_features`` inputs (and ``out_features`` outputs); new output
+        rows draw from the trainer's generator, member by member."""
+        with self._own_rng():
+            for member, optimizer in zip(self.members, self.optimizers, strict=True):
+                member.grow(in_features=in_features, out_features=out_features, optimizer=optimizer)
+
+    def _make_mlp(
+        self, in_features: int, out_features: int, norm_options: dict[str, dict[str, Any]]
+    ) -> StreamMLP:
         c = self.config
         return StreamMLP(
             in_features,
             out_features,
             hidden=c.hidden,
             norm=c.norm,
-            norm_options={k: dict(v) for k, v in c.norm_options.items()},
+            norm_options=norm_options,
             activation=c.activation,
             dropout=c.dropout,
             weight_standardization=c.weight_standardization,
@@ -457,35 +491,39 @@ class IncrementalTrainer:
         encoded rows ``x`` and return what scoring and learning need (:class:`Served`).
 
         ``learn_rows``: the rows that will be learned (``None``: all). For a model whose forward
-        does not depend on the mode, the autograd path keeps the forward's graph on those rows
-        for :meth:`learn_encoded`: same numbers, one pass fewer.
+        does not depend on the mode, the autograd path keeps each member's forward graph on
+        those rows for :meth:`learn_encoded`: same numbers, one pass fewer.
         """
         model = self.model
         if model is None:
             return Served()
         if x.shape[1] != model.in_features:
-            model.grow(in_features=x.shape[1], optimizer=self.optimizer)
+            self.grow(x.shape[1])
             # the linear expert grows when it learns: until then its logits ignore the new
             # columns, which is what their zero weights would give
         engine = self._engine_for(x)
         if engine is not None:
-            return Served(self._set_served(x, engine.serve(x)[0], report))
+            return Served(self._set_served(x, engine.serve(x), report))
         inputs = torch.from_numpy(x)
-        graph = None
-        if model.mode_independent and (learn_rows is None or learn_rows.shape[0] > 0):
-            model.set_training(True)
-            out = model(inputs)
-            graph = out if learn_rows is None else out[torch.from_numpy(learn_rows)]
-            out = out.detach()
-        else:
-            model.set_training(False)
-            with torch.no_grad():
-                out = model(inputs)
-        return Served(self._set_served(x, out.numpy(), report), graph)
+        outs, graphs = [], []
+        keep_graph = model.mode_independent and (learn_rows is None or learn_rows.shape[0] > 0)
+        for member in self.members:
+            if keep_graph:
+                member.set_training(True)
+                out = member(inputs)
+                graphs.append(out if learn_rows is None else out[torch.from_numpy(learn_rows)])
+                out = out.detach()
+            else:
+                member.set_training(False)
+                with torch.no_grad():
+                    out = member(inputs)
+            outs.append(out.numpy())
+        served = self._set_served(x, np.stack(outs), report)
+        return Served(served, graphs if keep_graph else None)
 
     def _set_served(self, x: np.ndarray, out: np.ndarray, report: StepReport) -> np.ndarray | None:
-        """Put the served predictions for MLP outputs ``out`` on ``x`` into ``report``; return
-        each expert's output (for :meth:`_observe_experts`)."""
+        """Put the served predictions for the members' outputs ``out`` (``(K, N, C)``) on ``x``
+        into ``report``; return each expert's output (for :meth:`_observe_experts`)."""
         served, experts = self._combine(x, out)
         if self.task == "regression":
             report.values = served
@@ -494,25 +532,30 @@ class IncrementalTrainer:
         return experts
 
     def _combine(self, x: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The served output (class probabilities, or de-standardized values) for MLP outputs
-        ``out`` on inputs ``x``, mixed with the linear expert's when there is one
-        (:mod:`stream_trainer.training.mixture`); and the experts' own outputs (see
-        :class:`Served`), or ``None`` without an expert."""
+        """The served output (class probabilities, or de-standardized values) for the members'
+        outputs ``out`` (``(K, N, C)``) on inputs ``x``, mixed with each other and the linear
+        expert's (:mod:`stream_trainer.training.mixture`); and the experts' own outputs (see
+        :class:`Served`), or ``None`` with a single expert."""
         expert = self.expert
+        members = out.shape[0]
         experts: np.ndarray | None = None
         if self.task == "regression":
-            z = out[:, :1].astype(np.float64)
-            if expert is not None:
-                experts = np.stack([z, expert.logits(x)])
+            z = out[0, :, :1].astype(np.float64)
+            if expert is not None or members > 1:
+                parts = [out[k, :, :1].astype(np.float64) for k in range(members)]
+                if expert is not None:
+                    parts.append(expert.logits(x))
+                experts = np.stack(parts)
                 z = self.mixture.mix(list(experts))
             mean, std = self.y_scaler.mean[0], self.y_scaler.std()[0]
             return z[:, 0] * std + mean, experts
-        if expert is None:
-            return softmax64(out), None
-        rows, width = out.shape
-        logits = np.empty((2, rows, width))
-        logits[0] = out
-        logits[1] = expert.logits(x)
+        if expert is None and members == 1:
+            return softmax64(out[0]), None
+        _, rows, width = out.shape
+        logits = np.empty((members + (expert is not None), rows, width))
+        logits[:members] = out
+        if expert is not None:
+            logits[members] = expert.logits(x)
         probs = np.empty_like(logits)
         proba = np.empty((rows, width))
         softmax_mix(logits, self.mixture.weights_view(), probs, proba)
@@ -520,7 +563,7 @@ class IncrementalTrainer:
 
     def _expert_losses(self, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Per labelled row, each expert's loss (columns in the order of
-        :data:`~stream_trainer.training.mixture.EXPERTS`); ``y`` class indices or raw targets,
+        :attr:`expert_names`); ``y`` class indices or raw targets,
         standardized with the target statistics the prediction used."""
         if self.task != "regression":
             return classification_losses(outputs, y)
@@ -557,15 +600,14 @@ class IncrementalTrainer:
         engine = self._engine
         if engine is not None and not engine.current():
             engine, self._engine_tried = None, False
-        if engine is None and not self._engine_tried and self.model is not None:
-            assert self.optimizer is not None
+        if engine is None and not self._engine_tried and self.members:
             self._engine_tried = True
-            engine = CompiledEngine.build([self.model], [self.optimizer])
+            engine = CompiledEngine.build(self.members, self.optimizers)
         self._engine = engine
         return engine if engine is not None and engine.applies(x) else None
 
     def learn_encoded(
-        self, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None = None
+        self, x_np: np.ndarray, y: np.ndarray, graph: list[torch.Tensor] | None = None
     ) -> float | None:
         """One optimizer step on the labelled rows (``y``: class indices, or raw targets).
 
@@ -577,27 +619,49 @@ class IncrementalTrainer:
         lr_decay_samples))`` after ``t`` labelled samples (the decay needs no state of its own:
         ``t`` is ``samples_trained``). With ``momentum_in_samples`` the first-moment decay is
         ``0.9 ** max(1, n / lr_reference_batch)``. Exactly one optimizer step per call.
-        ``graph``: the training forward on these rows from :meth:`predict_encoded`, if any.
+        ``graph``: each member's training forward on these rows from :meth:`predict_encoded`, if
+        any. Every member takes its step; the loss returned (and kept in ``last_loss``) is the
+        members' losses averaged with their mixture weights.
         """
-        if self.model is None:
+        if not self.members:
             self._build_model(x_np.shape[1], self._out_width())
-        model, optimizer = self.model, self.optimizer
-        assert model is not None and optimizer is not None
+        model = self.members[0]
         width = self._out_width()
         if width != model.out_features or x_np.shape[1] != model.in_features:
-            with self._own_rng():
-                model.grow(in_features=x_np.shape[1], out_features=width, optimizer=optimizer)
+            self.grow(x_np.shape[1], width)
             graph = None  # the output layer changed: the served logits lack the new classes
         c = self.config
         engine = self._engine_for(x_np)
         if engine is not None:
             regression = self.task == "regression"
             target = self.y_scaler.transform(y[:, None]).astype(x_np.dtype) if regression else y
-            self._schedule(optimizer, y.shape[0])
+            for optimizer in self.optimizers:
+                self._schedule(optimizer, y.shape[0])
             losses = engine.learn(x_np, target, regression=regression, max_norm=c.grad_clip)
-            value = float(losses[0])
-            self.last_loss = value
-            return value
+        else:
+            losses = np.array(
+                [
+                    self._learn_member(k, x_np, y, None if graph is None else graph[k])
+                    for k in range(len(self.members))
+                ]
+            )
+        value = self._member_mean(losses)
+        self.last_loss = value
+        return value
+
+    def _member_mean(self, values: np.ndarray) -> float:
+        """``values`` (one per member) averaged with the members' mixture weights."""
+        if values.shape[0] == 1:
+            return float(values[0])
+        w = self.mixture.weights_view()[: values.shape[0]]
+        return float(np.dot(w, values) / w.sum())
+
+    def _learn_member(
+        self, k: int, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None
+    ) -> float:
+        """Member ``k``'s autograd step (see :meth:`learn_encoded`); its loss."""
+        c = self.config
+        model, optimizer = self.members[k], self.optimizers[k]
         if graph is not None:
             out = graph
         else:
@@ -616,15 +680,14 @@ class IncrementalTrainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         rows = y.shape[0]
+        params = list(model.parameters())
         if self.gradient_sync is not None:  # distributed hook: weighted all-reduce of the gradients
-            rows = self.gradient_sync(self._params, rows)
+            rows = self.gradient_sync(params, rows)
         if c.grad_clip is not None:
-            _clip_grad_norm_([p.grad for p in self._params if p.grad is not None], c.grad_clip)
+            _clip_grad_norm_([p.grad for p in params if p.grad is not None], c.grad_clip)
         self._schedule(optimizer, rows)
         optimizer.step()
-        value = loss.item()
-        self.last_loss = value
-        return value
+        return loss.item()
 
     def _learn_expert(self, x: np.ndarray, y: np.ndarray) -> None:
         """The linear expert's steps on the labelled rows (``y`` as for :meth:`learn_encoded`; the
@@ -780,16 +843,18 @@ class IncrementalTrainer:
 
     def _serve(self, records: Sequence[Record]) -> tuple[np.ndarray | None, list[int]]:
         """Served output of the records that pass the checks (class probabilities, or values;
-        mixed with the linear expert's, see :meth:`_combine`) and their positions."""
+        the experts mixed, see :meth:`_combine`) and their positions."""
         x, ok = self._serve_inputs(records)
         if x is None or self.model is None:
             return None, ok
         if x.shape[1] < self.model.in_features:  # features the encoder has not seen: zeros
             x = nn.functional.pad(x, (0, self.model.in_features - x.shape[1]))
-        self.model.set_training(False)
+        outs = []
         with torch.no_grad():
-            out = self.model(x)
-        return self._combine(x.numpy(), out.numpy())[0], ok
+            for member in self.members:
+                member.set_training(False)
+                outs.append(member(x).numpy())
+        return self._combine(x.numpy(), np.stack(outs))[0], ok
 
     # ------------------------------------------------------------------ reporting
     def metrics(self) -> dict[str, float]:
@@ -799,11 +864,25 @@ class IncrementalTrainer:
         return self.cls_metrics.report()
 
     def expert_weights(self) -> dict[str, float]:
-        """The mixture weight of each expert (``mlp``, ``linear``), or ``{}`` without a linear
-        expert (the MLP alone is served)."""
-        if not self.config.linear_expert:
+        """The mixture weight of each expert (:attr:`expert_names`), or ``{}`` with a single
+        expert (the one MLP alone is served)."""
+        if len(self.mixture.names) == 1:
             return {}
-        return dict(zip(EXPERTS, self.mixture.weights().tolist(), strict=True))
+        return dict(zip(self.mixture.names, self.mixture.weights().tolist(), strict=True))
+
+    def expert_losses(self) -> dict[str, float]:
+        """Each expert's discounted recent loss :math:`L_k` (errors over about the last thousand
+        labelled records, :mod:`~stream_trainer.training.mixture`), or ``{}`` with a single
+        expert."""
+        if len(self.mixture.names) == 1:
+            return {}
+        return dict(zip(self.mixture.names, self.mixture.losses.tolist(), strict=True))
+
+    def _named_members(self) -> list[tuple[str, StreamMLP]]:
+        """``(prefix, member)``: ``""`` for a single member, else ``"mlp0/"``, ``"mlp1/"``..."""
+        if len(self.members) == 1:
+            return [("", self.members[0])]
+        return [(f"{name}/", m) for name, m in zip(self.expert_names, self.members, strict=False)]
 
     @property
     def unscored(self) -> int:
@@ -811,23 +890,24 @@ class IncrementalTrainer:
         return self.cls_metrics.unscored + self.reg_metrics.unscored
 
     def norm_snapshot(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Running mean and variance of every stateful norm layer (for drift telemetry)."""
-        if self.model is None:
-            return {}
+        """Running mean and variance of every stateful norm layer (for drift telemetry), named
+        ``prefix + layer`` (:meth:`_named_members`)."""
         snap = {}
-        for name, layer in self.model.norm_layers():
-            moments = layer.running_moments()
-            if moments is not None:
-                mean, var = moments
-                snap[name] = (
-                    mean.detach().double().numpy().copy(),
-                    var.detach().double().numpy().copy(),
-                )
+        for prefix, member in self._named_members() if self.members else []:
+            for name, layer in member.norm_layers():
+                moments = layer.running_moments()
+                if moments is not None:
+                    mean, var = moments
+                    snap[prefix + name] = (
+                        mean.detach().double().numpy().copy(),
+                        var.detach().double().numpy().copy(),
+                    )
         return snap
 
     @torch.no_grad()
     def train_serve_gap(self, records: Sequence[Record]) -> dict[str, float]:
-        """Per norm layer: mean |train-mode output - serve-mode output| on ``records``.
+        """Per norm layer (named as in :meth:`norm_snapshot`): mean |train-mode output -
+        serve-mode output| on ``records``.
 
         Measured without side effects: running statistics and counters are restored afterwards.
         """
@@ -836,29 +916,10 @@ class IncrementalTrainer:
         x, _ = self._serve_inputs(records)
         if x is None:
             return {}
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
-        rng = torch.get_rng_state()
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, layer in self.model.norm_layers():
-            hooks.append(
-                layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0]))
-            )
-        try:
-            self.model.eval()
-            self.model(x)
-            served = {n: layer(inputs[n]) for n, layer in self.model.norm_layers()}
-            self.model.train()
-            gaps = {}
-            for name, layer in self.model.norm_layers():
-                trained = layer(inputs[name])
-                gaps[name] = float((trained - served[name]).abs().mean())
-        finally:
-            for h in hooks:
-                h.remove()
-            self.model.load_state_dict(saved)
-            torch.set_rng_state(rng)
-            self.model.eval()
+        gaps = {}
+        for prefix, member in self._named_members():
+            for name, gap in _train_serve_gap(member, x).items():
+                gaps[prefix + name] = gap
         return gaps
 
     # ------------------------------------------------------------------ state
@@ -885,3 +946,33 @@ class IncrementalTrainer:
         from stream_trainer.training.state import restore_trainer
 
         return restore_trainer(cls, tensors, state)
+
+
+@torch.no_grad()
+def _train_serve_gap(model: StreamMLP, x: torch.Tensor) -> dict[str, float]:
+    """Per norm layer of ``model``: mean |train-mode output - serve-mode output| on ``x``, with
+    its state and torch's generator restored afterwards."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, layer in model.norm_layers():
+        hooks.append(
+            layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0]))
+        )
+    try:
+        model.eval()
+        model(x[:, : model.in_features])
+        served = {n: layer(inputs[n]) for n, layer in model.norm_layers()}
+        model.train()
+        gaps = {}
+        for name, layer in model.norm_layers():
+            trained = layer(inputs[name])
+            gaps[name] = float((trained - served[name]).abs().mean())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(saved)
+        torch.set_rng_state(rng)
+        model.eval()
+    return gaps

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from stream_trainer.service.serving import LiveModelEndpoint, ModelLock
 from stream_trainer.telemetry.http import HealthState, MetricsServer
-from stream_trainer.telemetry.metrics import ServiceMetrics
+from stream_trainer.telemetry.metrics import ServiceMetrics, register_loop_age
+from stream_trainer.training import IncrementalTrainer, TrainerConfig
 from tests.fixtures.prometheus import PrometheusProcess, dashboard_queries
 
 pytestmark = pytest.mark.integration
@@ -69,6 +71,7 @@ class Feed:
             m.set_norm_health(layer, drift=rng.uniform(0, 0.1), train_serve_gap=rng.uniform(0, 1))
         linear = rng.uniform(0, 1)
         m.set_expert_weights({"mlp": 1 - linear, "linear": linear})
+        m.set_expert_losses({"mlp": rng.uniform(0, 50), "linear": rng.uniform(0, 50)})
         m.observe_labels(
             pending=rng.randint(0, 500),
             delays=[rng.uniform(0.5, 600.0) for _ in range(20)],
@@ -97,6 +100,14 @@ def scraped(prometheus_server) -> Iterator[tuple[PrometheusProcess, dict[str, Fe
         metrics = ServiceMetrics(run=run, model="mlp", norm=norm, task=task)
         metrics.set_info(hidden="64,64")
         feeds[run] = Feed(metrics, seed)
+        # what the service registers beside ServiceMetrics: the loop age and POST /predict
+        register_loop_age(metrics.registry, run=run, age=lambda: 0.25)
+        endpoint = LiveModelEndpoint(
+            IncrementalTrainer(TrainerConfig(target="y")), ModelLock(), settings={},
+            checkpoint_version=lambda: None, registry=metrics.registry, run=run,
+        )  # fmt: skip
+        endpoint.predict({"x": 1.0})
+        endpoint.predict("not an object")
         servers.append(MetricsServer("127.0.0.1:0", metrics.registry, health=lambda: ready).start())
     try:
         prometheus = prometheus_server([f"127.0.0.1:{s.port}" for s in servers])

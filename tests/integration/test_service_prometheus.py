@@ -17,6 +17,8 @@ import itertools
 import math
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,6 +112,7 @@ def _config(bootstrap: str, topic: str, run: str, checkpoint: str, target: str) 
         health_every_steps=5,
         shutdown_timeout_seconds=20.0,
         progress=False,
+        serve_predictions=True,
         trainer=TrainerConfig(target=target, hidden=HIDDEN),
     )
 
@@ -122,6 +125,17 @@ def _produce(bootstrap: str, topic: str, spec: str, rate: float, limit: int | No
     with TopicProducer(bootstrap, topic) as producer:
         report = replay_records(itertools.islice(records, limit), producer, Pacer(rate=rate))
     return report.sent
+
+
+def _post_predict(url: str) -> None:
+    request = urllib.request.Request(
+        f"{url}/predict", data=b'{"x": 1.0}', headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:  # 503 before the first model: counted all the same
+        assert exc.code == 503, exc
 
 
 def _value(prometheus: PrometheusProcess, expr: str) -> float | None:
@@ -179,6 +193,8 @@ def scraped(
         for run in runs.values():
             run.start()
         _wait(lambda: all(r.service.server is not None for r in runs.values()), "metrics servers")
+        for run in runs.values():  # the dashboard's request panel: one answered request each
+            _post_predict(run.service.server.url)  # type: ignore[union-attr]
         prometheus = prometheus_server(
             [f"127.0.0.1:{r.service.server.port}" for r in runs.values()]  # type: ignore[union-attr]
         )

@@ -529,8 +529,9 @@ def render(data: dict[str, Any]) -> str:
         + " (TrainerConfig overrides; `default` = `TrainerConfig()`), and river's "
         + ", ".join(f"`{n}`" for n in river)
         + "; river learners at batch 1 in both columns",
-        f"- suite wall time {meta.get('wall_seconds', 0) / 60:.1f} min on {meta.get('workers')} "
-        f"workers (runs not in the cache); stream_trainer source hash "
+        f"- wall time of this command {meta.get('wall_seconds', 0) / 60:.1f} min on "
+        f"{meta.get('workers')} workers (runs found in the cache are read, not rerun), run times "
+        f"as recorded {meta.get('run_seconds', 0) / 60:.1f} min in all; stream_trainer source hash "
         + ", ".join(meta.get("code_versions", [])),
         "- cells: prequential accuracy %, mean over seeds; *best fixed*: the grid member with the "
         "highest mean (its momentum); a candidate's **regret** = best fixed - candidate, points "

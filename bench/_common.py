@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import json
 import os
 import platform
 import shlex
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +138,42 @@ ROW_KEYS = (
 )
 
 
-def compact_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def compact_rows(
+    rows: list[dict[str, Any]], keys: Sequence[str] = ROW_KEYS
+) -> list[dict[str, Any]]:
+    """The ``keys`` of each row, floats to 5 significant digits."""
+
     def short(v: Any) -> Any:
         return float(f"{v:.5g}") if isinstance(v, float) else v
 
-    return [{k: short(r[k]) for k in ROW_KEYS if k in r} for r in rows]
+    return [{k: short(r[k]) for k in keys if k in r} for r in rows]
+
+
+def csv_list(text: str) -> list[str]:
+    """The non-empty items of a comma-separated command-line value."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+@functools.cache
+def code_version() -> str:
+    """Hash of the stream_trainer sources: an edit to the trainer invalidates cached runs."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "stream_trainer").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def worker_map(workers: int) -> Iterator[Any]:
+    """``imap_unordered`` of a spawn pool, or the builtin ``map`` in this process for 1 worker."""
+    if workers <= 1:
+        yield map
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield pool.imap_unordered
 
 
 def read_json(path: Path) -> Any:

@@ -20,12 +20,10 @@ standard deviation over seeds) is written to ``bench/results/accuracy.json`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +33,17 @@ from bench._common import (
     NORMS,
     RAW,
     RESULTS,
-    ROOT,
     STREAMS,
+    code_version,
     compact_rows,
+    csv_list,
     md_table,
     mean_std,
     meta_lines,
     read_json,
     run_meta,
     set_single_thread,
+    worker_map,
     write_json,
 )
 
@@ -79,16 +79,6 @@ class AccuracyRun:
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@functools.cache
-def code_version() -> str:
-    """Hash of the stream_trainer sources: an edit to the trainer invalidates cached runs."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "stream_trainer").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _config(task: AccuracyRun, target: str) -> Any:
@@ -147,18 +137,6 @@ def execute(task: AccuracyRun) -> dict[str, Any]:
     return row
 
 
-@contextlib.contextmanager
-def _mapper(workers: int) -> Iterator[Any]:
-    """``imap_unordered`` of a spawn pool, or the builtin ``map`` in this process for 1 worker."""
-    if workers <= 1:
-        yield map
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers) as pool:
-        yield pool.imap_unordered
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", default=",".join(STREAMS), help=f"subset of {','.join(STREAMS)}")
     p.add_argument("--norms", default=",".join(NORMS))
@@ -171,15 +149,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def _csv(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    streams, norms, sizes = _csv(args.streams), _csv(args.norms), _csv(args.sizes)
-    seeds = [int(s) for s in _csv(args.seeds)]
+    streams, norms, sizes = csv_list(args.streams), csv_list(args.norms), csv_list(args.sizes)
+    seeds = [int(s) for s in csv_list(args.seeds)]
     for s in streams:
         if s not in STREAMS:
             raise SystemExit(f"unknown stream {s!r}; known: {', '.join(STREAMS)}")
@@ -200,7 +174,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     )
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with _mapper(args.workers) as imap, tqdm(total=len(tasks), unit="run", desc="accuracy") as bar:
+    bar = tqdm(total=len(tasks), unit="run", desc="accuracy")
+    with worker_map(args.workers) as imap, bar:
         for row in imap(execute, tasks):
             rows.append(row)
             bar.update(1)

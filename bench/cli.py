@@ -5,6 +5,7 @@ name           what it measures (results in ``bench/results/NAME.json``, plots i
 =============  ============================================================================
 ``accuracy``   prequential accuracy vs batch size, per norm, per stream (cached, resumable)
 ``sweep``      learning rate x width for two norms at batch 1:64 (defaults recommendation)
+``tuning``     candidate defaults' regret against the best fixed norm momentum, 21 streams
 ``gap``        train/serve gap of each norm after training at batch 64 and 1:64
 ``norm_time``  share of step time in norm layers (profiler); our layers vs native ones
 ``throughput`` samples/s of the trainer vs deep-river, plain PyTorch loops and river (ratios)
@@ -26,10 +27,11 @@ from typing import Any
 
 __all__ = ["BENCHES", "add_subcommands", "main"]
 
-BENCHES = ("accuracy", "sweep", "gap", "norm_time", "throughput")
+BENCHES = ("accuracy", "sweep", "tuning", "gap", "norm_time", "throughput")
 _HELP = {
     "accuracy": "prequential accuracy vs batch size per norm and stream",
     "sweep": "learning rate x width around the defaults (for the recommendation)",
+    "tuning": "regret of candidate defaults against the best fixed momentum, vs river",
     "gap": "train/serve gap per norm (train at 64 and 1:64, serve at 1)",
     "norm_time": "share of step time in norm layers; our layers vs torch's",
     "throughput": "samples/s vs deep-river, plain nn.Sequential loops and river, in one run",

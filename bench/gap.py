@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from bench.accuracy import _mapper
+    from bench._common import worker_map
 
     split = lambda s: [p.strip() for p in s.split(",") if p.strip()]  # noqa: E731
     seeds = [int(s) for s in split(args.seeds)]
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     )
     rows = []
     start = time.perf_counter()
-    with _mapper(args.workers) as imap, tqdm(total=len(tasks), unit="run", desc="gap") as bar:
+    with worker_map(args.workers) as imap, tqdm(total=len(tasks), unit="run", desc="gap") as bar:
         for row in imap(execute, tasks):
             rows.append(row)
             bar.update(1)

@@ -23,6 +23,8 @@ __all__ = ["OUTPUT", "build_report", "summary", "write_report"]
 OUTPUT = ROOT / "BENCHMARKS.md"
 
 JSON_SECTIONS = ("throughput", "accuracy", "sweep", "gap", "norm_time")
+# Rendered only once measured (``python -m bench tuning`` is not part of ``bench all``).
+OPTIONAL_JSON_SECTIONS = ("tuning",)
 QUOTED_SECTIONS = (
     "kafka",
     "delayed_labels",
@@ -214,6 +216,22 @@ def _baselines(results: Path) -> list[list[str]]:
     return out
 
 
+def _tuning(results: Path) -> list[list[str]]:
+    data = read_json(results / "tuning.json")
+    out = []
+    for name, t in data["totals"].items():
+        what = (
+            f"`{name}`: worst regret against the best fixed momentum, points; cells over 0.5; "
+            "cells newly under river's LogisticRegression"
+        )
+        cell = (
+            f"{t['worst_regret']:+.2f}; {t['over_limit']} of {t['cells']}; "
+            f"{t['below_lr_where_old_default_was_not']}"
+        )
+        out.append([what, cell, "≤ 0.5; 0; 0", f"`{data['meta']['command']}`"])
+    return out
+
+
 _SUMMARY_PARTS: tuple[tuple[str, Callable[[Path], list[list[str]]]], ...] = (
     ("throughput.json", _throughput),
     ("engine.md", _engine),
@@ -224,6 +242,7 @@ _SUMMARY_PARTS: tuple[tuple[str, Callable[[Path], list[list[str]]]], ...] = (
     ("accuracy.json", _accuracy),
     ("gap.json", _gap),
     ("baselines.md", _baselines),
+    ("tuning.json", _tuning),
 )
 
 
@@ -251,12 +270,12 @@ def summary(results: Path | None = None) -> str:
 
 def build_report() -> str:
     parts = [_HEADER, summary(RESULTS)]
-    for name in JSON_SECTIONS:
+    for name in (*JSON_SECTIONS, *OPTIONAL_JSON_SECTIONS):
         path = RESULTS / f"{name}.json"
         if path.exists():
             module = importlib.import_module(f"bench.{name}")
             parts.append(module.render(read_json(path)) + "\n")
-        else:
+        elif name not in OPTIONAL_JSON_SECTIONS:
             parts.append(f"## {name}\n\nNot measured yet: run `python -m bench {name}`.\n")
     parts.append(
         "## Standalone bench scripts: Kafka, delayed labels, frames, checkpoints, engine, "

@@ -23,10 +23,12 @@ from bench._common import (
     RESULTS,
     STREAMS,
     compact_rows,
+    csv_list,
     md_table,
     mean_std,
     meta_lines,
     run_meta,
+    worker_map,
     write_json,
 )
 
@@ -48,24 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def _csv(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from bench.accuracy import AccuracyRun, _mapper, execute
+    from bench.accuracy import AccuracyRun, execute
 
-    streams = _csv(args.streams)
-    seeds = [int(s) for s in _csv(args.seeds)]
+    streams = csv_list(args.streams)
+    seeds = [int(s) for s in csv_list(args.seeds)]
     limits = {s: args.limit or STREAMS[s][2] for s in streams}
     tasks = [
         AccuracyRun(s, n, z, seed, limits[s], str(RAW / "accuracy"), float(lr), (int(w), int(w)))
-        for z in _csv(args.sizes)
-        for n in _csv(args.norms)
-        for lr in _csv(args.lrs)
-        for w in _csv(args.widths)
+        for z in csv_list(args.sizes)
+        for n in csv_list(args.norms)
+        for lr in csv_list(args.lrs)
+        for w in csv_list(args.widths)
         for s in streams
         for seed in seeds
     ]
@@ -76,7 +74,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     )
     rows = []
     start = time.perf_counter()
-    with _mapper(args.workers) as imap, tqdm(total=len(tasks), unit="run", desc="sweep") as bar:
+    with worker_map(args.workers) as imap, tqdm(total=len(tasks), unit="run", desc="sweep") as bar:
         for row in imap(execute, tasks):
             rows.append(row)
             bar.update(1)

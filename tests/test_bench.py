@@ -275,3 +275,121 @@ def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
     )
     assert "LayerNorm" not in text  # not measured: no row
     assert "| 0.81 (0.79-0.85) | ≥ 0.8 | `python bench/bench_kafka.py --records 10` |" in text
+
+
+def test_tuning_regret_from_rows_cached_and_resumable(
+    tmp_results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.tuning as tuning
+
+    monkeypatch.setattr(tuning, "RAW", tmp_results / "raw")
+    monkeypatch.setattr(tuning, "OUT_JSON", tmp_results / "tuning.json")
+    monkeypatch.setattr(tuning, "PLOT", tmp_results / "tuning.png")
+    argv = [
+        "--streams",
+        "phishing,sea_recurring",
+        "--grid",
+        "0.002,0.03",
+        "--candidates",
+        'wide={"hidden": [16, 16]}',
+        "--seeds",
+        "0",
+        "--limit",
+        "300",
+        "--workers",
+        "1",
+    ]
+    data = tuning.run(_args(tuning, argv), argv)
+    raw = sorted((tmp_results / "raw" / "tuning").glob("*.json"))
+    # 2 streams x (2 grid + default + wide) x 2 batchings, + LR and ARF at batch 1
+    assert len(data["rows"]) == len(raw) == 2 * (4 * 2 + 2)
+    assert {r["limit"] for r in data["rows"]} == {300}
+    sources = {json.loads(p.read_text())["source"] for p in raw}
+    assert "synth:sea_switch?concepts=0-3-0-3-0&period=1000&width=1&noise=0.1&seed=0" in sources
+    acc = {(r["stream"], r["batching"], r["contender"]): r["accuracy"] for r in data["rows"]}
+    for cell in data["cells"]:
+        s, b = cell["stream"], cell["batching"]
+        fixed = {g: acc[(s, b, g)] for g in ("m=0.002", "m=0.03")}
+        best = max(fixed.values())
+        assert cell["best"] == pytest.approx(best, abs=1e-4)
+        assert fixed[cell["best_name"]] == max(fixed.values())
+        for name in ("default", "wide"):
+            assert cell[name]["regret"] == pytest.approx(100 * (best - acc[(s, b, name)]), abs=0.02)
+            lr, arf = acc[(s, "1", "LogisticRegression")], acc[(s, "1", "ARF")]
+            assert cell[name]["minus_LogisticRegression"] == pytest.approx(
+                100 * (acc[(s, b, name)] - lr), abs=0.02
+            )
+            assert cell[name]["minus_ARF"] == pytest.approx(
+                100 * (acc[(s, b, name)] - arf), abs=0.02
+            )
+    worst = max(c["default"]["regret"] for c in data["cells"])
+    assert data["totals"]["default"]["worst_regret"] == worst
+    assert data["totals"]["default"]["cells"] == 4
+    text = tuning.render(json.loads((tmp_results / "tuning.json").read_text()))
+    assert "b=1:64 default regret" in text and "river learners at batch 1 in both columns" in text
+    assert (tmp_results / "tuning.png").stat().st_size > 0
+
+    # A rerun reads every run from the cache: a doctored cached accuracy shows up in the result.
+    doctored = next(
+        p
+        for p in raw
+        if (lambda r: (r["stream"], r["contender"], r["batching"]))(json.loads(p.read_text()))
+        == ("phishing", "default", "1")
+    )
+    row = json.loads(doctored.read_text())
+    row["accuracy"] = 0.0
+    doctored.write_text(json.dumps(row))
+    gone = next(p for p in raw if p != doctored)
+    gone.unlink()
+    again = tuning.run(_args(tuning, argv), argv)
+    assert gone.exists() and len(list((tmp_results / "raw" / "tuning").glob("*.json"))) == len(raw)
+    cell = next(c for c in again["cells"] if (c["stream"], c["batching"]) == ("phishing", "1"))
+    assert cell["default"]["regret"] == pytest.approx(100 * cell["best"], abs=0.02)
+    assert again["totals"]["default"]["worst_regret"] == pytest.approx(100 * cell["best"], abs=0.02)
+
+
+def test_tuning_regret_cells_and_totals() -> None:
+    from bench.tuning import Contender, regret_cells
+
+    everyone = [
+        Contender("m=0.002", "grid"),
+        Contender("m=0.03", "grid"),
+        Contender("default", "candidate"),
+        Contender("LogisticRegression", "river"),
+    ]
+    summary = [
+        {"stream": "s", "batching": "1", "contender": "m=0.002", "accuracy": 0.86},
+        {"stream": "s", "batching": "1", "contender": "m=0.03", "accuracy": 0.90},
+        {"stream": "s", "batching": "1", "contender": "default", "accuracy": 0.84},
+        {"stream": "s", "batching": "1:64", "contender": "m=0.002", "accuracy": 0.80},
+        {"stream": "s", "batching": "1:64", "contender": "m=0.03", "accuracy": 0.78},
+        {"stream": "s", "batching": "1:64", "contender": "default", "accuracy": 0.81},
+        {"stream": "s", "batching": "1", "contender": "LogisticRegression", "accuracy": 0.85},
+    ]
+    cells, totals = regret_cells(summary, everyone)
+    one, many = cells
+    assert (one["best_name"], many["best_name"]) == ("m=0.03", "m=0.002")
+    assert one["default"]["regret"] == pytest.approx(6.0)
+    assert many["default"]["regret"] == pytest.approx(-1.0)
+    # river's batch-1 accuracy stands in the 1:64 column too
+    assert many["default"]["minus_LogisticRegression"] == pytest.approx(-4.0)
+    t = totals["default"]
+    assert t["worst_regret"] == pytest.approx(6.0) and t["over_limit"] == 1
+    # b=1: the old default (0.86) was above LR (0.85), the candidate (0.84) is under it;
+    # b=1:64: the old default (0.80) was already under LR, so that cell does not count
+    assert t["below_lr_where_old_default_was_not"] == 1 and t["below_lr_cells"] == ["s b=1"]
+
+
+def test_tuning_candidates_are_checked() -> None:
+    import bench.tuning as tuning
+
+    argv = ["--candidates", 'bad={"no_such_setting": 1}']
+    with pytest.raises(SystemExit, match="no_such_setting"):
+        tuning.contenders(_args(tuning, argv))
+    with pytest.raises(SystemExit):
+        _args(tuning, ["--candidates", "x=[1]"])
+    args = _args(tuning, ["--candidates", 'w={"hidden": [8, 8]}', "--grid", "0.01"])
+    names = [c.name for c in tuning.contenders(args)]
+    assert names == ["m=0.01", "default", "w", "LogisticRegression", "ARF"]
+    config = tuning.trainer_config(tuning.contenders(args)[2].overrides, "y", 3)
+    assert config.hidden == (8, 8) and config.seed == 3 and config.target == "y"

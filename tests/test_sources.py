@@ -123,3 +123,60 @@ def test_iter_batches_partitions_the_stream_in_order(
         assert len(batch) == size
     if batches:
         assert 1 <= len(batches[-1]) <= expected[-1]
+
+
+def test_synth_switches_match_river_and_allow_abrupt_drift() -> None:
+    from river.datasets import synth
+
+    ours = [r.value for r in open_source("synth:sea_drift?seed=3&n=400&position=200&width=50")]  # type: ignore[union-attr]
+    river_stream = synth.ConceptDriftStream(
+        synth.SEA(variant=0, seed=3), synth.SEA(variant=3, seed=4), position=200, width=50, seed=3
+    )
+    expected = [
+        {**{str(k): v for k, v in x.items()}, "class": y}
+        for x, y in itertools.islice(river_stream, 400)
+    ]
+    assert ours == expected
+    # width 1 late in the stream: river's own class overflows in exp(); here the switch is sharp.
+    abrupt = list(open_source("synth:agrawal_drift?seed=2&n=4000&position=3000&width=1"))
+    assert len(abrupt) == 4000
+
+
+def test_synth_recurring_switch_returns_to_the_first_concept() -> None:
+    # SEA variant 0 labels x0 + x1 > 8, variant 3 x0 + x1 > 9.5: the rule of each segment.
+    records = [
+        r.value  # type: ignore[union-attr]
+        for r in open_source("synth:sea_switch?concepts=0-3-0&period=500&width=1&seed=4&n=1500")
+    ]
+    assert len(records) == 1500
+
+    def matches(segment: list[dict[str, object]], threshold: float) -> float:
+        ok = [(float(v["0"]) + float(v["1"]) > threshold) == v["class"] for v in segment]  # type: ignore[arg-type]
+        return sum(ok) / len(ok)
+
+    assert matches(records[:500], 8.0) == 1.0 and matches(records[1000:], 8.0) == 1.0
+    assert matches(records[500:1000], 9.5) == 1.0 and matches(records[500:1000], 8.0) < 0.95
+    seeded = [r.value for r in open_source("synth:sea_switch?seed=5&n=50")]  # type: ignore[union-attr]
+    assert seeded != records[:50]
+
+
+def test_synth_parameters_are_checked() -> None:
+    noisy = [r.value for r in open_source("synth:sea?noise=0.2&seed=1&n=2000")]  # type: ignore[union-attr]
+    flipped = sum((float(v["0"]) + float(v["1"]) > 8.0) != v["class"] for v in noisy)  # type: ignore[arg-type]
+    assert 0.1 < flipped / 2000 < 0.3
+    assert len(list(open_source("synth:rbf_drift?change_speed=0&n=5"))) == 5
+    assert len(list(open_source("synth:hyperplane?mag_change=0.01&noise=0.1&n=5"))) == 5
+    for name in ("sine_switch", "mixed_switch", "stagger_switch", "agrawal_switch"):
+        assert len(list(open_source(f"synth:{name}?n=5&period=2"))) == 5
+    for bad, reason in (
+        ("synth:sea?noise=2", "must be in"),
+        ("synth:sea?noise=nan", "must be in"),
+        ("synth:hyperplane?mag_change=x", "must be a number"),
+        ("synth:sea_switch?concepts=a-b", "integers joined"),
+        ("synth:sea_switch?period=0", "at least 1"),
+        ("synth:agrawal_drift?width=0", "at least 1"),
+        ("synth:agrawal_switch?concepts=0-12", "classification_function"),
+        ("synth:sine_switch?noise=0.1", "unknown parameters"),
+    ):
+        with pytest.raises(DataError, match=reason):
+            list(open_source(bad))

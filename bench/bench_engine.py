@@ -7,7 +7,10 @@
 2. *Stacked members*: one serve + learn call of the engine alone on the default architecture
    (8 inputs, 2 classes, 2x64, ``ema_batch``, GELU, skip), µs per step for ``K = 1`` and
    ``K = 4`` members, interleaved, medians; the ratio is what a mixture of four time scales costs.
-3. *Compile cache*: wall time of a fresh process that builds the engine and takes one step, with
+3. *Members in the trainer*: the default trainer (``member_momenta`` members) against the same
+   trainer with one member (the first momentum), samples/s at batch sizes 1 and 64, interleaved,
+   medians; the ratio is what the default's self-tuning costs per step.
+4. *Compile cache*: wall time of a fresh process that builds the engine and takes one step, with
    an empty numba cache directory and then with the one the first run filled.
 
 BLAS and torch run one thread each.
@@ -18,6 +21,7 @@ BLAS and torch run one thread each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import statistics
@@ -62,12 +66,18 @@ def _records(n: int) -> list[Any]:
     return [r for r in itertools.islice(source, n) if isinstance(r, Record)]
 
 
-def trainer_rate(records: list[Any], size: int, engine: str) -> float:
-    """Samples/s of the default trainer stepping through ``records`` in batches of ``size`` (the
-    first batch, which builds the model, is not timed)."""
+def trainer_rate(
+    records: list[Any], size: int, engine: str, momenta: tuple[float, ...] | None = None
+) -> float:
+    """Samples/s of the default trainer (with ``momenta`` as its members, ``None``: the default
+    ones) stepping through ``records`` in batches of ``size`` (the first batch, which builds the
+    model, is not timed)."""
     from stream_trainer.training import IncrementalTrainer, TrainerConfig
 
-    trainer = IncrementalTrainer(TrainerConfig(target=SOURCE[1], seed=0, engine=engine))
+    config = TrainerConfig(target=SOURCE[1], seed=0, engine=engine)
+    if momenta is not None:
+        config = dataclasses.replace(config, member_momenta=momenta)
+    trainer = IncrementalTrainer(config)
     trainer.step(records[:size])
     batches = [records[i : i + size] for i in range(size, len(records) - size + 1, size)]
     start = time.perf_counter()
@@ -149,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
                 costs[k].append(member_cost(k, batch, steps))
         one, four = statistics.median(costs[1]), statistics.median(costs[4])
         member_rows.append([str(batch), f"{one:.1f}", f"{four:.1f}", f"{four / one:.2f}"])
+    from stream_trainer.training import TrainerConfig
+
+    default = TrainerConfig().member_momenta
+    trainer_member_rows = []
+    for batch in (1, 64):
+        subset = records[: 1500 if batch == 1 else len(records)]
+        member_rates: dict[tuple[float, ...], list[float]] = {default[:1]: [], default: []}
+        for _ in range(args.repeats):
+            for momenta in member_rates:
+                member_rates[momenta].append(trainer_rate(subset, batch, "auto", momenta))
+        one, many = (statistics.median(member_rates[m]) for m in (default[:1], default))
+        trainer_member_rows.append([str(batch), f"{one:,.0f}", f"{many:,.0f}", f"{one / many:.2f}"])
     cache_line = []
     if args.cache_runs > 0:
         with tempfile.TemporaryDirectory() as cache:
@@ -179,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             f"(median of {args.repeats} interleaved runs):",
             "",
             md_table(["batch", "K = 1", "K = 4", "K = 4 ÷ K = 1"], member_rows),
+            "",
+            f"Members in the trainer: the default (`member_momenta` = {list(default)}) against "
+            f"one member (momentum {default[:1][0] if default else 'default'}), samples/s, "
+            f"median of {args.repeats} interleaved runs:",
+            "",
+            md_table(
+                ["batch", "one member", f"default, {max(1, len(default))} members", "cost ratio"],
+                trainer_member_rows,
+            ),
             *cache_line,
         ],
     )

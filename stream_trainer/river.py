@@ -43,7 +43,7 @@ Examples
 ... ):
 ...     print(evaluate.progressive_val_score(dataset, model, metrics.Accuracy()))
 Accuracy: 89.28%
-Accuracy: 90.31%
+Accuracy: 89.75%
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_the_export_predicts_what_the_trainer_predicts(
             predicted = [metadata["classes"][i] for i in got.argmax(1).tolist()]
             assert predicted == trainer.predict_many(records[: len(rows)])
     if "--no-linear-expert" not in extra:
-        assert set(metadata["expert_weights"]) == {"mlp", "linear"}
+        assert set(metadata["expert_weights"]) == {"mlp0", "mlp1", "mlp2", "linear"}
 
 
 def test_a_tampered_version_is_refused_and_the_newest_valid_one_exported(

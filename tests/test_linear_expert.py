@@ -196,7 +196,9 @@ def test_trainer_serves_the_linear_expert_on_a_linear_concept() -> None:
     records = _sea_like(3000, 0)
     results = {}
     for expert in (True, False):
-        trainer = IncrementalTrainer(TrainerConfig(target="y", linear_expert=expert, seed=0))
+        # one MLP member: the mixture of the MLP and the linear expert alone
+        config = TrainerConfig(target="y", linear_expert=expert, seed=0, member_momenta=())
+        trainer = IncrementalTrainer(config)
         for start in range(0, len(records), 4):
             trainer.step(records[start : start + 4])
         results[expert] = trainer.metrics()["accuracy"]
@@ -209,9 +211,10 @@ def test_trainer_serves_the_linear_expert_on_a_linear_concept() -> None:
 
 
 def test_served_prediction_is_the_mixture_everywhere() -> None:
-    """``step``, ``predict_proba_many`` and ``predict_many`` serve the same mixed probabilities."""
+    """``step``, ``predict_proba_many`` and ``predict_many`` serve the same mixed probabilities
+    (one MLP member here; tests/test_members.py serves several)."""
     records = _sea_like(400, 1)
-    trainer = IncrementalTrainer(TrainerConfig(target="y", seed=0))
+    trainer = IncrementalTrainer(TrainerConfig(target="y", seed=0, member_momenta=()))
     for start in range(0, 300, 8):
         trainer.step(records[start : start + 8])
     probe = records[300:310]
@@ -292,7 +295,7 @@ def test_the_fingerprint_of_a_checkpoint_from_before_the_expert() -> None:
 
     from stream_trainer.training.config import EXECUTION_SETTINGS, SCREENING_SETTINGS
 
-    old = TrainerConfig(target="y", linear_expert=False)
+    old = TrainerConfig(target="y", linear_expert=False, member_momenta=())
     data = old.to_dict()
     del data["linear_expert"]
     del data["member_momenta"]  # at its old value (one member): left out as well

@@ -314,7 +314,9 @@ def test_norm_snapshot_and_train_serve_gap_have_no_side_effects() -> None:
     trainer = IncrementalTrainer(TrainerConfig(target="y", norm="ema_batch", seed=0))
     _run(trainer, _records(40), [8] * 5)
     snap = trainer.norm_snapshot()
-    assert len(snap) == 2 and all(m.shape == (64,) for m, _ in snap.values())
+    # two norm layers in each of the three default members, named by member
+    assert len(snap) == 6 and all(m.shape == (64,) for m, _ in snap.values())
+    assert {name.split("/")[0] for name in snap} == {"mlp0", "mlp1", "mlp2"}
     before = trainer.state_tensors()
     gaps = trainer.train_serve_gap(_records(8, seed=3))
     assert set(gaps) == set(snap) and all(g >= 0 for g in gaps.values())
@@ -360,7 +362,7 @@ def test_a_checkpoint_from_before_momentum_in_samples_matches_the_old_behaviour(
     off, and a state without it restores with it off; the new default differs."""
     import hashlib
 
-    old = TrainerConfig(target="y", momentum_in_samples=False)
+    old = TrainerConfig(target="y", momentum_in_samples=False, member_momenta=())
     data = old.to_dict()
     del data["momentum_in_samples"]  # what a checkpoint written before the setting holds
     del data["member_momenta"]  # a later setting at its old value (one member): left out too

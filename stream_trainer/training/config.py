@@ -49,7 +49,7 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 
 
 # The members' norm momenta (TrainerConfig.member_momenta), chosen on bench/tuning.py's suite.
-DEFAULT_MEMBER_MOMENTA: tuple[float, ...] = ()
+DEFAULT_MEMBER_MOMENTA: tuple[float, ...] = (0.002, 0.012, 0.08)
 
 
 # Settings added after checkpoints were first written, with the value that a saved configuration

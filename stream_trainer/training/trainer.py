@@ -325,8 +325,9 @@ class IncrementalTrainer:
         """
         c, encoder = self.config, self.encoder
         passed: list[tuple[Record, bool]] = []
-        for record in records:
-            outcome = encoder.screen_record(record.value)
+        for record, outcome in zip(
+            records, encoder.screen([record.value for record in records]), strict=True
+        ):
             if isinstance(outcome, tuple):
                 self._reject(record, outcome, rejected)
             else:

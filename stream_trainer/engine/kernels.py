@@ -73,6 +73,9 @@ def _compiled_exact(fn: _F) -> _F:
 
 _SQRT1_2 = math.sqrt(0.5)
 _PDF_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
+_LN2 = math.log(2.0)
+_INV_LN2 = 1.0 / _LN2
+_EXP_FLOOR = -700.0  # exp of it is far below float32's smallest number, and 2**k stays normal
 
 
 @_compiled
@@ -126,6 +129,27 @@ def _erf32(x):
 
 
 @_compiled
+def _exp_parts(t):
+    r"""``(m, k)`` with :math:`e^t = m \cdot 2^k` for ``t`` in ``[_EXP_FLOOR, 0]``: ``k`` the
+    nearest integer to :math:`t / \ln 2`, ``m`` the degree-8 Taylor polynomial of :math:`e^f`
+    at :math:`f = t - k \ln 2 \in [-\ln 2 / 2, \ln 2 / 2]`, relative error under
+    :math:`10^{-9}`, far below float32 rounding. In float64, without a library call, so that the
+    loop around it vectorizes (``math.exp`` does not)."""
+    k = math.floor(t * _INV_LN2 + 0.5)
+    f = t - k * _LN2
+    m = 1.0 / 40320.0 + f * (1.0 / 362880.0)
+    m = 1.0 / 5040.0 + f * m
+    m = 1.0 / 720.0 + f * m
+    m = 1.0 / 120.0 + f * m
+    m = 1.0 / 24.0 + f * m
+    m = 1.0 / 6.0 + f * m
+    m = 0.5 + f * m
+    m = 1.0 + f * m
+    m = 1.0 + f * m
+    return m, k
+
+
+@_compiled
 def _cdf(v, fast):
     r""":math:`\Phi(v) = \tfrac12(1 + \operatorname{erf}(v/\sqrt2))` (``fast``: float32 data)."""
     e = _erf32(v * _SQRT1_2) if fast else math.erf(v * _SQRT1_2)
@@ -164,6 +188,21 @@ def _activate_backward(act, dy, z, a, out):
         for r in range(rows):
             for c in range(cols):
                 out[r, c] = dy[r, c] if a[r, c] > 0.0 else 0.0
+    elif act == 1 and fast:  # float32 data: exp as m * 2**k (_exp_parts), 2**k from its bits
+        mantissa = np.empty(rows * cols, np.float64)
+        bits = np.empty(rows * cols, np.int64)
+        for r in range(rows):
+            for c in range(cols):
+                v = z[r, c]
+                m, k = _exp_parts(max(-0.5 * v * v, _EXP_FLOOR))
+                mantissa[r * cols + c] = m
+                bits[r * cols + c] = (np.int64(k) + 1023) << 52
+        power = bits.view(np.float64)
+        for r in range(rows):
+            for c in range(cols):
+                v = z[r, c]
+                pdf = mantissa[r * cols + c] * power[r * cols + c] * _PDF_SCALE
+                out[r, c] = dy[r, c] * (_cdf(v, fast) + v * pdf)
     elif act == 1:
         for r in range(rows):
             for c in range(cols):

@@ -341,6 +341,9 @@ class IncrementalTrainer:
         new_classes: dict[str, None] = {}
         accepted: list[Record] = []
         labels: list[Any] = []
+        # one parse per distinct (type, value) of a scalar class label: parse_label is a function
+        # of those and the task alone (a regression target is parsed each time: -0.0 == 0.0)
+        parsed_labels: dict[tuple[Any, Any, str], Any] = {}
         for record, is_fresh in passed:
             raw_label = record.value.get(target)
             label: Any = None
@@ -348,12 +351,18 @@ class IncrementalTrainer:
             problem: tuple[RejectReason, str] | None = None
             if raw_label is not None and raw_label != "":
                 record_task = task or infer_task(raw_label)
-                parsed = parse_label(
-                    raw_label,
-                    record_task,
-                    max_abs_value=c.max_abs_value,
-                    max_length=c.max_string_length,
-                )
+                memo = record_task != "regression" and type(raw_label) in (str, int, float, bool)
+                key = (type(raw_label), raw_label, record_task)
+                parsed = parsed_labels.get(key) if memo else None
+                if parsed is None:
+                    parsed = parse_label(
+                        raw_label,
+                        record_task,
+                        max_abs_value=c.max_abs_value,
+                        max_length=c.max_string_length,
+                    )
+                    if memo:
+                        parsed_labels[key] = parsed
                 if isinstance(parsed, tuple):
                     problem = parsed
                 else:
@@ -447,8 +456,7 @@ class IncrementalTrainer:
     def class_targets(self, labels: Sequence[Any]) -> np.ndarray:
         """The class indices of ``labels`` (parsed), new classes added first."""
         self.add_classes(labels)
-        class_index = self.class_index
-        return np.fromiter((class_index[y] for y in labels), dtype=np.int64, count=len(labels))
+        return np.fromiter(map(self.class_index.__getitem__, labels), np.int64, len(labels))
 
     # The phases a learner implements: serve predictions, then learn from the labelled rows.
     def predict_encoded(

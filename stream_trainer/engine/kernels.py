@@ -135,7 +135,7 @@ def _exp_parts(t):
     at :math:`f = t - k \ln 2 \in [-\ln 2 / 2, \ln 2 / 2]`, relative error under
     :math:`10^{-9}`, far below float32 rounding. In float64, without a library call, so that the
     loop around it vectorizes (``math.exp`` does not)."""
-    k = math.floor(t * _INV_LN2 + 0.5)
+    k = np.floor(t * _INV_LN2 + 0.5)  # a float: math.floor's int does not vectorize
     f = t - k * _LN2
     m = 1.0 / 40320.0 + f * (1.0 / 362880.0)
     m = 1.0 / 5040.0 + f * m
@@ -196,13 +196,14 @@ def _activate_backward(act, dy, z, a, out):
                 v = z[r, c]
                 m, k = _exp_parts(max(-0.5 * v * v, _EXP_FLOOR))
                 mantissa[r * cols + c] = m
-                bits[r * cols + c] = (np.int64(k) + 1023) << 52
+                # through int32: a double -> int64 conversion does not vectorize without AVX-512
+                bits[r * cols + c] = np.int64(np.int32(k) + np.int32(1023)) << 52
         power = bits.view(np.float64)
         for r in range(rows):
             for c in range(cols):
                 v = z[r, c]
                 pdf = mantissa[r * cols + c] * power[r * cols + c] * _PDF_SCALE
-                out[r, c] = dy[r, c] * (_cdf(v, fast) + v * pdf)
+                out[r, c] = dy[r, c] * (_cdf(v, True) + v * pdf)
     elif act == 1:
         for r in range(rows):
             for c in range(cols):

@@ -269,14 +269,18 @@ def _serve_norm(kind, z, p, g_off, be_off, mean, var, s_off, eps, out):
         xhat = np.empty_like(z)
         _per_row_norm(kind, z, p, g_off, be_off, eps, xhat, np.empty(rows, z.dtype), out)
         return
+    scale = np.empty(cols)
+    shift = np.empty(cols)
+    m = np.empty(cols, mean.dtype)
     for c in range(cols):
-        scale = 1.0 / math.sqrt(var[s_off + c] + eps)
+        scale[c] = 1.0 / math.sqrt(var[s_off + c] + eps)
         if g_off >= 0:
-            scale *= p[g_off + c]
-        shift = p[be_off + c] if be_off >= 0 else 0.0
-        m = mean[s_off + c]
-        for r in range(rows):
-            out[r, c] = (z[r, c] - m) * scale + shift
+            scale[c] *= p[g_off + c]
+        shift[c] = p[be_off + c] if be_off >= 0 else 0.0
+        m[c] = mean[s_off + c]
+    for r in range(rows):  # rows outside, columns inside: along memory
+        for c in range(cols):
+            out[r, c] = (z[r, c] - m[c]) * scale[c] + shift[c]
 
 
 @_compiled

@@ -342,19 +342,19 @@ class IncrementalTrainer:
             # No record adds a column: when the labels are all str or all int (or missing) and
             # each distinct one is a known class, the loop below accepts every record with it
             raws = [record.value.get(target) for record, _ in passed]
-            kinds = set(map(type, raws))
-            if kinds <= {str, type(None)} or kinds <= {int, type(None)}:
+            label_types = set(map(type, raws))
+            if label_types <= {str, type(None)} or label_types <= {int, type(None)}:
                 by_raw: dict[Any, Any] = {}
                 for raw in set(raws):
                     if raw is None or raw == "":
                         by_raw[raw] = None
                         continue
-                    parsed = parse_label(
+                    known = parse_label(
                         raw, task, max_abs_value=c.max_abs_value, max_length=c.max_string_length
                     )
-                    if isinstance(parsed, tuple) or parsed not in class_index:
+                    if isinstance(known, tuple) or known not in class_index:
                         break
-                    by_raw[raw] = parsed
+                    by_raw[raw] = known
                 else:
                     return [record for record, _ in passed], list(map(by_raw.__getitem__, raws))
         new_classes: dict[str, None] = {}

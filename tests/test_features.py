@@ -136,6 +136,45 @@ def test_check_record_answers_exactly_as_the_two_reference_checks(
     assert enc.check_record(value) == expected
 
 
+_NUMERIC_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.sampled_from([math.nan, math.inf, 1e100, -1e100, int(1e100) + 1, 10**100, 2**1100, "1.5"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example([{"a": 1.0, "c": 2.0, "y": 1}, {"a": 1e100, "c": -1e100}], None)
+@example([{"a": 10**100, "c": 2**1100, "y": 0}], None)
+@example([{"a": int(1e100) + 1, "c": 1.0}], None)
+@example([{"a": None, "c": None}, {"a": 1.0}], None)
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["a", "c", "y", "b", "new"]), _NUMERIC_VALUES, max_size=5)
+        | st.fixed_dictionaries({"a": _NUMERIC_VALUES, "c": _NUMERIC_VALUES, "y": st.integers()}),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([None, ("a", "c")]),
+)
+def test_batch_screen_and_encode_answer_as_the_record_paths(
+    values: list[dict[str, object]], features: tuple[str, ...] | None
+) -> None:
+    """``screen`` (a batch of known numeric features at once) gives each record
+    ``screen_record``'s answer, limits and their neighbours included, on an encoder that knows the
+    numeric ``a`` and ``c`` (target ``y``); the accepted records encode as one at a time."""
+    enc = FeatureEncoder(target="y", features=features)
+    enc.fit_transform([{"a": 1.0, "c": 2.0, "y": 1}, {"a": 3.0, "c": -1.0, "y": 0}])
+    outcomes = enc.screen(values)
+    assert outcomes == [enc.screen_record(value) for value in values]
+    accepted = [v for v, o in zip(values, outcomes, strict=True) if o is False]
+    if accepted:
+        raw = [[math.nan if (v := value.get(n)) is None else v for n in "ac"] for value in accepted]
+        expected = enc.scaler.transform(np.array(raw, dtype=np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(enc.transform(accepted), expected)
+
+
 def test_one_outlier_does_not_swamp_the_running_statistics() -> None:
     """After WARMUP values a column's statistics see each value clipped to clip * std: one
     absurd value moves the mean by at most clip * std / n, and values within the band give the

@@ -73,6 +73,9 @@ def _compiled_exact(fn: _F) -> _F:
 
 _SQRT1_2 = math.sqrt(0.5)
 _PDF_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
+_LN2 = math.log(2.0)
+_INV_LN2 = 1.0 / _LN2
+_EXP_FLOOR = -700.0  # exp of it is far below float32's smallest number, and 2**k stays normal
 
 
 @_compiled
@@ -126,6 +129,27 @@ def _erf32(x):
 
 
 @_compiled
+def _exp_parts(t):
+    r"""``(m, k)`` with :math:`e^t = m \cdot 2^k` for ``t`` in ``[_EXP_FLOOR, 0]``: ``k`` the
+    nearest integer to :math:`t / \ln 2`, ``m`` the degree-8 Taylor polynomial of :math:`e^f`
+    at :math:`f = t - k \ln 2 \in [-\ln 2 / 2, \ln 2 / 2]`, relative error under
+    :math:`10^{-9}`, far below float32 rounding. In float64, without a library call, so that the
+    loop around it vectorizes (``math.exp`` does not)."""
+    k = np.floor(t * _INV_LN2 + 0.5)  # a float: math.floor's int does not vectorize
+    f = t - k * _LN2
+    m = 1.0 / 40320.0 + f * (1.0 / 362880.0)
+    m = 1.0 / 5040.0 + f * m
+    m = 1.0 / 720.0 + f * m
+    m = 1.0 / 120.0 + f * m
+    m = 1.0 / 24.0 + f * m
+    m = 1.0 / 6.0 + f * m
+    m = 0.5 + f * m
+    m = 1.0 + f * m
+    m = 1.0 + f * m
+    return m, k
+
+
+@_compiled
 def _cdf(v, fast):
     r""":math:`\Phi(v) = \tfrac12(1 + \operatorname{erf}(v/\sqrt2))` (``fast``: float32 data)."""
     e = _erf32(v * _SQRT1_2) if fast else math.erf(v * _SQRT1_2)
@@ -164,6 +188,22 @@ def _activate_backward(act, dy, z, a, out):
         for r in range(rows):
             for c in range(cols):
                 out[r, c] = dy[r, c] if a[r, c] > 0.0 else 0.0
+    elif act == 1 and fast:  # float32 data: exp as m * 2**k (_exp_parts), 2**k from its bits
+        mantissa = np.empty(rows * cols, np.float64)
+        bits = np.empty(rows * cols, np.int64)
+        for r in range(rows):
+            for c in range(cols):
+                v = z[r, c]
+                m, k = _exp_parts(max(-0.5 * v * v, _EXP_FLOOR))
+                mantissa[r * cols + c] = m
+                # through int32: a double -> int64 conversion does not vectorize without AVX-512
+                bits[r * cols + c] = np.int64(np.int32(k) + np.int32(1023)) << 52
+        power = bits.view(np.float64)
+        for r in range(rows):
+            for c in range(cols):
+                v = z[r, c]
+                pdf = mantissa[r * cols + c] * power[r * cols + c] * _PDF_SCALE
+                out[r, c] = dy[r, c] * (_cdf(v, True) + v * pdf)
     elif act == 1:
         for r in range(rows):
             for c in range(cols):
@@ -229,14 +269,18 @@ def _serve_norm(kind, z, p, g_off, be_off, mean, var, s_off, eps, out):
         xhat = np.empty_like(z)
         _per_row_norm(kind, z, p, g_off, be_off, eps, xhat, np.empty(rows, z.dtype), out)
         return
+    scale = np.empty(cols)
+    shift = np.empty(cols)
+    m = np.empty(cols, mean.dtype)
     for c in range(cols):
-        scale = 1.0 / math.sqrt(var[s_off + c] + eps)
+        scale[c] = 1.0 / math.sqrt(var[s_off + c] + eps)
         if g_off >= 0:
-            scale *= p[g_off + c]
-        shift = p[be_off + c] if be_off >= 0 else 0.0
-        m = mean[s_off + c]
-        for r in range(rows):
-            out[r, c] = (z[r, c] - m) * scale + shift
+            scale[c] *= p[g_off + c]
+        shift[c] = p[be_off + c] if be_off >= 0 else 0.0
+        m[c] = mean[s_off + c]
+    for r in range(rows):  # rows outside, columns inside: along memory
+        for c in range(cols):
+            out[r, c] = (z[r, c] - m[c]) * scale[c] + shift[c]
 
 
 @_compiled
@@ -268,56 +312,30 @@ def _train_norm(
     if kind == 0 or kind == 3:
         _per_row_norm(kind, z, p, g_off, be_off, eps, xhat, row_inv, out)
         return 0.0
+    if rows > 1:
+        return _train_moments(
+            kind, z, p, g_off, be_off, mean, var, s_off, eps, a, rmax, dmax, xhat, factor, rr, dd,
+            out,
+        )  # fmt: skip
     keep = 1.0 - a
     weight_out = a
     for c in range(cols):
         m = mean[s_off + c]
         v = var[s_off + c]
-        inv_old = 1.0 / math.sqrt(v + eps)
         r_c = 1.0
         d_c = 0.0
-        if rows == 1:
-            diff = z[0, c] - m
-            mean[s_off + c] = z[0, c] - keep * diff
+        diff = z[0, c] - m
+        mean[s_off + c] = z[0, c] - keep * diff
+        if kind == 1:
             v = (v + a * diff * diff) * keep
             var[s_off + c] = v
-            if kind == 1:
-                inv = 1.0 / math.sqrt(v + eps)
-                xhat[0, c] = diff * inv * keep
-            else:  # batch_renorm at one row: the old running moments, gradient through x only
-                inv = inv_old
-                xhat[0, c] = diff * inv
-                weight_out = 0.0
-        else:
-            first = z[0, c]
-            ms = 0.0
-            for r in range(rows):
-                ms += z[r, c] - first
-            ms /= rows
-            vb = 0.0
-            for r in range(rows):
-                dev = z[r, c] - first - ms
-                vb += dev * dev
-            vb /= rows
-            delta = ms - (m - first)
-            center = ms - keep * delta
-            v = (v + a * delta * delta) * keep + a * vb
-            var[s_off + c] = v
-            mean[s_off + c] = first + center
-            if kind == 1:
-                inv = 1.0 / math.sqrt(v + eps)
-                for r in range(rows):
-                    xhat[r, c] = (z[r, c] - first - center) * inv
-            else:
-                weight_out = 1.0
-                var_eps = vb + eps
-                inv = 1.0 / math.sqrt(var_eps)
-                if rmax != 1.0:
-                    r_c = min(max(math.sqrt(var_eps) * inv_old, 1.0 / rmax), rmax)
-                if dmax != 0.0:
-                    d_c = min(max(delta * inv_old, -dmax), dmax)
-                for r in range(rows):
-                    xhat[r, c] = (z[r, c] - first - ms) * inv
+            inv = 1.0 / math.sqrt(v + eps)
+            xhat[0, c] = diff * inv * keep
+        else:  # batch_renorm at one row: the old running moments, gradient through x only
+            inv = 1.0 / math.sqrt(v + eps)
+            var[s_off + c] = (v + a * diff * diff) * keep
+            xhat[0, c] = diff * inv
+            weight_out = 0.0
         gamma = p[g_off + c] if g_off >= 0 else 1.0
         beta = p[be_off + c] if be_off >= 0 else 0.0
         scale = gamma * r_c
@@ -331,6 +349,69 @@ def _train_norm(
 
 
 @_compiled
+def _train_moments(
+    kind, z, p, g_off, be_off, mean, var, s_off, eps, a, rmax, dmax, xhat, factor, rr, dd, out
+):
+    """:func:`_train_norm` of the running-moment norms on two rows or more: per column, the
+    batch mean and variance about the first row (sums over the rows in order), the running
+    moments' update, then ``xhat`` and ``out``. The loops run over rows outside and columns
+    inside, along memory, so that they vectorize."""
+    rows, cols = z.shape
+    keep = 1.0 - a
+    first = z[0].copy()
+    ms = np.zeros(cols)
+    for r in range(rows):
+        for c in range(cols):
+            ms[c] += z[r, c] - first[c]
+    for c in range(cols):
+        ms[c] /= rows
+    vb = np.zeros(cols)
+    for r in range(rows):
+        for c in range(cols):
+            dev = z[r, c] - first[c] - ms[c]
+            vb[c] += dev * dev
+    center = np.empty(cols)
+    inv = np.empty(cols)
+    scale = np.empty(cols)
+    shift = np.empty(cols)
+    for c in range(cols):
+        vb_c = vb[c] / rows
+        m = mean[s_off + c]
+        v = var[s_off + c]
+        inv_old = 1.0 / math.sqrt(v + eps)
+        delta = ms[c] - (m - first[c])
+        center_c = ms[c] - keep * delta
+        v = (v + a * delta * delta) * keep + a * vb_c
+        var[s_off + c] = v
+        mean[s_off + c] = first[c] + center_c
+        r_c = 1.0
+        d_c = 0.0
+        if kind == 1:
+            inv[c] = 1.0 / math.sqrt(v + eps)
+            center[c] = center_c
+        else:
+            var_eps = vb_c + eps
+            inv[c] = 1.0 / math.sqrt(var_eps)
+            center[c] = ms[c]
+            if rmax != 1.0:
+                r_c = min(max(math.sqrt(var_eps) * inv_old, 1.0 / rmax), rmax)
+            if dmax != 0.0:
+                d_c = min(max(delta * inv_old, -dmax), dmax)
+        gamma = p[g_off + c] if g_off >= 0 else 1.0
+        beta = p[be_off + c] if be_off >= 0 else 0.0
+        scale[c] = gamma * r_c
+        shift[c] = beta + d_c * gamma
+        factor[c] = inv[c] * scale[c]
+        rr[c] = r_c
+        dd[c] = d_c
+    for r in range(rows):
+        for c in range(cols):
+            xhat[r, c] = (z[r, c] - first[c] - center[c]) * inv[c]
+            out[r, c] = xhat[r, c] * scale[c] + shift[c]
+    return a if kind == 1 else 1.0
+
+
+@_compiled
 def _norm_backward(kind, dy, xhat, factor, rr, dd, row_inv, a_w, p, g, g_off, be_off, dz):
     """Gradients of the norm: scale and shift into ``g``, ``dz`` from ``dy``."""
     rows, cols = dy.shape
@@ -340,23 +421,25 @@ def _norm_backward(kind, dy, xhat, factor, rr, dd, row_inv, a_w, p, g, g_off, be
                 dz[r, c] = dy[r, c]
         return
     k = a_w / rows
+    # per column sums over the rows in order; rows outside, columns inside: along memory
+    sgx = np.zeros(cols)
+    sg = np.zeros(cols)
+    for r in range(rows):
+        for c in range(cols):
+            sgx[c] += dy[r, c] * xhat[r, c]
+            sg[c] += dy[r, c]
     for c in range(cols):
-        sgx = 0.0
-        sg = 0.0
-        for r in range(rows):
-            sgx += dy[r, c] * xhat[r, c]
-            sg += dy[r, c]
         if kind == 3:  # layer: y = gamma xhat + beta
             if g_off >= 0:
-                g[g_off + c] = sgx
+                g[g_off + c] = sgx[c]
         elif g_off >= 0:  # the running-moment norms: y = gamma (r xhat + d) + beta
-            g[g_off + c] = sgx * rr[c] + dd[c] * sg
+            g[g_off + c] = sgx[c] * rr[c] + dd[c] * sg[c]
         if be_off >= 0:
-            g[be_off + c] = sg
-        if kind != 3:
-            f = factor[c]
-            for r in range(rows):
-                dz[r, c] = (dy[r, c] - k * xhat[r, c] * sgx - k * sg) * f
+            g[be_off + c] = sg[c]
+    if kind != 3:
+        for r in range(rows):
+            for c in range(cols):
+                dz[r, c] = (dy[r, c] - k * xhat[r, c] * sgx[c] - k * sg[c]) * factor[c]
     if kind == 3:
         for r in range(rows):
             s1 = 0.0

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -50,7 +52,17 @@ __all__ = ["OTHER_CATEGORY", "FeatureEncoder", "SchemaPlan"]
 OTHER_CATEGORY = "<other>"
 _NUM, _CAT = "num", "cat"
 _KIND_NAMES = {_NUM: "a number", _CAT: "a string"}
+# The types a known numeric feature's value may have on the batch path (FeatureEncoder.screen):
+# exactly those that np.array(..., float64) converts as float() does, None becoming NaN.
+_PLAIN_TYPES = frozenset({float, int, bool, type(None)})
 DEFAULT_MAX_FEATURES = 10_000
+
+
+def _float_rows(rows: Sequence[Sequence[Any]], n: int, width: int) -> np.ndarray:
+    """``np.array(rows, dtype=np.float64)`` for ``n`` rows of ``width`` values (None becomes NaN),
+    converted as one flat iterator."""
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.float64, count=n * width)
+    return flat.reshape(n, width)
 
 
 class FeatureEncoder:
@@ -85,6 +97,19 @@ class FeatureEncoder:
         self.categories: dict[str, dict[str, int]] = {}
         self.n_columns = 0
         self.scaler = RunningStandardizer(0, clip=clip)
+        self._rows_of: tuple[tuple[str, ...], frozenset[Any], Callable[[Any], Any]] | None = None
+
+    def _numeric_rows(self) -> tuple[frozenset[Any], Callable[[Any], Any]]:
+        """The numeric feature names (slot order) with the target, and a getter of a record's
+        numeric values in slot order (a tuple; ``KeyError`` when one is absent): the batch paths
+        of :meth:`screen` and :meth:`_encode`, which run per batch in C what the record paths run
+        per field in Python."""
+        names = tuple(self._numeric_names)
+        cached = self._rows_of
+        if cached is None or cached[0] != names:
+            getter = itemgetter(*names) if len(names) > 1 else (lambda value: (value[names[0]],))
+            cached = self._rows_of = (names, frozenset((*names, self.target)), getter)
+        return cached[1], cached[2]
 
     def column_names(self) -> list[str]:
         names = [""] * self.n_columns
@@ -165,6 +190,45 @@ class FeatureEncoder:
         ) or self.check(value)
         return True if problem is None else problem
 
+    def screen(self, values: Sequence[dict[str, Any]]) -> list[tuple[RejectReason, str] | bool]:
+        """:meth:`screen_record` of each of ``values``, the same answers.
+
+        A batch whose fields are all known numeric features (or the target), each present in
+        every record with a value of a :data:`_PLAIN_TYPES` type, is checked at once: a record
+        whose values all lie strictly within ``max_abs_value`` (so finite, and none missing) is
+        acceptable and adds nothing; any other record, and any other batch, goes through
+        :meth:`screen_record`."""
+        inside = self._inside_limits(values)
+        if inside is None:
+            return [self.screen_record(value) for value in values]
+        return [
+            False if ok else self.screen_record(value)
+            for ok, value in zip(inside, values, strict=True)
+        ]
+
+    def _inside_limits(self, values: Sequence[dict[str, Any]]) -> list[bool] | None:
+        """For a batch of known numeric features only, each present with a plain value, whether
+        each record's values all lie strictly within ``max_abs_value``; else None."""
+        if not (self._numeric_names and values):
+            return None
+        plain, getter = self._numeric_rows()
+        if not set().union(*values) <= plain:
+            return None
+        try:
+            rows = list(map(getter, values))
+        except KeyError:  # a feature absent from a record
+            return None
+        if not set(map(type, chain.from_iterable(rows))) <= _PLAIN_TYPES:
+            return None
+        try:
+            x = _float_rows(rows, len(values), len(self._numeric_names))
+        except OverflowError:  # an int beyond float64: the record path says why
+            return None
+        # float(v) < limit implies v <= limit for an int v too (rounding is monotonic); NaN (a
+        # missing value) and the bound itself take the record path
+        inside: list[bool] = (np.abs(x) < self.max_abs_value).all(axis=1).tolist()
+        return inside
+
     def decide_kinds(self, values: Sequence[dict[str, Any]]) -> dict[str, str]:
         """The kind of every feature that ``values`` (one batch) bring and the encoder has not
         seen: the majority over the batch's non-missing values, numbers and booleans numeric,
@@ -186,6 +250,15 @@ class FeatureEncoder:
         rejected the records whose new features would not fit (:class:`SchemaPlan`, which follows
         the same rules), so the bound drops categories only."""
         before = self.n_columns
+        # known numeric features only (the common batch): nothing to register
+        if not (self._numeric_names and set().union(*values) <= self._numeric_rows()[0]):
+            self._register(values)
+        if len(self.numeric) != self.scaler.n_columns:
+            self.scaler.grow(len(self.numeric))
+        return self.n_columns > before
+
+    def _register(self, values: Sequence[dict[str, Any]]) -> None:
+        """:meth:`_learn_schema`'s pass over the fields, in arrival order."""
         kinds, target, features = self.kinds, self.target, self.features
         cap = self.max_features
         for value in values:
@@ -212,23 +285,21 @@ class FeatureEncoder:
                     if key not in cats and self.n_columns < cap:
                         cats[key] = self.n_columns
                         self.n_columns += 1
-        if len(self.numeric) != self.scaler.n_columns:
-            self.scaler.grow(len(self.numeric))
-        return self.n_columns > before
 
     def _encode(self, values: Sequence[dict[str, Any]], *, learn: bool) -> np.ndarray:
         n = len(values)
         out = np.zeros((n, self.n_columns), dtype=np.float32)
         names = self._numeric_names
         if names:
-            nan = math.nan
-            num = np.array(
-                [
+            try:  # every numeric feature present (None, a missing value, becomes NaN)
+                rows = list(map(self._numeric_rows()[1], values))
+            except KeyError:
+                nan = math.nan
+                rows = [
                     [nan if (v := value.get(name)) is None else v for name in names]
                     for value in values
-                ],
-                dtype=np.float64,
-            ).reshape(n, len(names))
+                ]
+            num = _float_rows(rows, n, len(names))
             columns = self._column_index
             if columns.shape[0] != len(names):
                 columns = self._column_index = np.asarray(self.numeric_columns, dtype=np.int64)

@@ -88,15 +88,21 @@ class ClassificationMetrics:
             return
         k = proba.shape[1]
         y_pred = proba.argmax(axis=1)
-        known = y_true < k
-        p_true = proba[np.arange(n), np.minimum(y_true, k - 1)]
-        losses = -np.log(np.clip(p_true, _EPS, 1.0 - _EPS))
-        hits = (y_pred == y_true).astype(np.int8)
+        top = int(y_true.max())
+        p_true = proba[np.arange(n), y_true if top < k else np.minimum(y_true, k - 1)]
+        # clip(p, a, b) as max then min: the same values, NaN included, without np.clip's wrapper
+        losses = np.log(np.minimum(np.maximum(p_true, _EPS), 1.0 - _EPS))
+        np.negative(losses, out=losses)
+        if top >= k:  # a class new in this batch adds 0 (module docstring)
+            losses = np.where(y_true < k, losses, 0.0)
+        hits = (y_pred == y_true).view(np.int8)
         self.n += n
-        self.correct += int(hits.sum())
-        self.log_loss_sum += float(np.where(known, losses, 0.0).sum())
-        self._grow(max(int(y_true.max()) + 1, k))
-        np.add.at(self.confusion, (y_true, y_pred), 1)
+        self.correct += int(np.count_nonzero(hits))
+        self.log_loss_sum += float(losses.sum())
+        self._grow(max(top + 1, k))
+        size = self.confusion.shape[0]
+        counts = np.bincount(y_true * size + y_pred, minlength=size * size)
+        self.confusion += counts.reshape(size, size)
         self._push(hits)
 
     def _update_one(self, y_true: int, proba: np.ndarray) -> None:
@@ -123,9 +129,9 @@ class ClassificationMetrics:
             chunk = hits[start : start + self.window]
             m = chunk.shape[0]
             end = self._ring_pos + m
-            self._ring_hits += int(chunk.sum())
+            self._ring_hits += int(np.count_nonzero(chunk))  # the ring holds 0 and 1
             if end <= self.window:
-                self._ring_hits -= int(self._ring[self._ring_pos : end].sum())
+                self._ring_hits -= int(np.count_nonzero(self._ring[self._ring_pos : end]))
                 self._ring[self._ring_pos : end] = chunk
             else:
                 first = self.window - self._ring_pos

@@ -359,8 +359,9 @@ class IncrementalTrainer:
         """
         c, encoder = self.config, self.encoder
         passed: list[tuple[Record, bool]] = []
-        for record in records:
-            outcome = encoder.screen_record(record.value)
+        for record, outcome in zip(
+            records, encoder.screen([record.value for record in records]), strict=True
+        ):
             if isinstance(outcome, tuple):
                 self._reject(record, outcome, rejected)
             else:
@@ -371,9 +372,31 @@ class IncrementalTrainer:
             kinds = encoder.decide_kinds(fresh)
             plan = SchemaPlan(encoder, kinds, c.max_new_features_per_record)
         task, target, class_index = self.task, self.target, self.class_index
+        if plan is None and task is not None and task != "regression":
+            # No record adds a column: when the labels are all str or all int (or missing) and
+            # each distinct one is a known class, the loop below accepts every record with it
+            raws = [record.value.get(target) for record, _ in passed]
+            label_types = set(map(type, raws))
+            if label_types <= {str, type(None)} or label_types <= {int, type(None)}:
+                by_raw: dict[Any, Any] = {}
+                for raw in set(raws):
+                    if raw is None or raw == "":
+                        by_raw[raw] = None
+                        continue
+                    known = parse_label(
+                        raw, task, max_abs_value=c.max_abs_value, max_length=c.max_string_length
+                    )
+                    if isinstance(known, tuple) or known not in class_index:
+                        break
+                    by_raw[raw] = known
+                else:
+                    return [record for record, _ in passed], list(map(by_raw.__getitem__, raws))
         new_classes: dict[str, None] = {}
         accepted: list[Record] = []
         labels: list[Any] = []
+        # one parse per distinct (type, value) of a scalar class label: parse_label is a function
+        # of those and the task alone (a regression target is parsed each time: -0.0 == 0.0)
+        parsed_labels: dict[tuple[Any, Any, str], Any] = {}
         for record, is_fresh in passed:
             raw_label = record.value.get(target)
             label: Any = None
@@ -381,12 +404,18 @@ class IncrementalTrainer:
             problem: tuple[RejectReason, str] | None = None
             if raw_label is not None and raw_label != "":
                 record_task = task or infer_task(raw_label)
-                parsed = parse_label(
-                    raw_label,
-                    record_task,
-                    max_abs_value=c.max_abs_value,
-                    max_length=c.max_string_length,
-                )
+                memo = record_task != "regression" and type(raw_label) in (str, int, float, bool)
+                key = (type(raw_label), raw_label, record_task)
+                parsed = parsed_labels.get(key) if memo else None
+                if parsed is None:
+                    parsed = parse_label(
+                        raw_label,
+                        record_task,
+                        max_abs_value=c.max_abs_value,
+                        max_length=c.max_string_length,
+                    )
+                    if memo:
+                        parsed_labels[key] = parsed
                 if isinstance(parsed, tuple):
                     problem = parsed
                 else:
@@ -480,8 +509,7 @@ class IncrementalTrainer:
     def class_targets(self, labels: Sequence[Any]) -> np.ndarray:
         """The class indices of ``labels`` (parsed), new classes added first."""
         self.add_classes(labels)
-        class_index = self.class_index
-        return np.fromiter((class_index[y] for y in labels), dtype=np.int64, count=len(labels))
+        return np.fromiter(map(self.class_index.__getitem__, labels), np.int64, len(labels))
 
     # The phases a learner implements: serve predictions, then learn from the labelled rows.
     def predict_encoded(

@@ -65,6 +65,7 @@ from stream_trainer.training.config import (
     DEFAULT_NORM_OPTIONS,
     SCREENING_SETTINGS,
     TrainerConfig,
+    with_members_for_explicit_momentum,
 )
 from stream_trainer.training.labels import canonical_class
 from stream_trainer.training.trainer import IncrementalTrainer
@@ -136,7 +137,8 @@ linear_expert
     Serve the MLP mixed with an online linear {linear}, weighted by recent errors.
 member_momenta
     One MLP member per norm momentum, all trained, served as a mixture weighted by recent
-    errors (``()``: one member; ``None``: the trainer's default).
+    errors (``()``: one member; ``None``: the trainer's default, or one member when
+    ``norm_options`` sets a momentum).
 optimizer
     ``adam``, ``adamw`` or ``sgd``.
 lr
@@ -246,6 +248,15 @@ class _TrainerAdapter:
         protocol there, e.g. :class:`~stream_trainer.training.river_baselines.RiverLearner`)."""
         return IncrementalTrainer(config)
 
+    def _member_momenta(self) -> tuple[float, ...]:
+        """``member_momenta``; ``None``: none when ``norm_options`` sets a momentum
+        (:func:`~stream_trainer.training.config.with_members_for_explicit_momentum`), else the
+        default members."""
+        if self.member_momenta is not None:
+            return tuple(self.member_momenta)
+        given = with_members_for_explicit_momentum({"norm_options": self.norm_options})
+        return tuple(given.get("member_momenta", DEFAULT_MEMBER_MOMENTA))
+
     def _config(self) -> TrainerConfig:
         options = DEFAULT_NORM_OPTIONS if self.norm_options is None else self.norm_options
         return TrainerConfig(
@@ -260,11 +271,7 @@ class _TrainerAdapter:
             weight_standardization=self.weight_standardization,
             skip=self.skip,
             linear_expert=self.linear_expert,
-            member_momenta=(
-                DEFAULT_MEMBER_MOMENTA
-                if self.member_momenta is None
-                else tuple(self.member_momenta)
-            ),
+            member_momenta=self._member_momenta(),
             optimizer=self.optimizer,
             lr=self.lr,
             weight_decay=self.weight_decay,

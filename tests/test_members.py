@@ -202,3 +202,36 @@ def test_toml_and_the_environment_set_the_members(tmp_path) -> None:
     assert load_service_config(environ=environ).trainer.member_momenta == (0.003, 0.03)
     with pytest.raises(ConfigError, match="member_momenta"):
         load_service_config(environ={"STREAM_TRAINER_TRAINER__MEMBER_MOMENTA": "0.5,2"})
+
+
+def test_a_momentum_asked_for_runs_alone() -> None:
+    """``--norm-option ema_batch.momentum=M`` (or the same in TOML, the environment, the river
+    estimator) without ``member_momenta`` trains one member with M, not the default grid."""
+    from stream_trainer.cli import build_parser
+    from stream_trainer.commands.run import service_config
+    from stream_trainer.river import MLPClassifier
+    from stream_trainer.service.config import load_service_config
+    from stream_trainer.training.config import DEFAULT_MEMBER_MOMENTA
+
+    parser = argparse.ArgumentParser()
+    add_learner_arguments(parser)
+    config = trainer_config(parser.parse_args(["--norm-option", "ema_batch.momentum=0.03"]), "y")
+    assert config.member_momenta == () and config.member_norm_options()[0]["ema_batch"] == {
+        "momentum": 0.03
+    }
+    # another option is no momentum: the default members stay
+    config = trainer_config(parser.parse_args(["--norm-option", "ema_batch.eps=0.001"]), "y")
+    assert config.member_momenta == DEFAULT_MEMBER_MOMENTA
+    both = ["--norm-option", "ema_batch.momentum=0.03", "--member-momenta", "0.01,0.1"]
+    assert trainer_config(parser.parse_args(both), "y").member_momenta == (0.01, 0.1)
+
+    args = build_parser().parse_args(["run", "--norm-option", "ema_batch.momentum=0.03"])
+    assert service_config(args, environ={}).trainer.member_momenta == ()
+    args = build_parser().parse_args(["run", "--norm-option", "ema_batch.warm_start=false"])
+    assert service_config(args, environ={}).trainer.member_momenta == DEFAULT_MEMBER_MOMENTA
+    environ = {"STREAM_TRAINER_TRAINER__NORM_OPTIONS": '{"ema_batch": {"momentum": 0.03}}'}
+    assert load_service_config(environ=environ).trainer.member_momenta == ()
+
+    alone = MLPClassifier(norm_options={"ema_batch": {"momentum": 0.03}})
+    assert alone.trainer.config.member_momenta == ()
+    assert MLPClassifier().trainer.config.member_momenta == DEFAULT_MEMBER_MOMENTA

@@ -17,6 +17,7 @@ from stream_trainer.training.config import (
     RIVER_MODELS,
     TASKS,
     TrainerConfig,
+    with_members_for_explicit_momentum,
 )
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ __all__ = [
     "add_limit_arguments",
     "add_threads_argument",
     "build_learner",
+    "given_norm_options",
+    "member_momenta_from",
     "model_name",
     "norm_options_from",
     "trainer_config",
@@ -84,13 +87,35 @@ def _norm_option(text: str) -> tuple[str, str, object]:
     return norm, key, value
 
 
+def given_norm_options(
+    items: list[tuple[str, str, object]] | None,
+) -> dict[str, dict[str, object]]:
+    """The ``--norm-option`` items alone, as ``norm_options`` (later items win)."""
+    options: dict[str, dict[str, object]] = {}
+    for norm, key, value in items or []:
+        options.setdefault(norm, {})[key] = value
+    return options
+
+
 def norm_options_from(items: list[tuple[str, str, object]] | None) -> dict[str, dict[str, object]]:
     """The ``norm_options`` of :class:`TrainerConfig` for ``--norm-option`` items: the defaults,
     then each item in order."""
     options = {name: dict(values) for name, values in DEFAULT_NORM_OPTIONS.items()}
-    for norm, key, value in items or []:
-        options.setdefault(norm, {})[key] = value
+    for norm, values in given_norm_options(items).items():
+        options.setdefault(norm, {}).update(values)
     return options
+
+
+def member_momenta_from(args: argparse.Namespace) -> tuple[float, ...]:
+    """``--member-momenta`` if given; else none when ``--norm-option`` sets a momentum (that one
+    runs, :func:`~stream_trainer.training.config.with_members_for_explicit_momentum`), else the
+    default members."""
+    if args.member_momenta is not None:
+        return tuple(args.member_momenta)
+    given = {"norm_options": given_norm_options(args.norm_options)}
+    return tuple(
+        with_members_for_explicit_momentum(given).get("member_momenta", _DEFAULTS.member_momenta)
+    )
 
 
 def _norm_list(text: str) -> str | tuple[str, ...]:
@@ -151,11 +176,13 @@ def add_learner_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--member-momenta",
         type=_momenta,
-        default=_DEFAULTS.member_momenta,
+        default=None,
         metavar="M1,M2,...",
         help="train one MLP member per norm momentum, served as a mixture weighted by their "
         "recent errors: the stream picks its time scale ('none': one member, with the norm's "
-        "own momentum; default " + (",".join(map(str, _DEFAULTS.member_momenta)) or "none") + ")",
+        "own momentum, as when --norm-option sets a momentum; default "
+        + (",".join(map(str, _DEFAULTS.member_momenta)) or "none")
+        + ")",
     )
     g.add_argument(
         "--lr-scale-min",
@@ -243,7 +270,7 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         weight_standardization=args.weight_standardization,
         skip=args.skip,
         linear_expert=args.linear_expert,
-        member_momenta=args.member_momenta,
+        member_momenta=member_momenta_from(args),
         lr_scale_min=args.lr_scale_min,
         optimizer=args.optimizer,
         lr=args.lr,

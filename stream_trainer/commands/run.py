@@ -23,12 +23,13 @@ from stream_trainer.commands._kafka_args import add_kafka_arguments, kafka_flags
 from stream_trainer.commands._learner_args import (
     add_learner_arguments,
     add_limit_arguments,
+    given_norm_options,
     norm_options_from,
 )
 from stream_trainer.errors import ConfigError
 from stream_trainer.service.config import ServiceConfig
 from stream_trainer.service.settings import add_setting_arguments
-from stream_trainer.training.config import TrainerConfig
+from stream_trainer.training.config import TrainerConfig, with_members_for_explicit_momentum
 
 __all__ = ["register", "service_config"]
 
@@ -71,7 +72,10 @@ def _split(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], di
         raise ConfigError(f"run trains the MLP; river baselines ({model!r}) are for `evaluate`")
     trainer = {key: given.pop(key) for key in _trainer_keys() if key in given}
     if "norm_options" in trainer:
-        trainer["norm_options"] = norm_options_from(trainer["norm_options"])
+        items = trainer["norm_options"]
+        given_options = {**trainer, "norm_options": given_norm_options(items)}
+        trainer = with_members_for_explicit_momentum(given_options)
+        trainer["norm_options"] = norm_options_from(items)
     if "features" in trainer and isinstance(trainer["features"], str):
         trainer["features"] = tuple(f.strip() for f in trainer["features"].split(",") if f.strip())
     if trainer.get("grad_clip") == 0:

@@ -49,6 +49,7 @@ from stream_trainer.redaction import MASK as _MASK
 from stream_trainer.redaction import mask_url
 from stream_trainer.service.settings import check_value, parse_text, setting
 from stream_trainer.training import TrainerConfig
+from stream_trainer.training.config import with_members_for_explicit_momentum
 
 __all__ = [
     "ENV_PREFIX",
@@ -520,6 +521,8 @@ def load_service_config(
     if config_file is not None:
         layers.append(_from_toml(Path(config_file)))
     layers.append(_from_env(os.environ if environ is None else environ))
+    # A momentum written in a file or variable means one member (the flags say it themselves).
+    layers = [(t, with_members_for_explicit_momentum(tr), k) for t, tr, k in layers]
     layers.append((dict(flags or {}), dict(trainer_flags or {}), dict(kafka_flags or {})))
     for t, tr, k in layers:
         top.update(t)

@@ -26,6 +26,7 @@ __all__ = [
     "SCREENING_SETTINGS",
     "TASKS",
     "TrainerConfig",
+    "with_members_for_explicit_momentum",
 ]
 
 TASKS = ("auto", "classification", "regression")
@@ -48,8 +49,23 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 }
 
 
-# The members' norm momenta (TrainerConfig.member_momenta), chosen on bench/tuning.py's suite.
+# The members' norm momenta (TrainerConfig.member_momenta), chosen on bench/tuning.py's suite;
+# they replace DEFAULT_NORM_OPTIONS' momentum member by member.
 DEFAULT_MEMBER_MOMENTA: tuple[float, ...] = (0.002, 0.012, 0.08)
+
+
+def with_members_for_explicit_momentum(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a user gave (``TrainerConfig`` keyword values: flags, a TOML table, the
+    environment), with ``member_momenta=()`` added when they set a norm's ``momentum`` in
+    ``norm_options`` and say nothing of ``member_momenta``: a momentum asked for is the one the
+    model runs with, not one that the members' grid replaces."""
+    values = dict(settings)
+    options = values.get("norm_options")
+    if "member_momenta" in values or not isinstance(options, Mapping):
+        return values
+    if any(isinstance(o, Mapping) and "momentum" in o for o in options.values()):
+        values["member_momenta"] = ()
+    return values
 
 
 # Settings added after checkpoints were first written, with the value that a saved configuration
@@ -124,8 +140,9 @@ class TrainerConfig:
     task: str = "auto"
     features: tuple[str, ...] | None = None
     # The defaults below were chosen on river's streams and weather.csv at batch size 1 and
-    # ``1:64`` against river's LogisticRegression; docs/decisions.md gives each choice with the
-    # command that shows it, and what was tried instead.
+    # ``1:64`` against river's LogisticRegression, the members on the 21 streams of
+    # bench/tuning.py; docs/decisions.md gives each choice with the command that shows it, and
+    # what was tried instead.
     hidden: tuple[int, ...] = (64, 64)
     norm: str | tuple[str, ...] = "ema_batch"
     norm_options: Mapping[str, Mapping[str, Any]] = field(

@@ -86,7 +86,13 @@ def _row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
 
 
 def _throughput(results: Path) -> list[list[str]]:
-    from bench.throughput import CONTENTION_TARGET, TARGETS, contention_ratio, ratio
+    from bench.throughput import (
+        CONTENTION_TARGET,
+        TARGETS,
+        contention_ratio,
+        member_cost_checks,
+        ratio,
+    )
 
     data = read_json(results / "throughput.json")
     rows, command = data["rows"], f"`{data['meta']['command']}`"
@@ -98,6 +104,8 @@ def _throughput(results: Path) -> list[list[str]]:
     value = contention_ratio(rows)
     if value is not None:
         what, goal = CONTENTION_TARGET
+        out.append([what, f"{value:.2f}", f"≤ {goal:g}", command])
+    for what, value, goal in member_cost_checks(rows):
         out.append([what, f"{value:.2f}", f"≤ {goal:g}", command])
     return out
 

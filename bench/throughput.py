@@ -9,7 +9,8 @@ alike. This process and deep-river's are pinned to one thread (torch's and the B
 beforehand, after ``--warmup`` records of warm-up (the optimizer built, every lazy import paid):
 
 * *ours*: ``IncrementalTrainer(TrainerConfig(target=...)).step(batch)``, the public API only,
-  so whatever step the trainer runs inside is what is measured;
+  so whatever step the trainer runs inside is what is measured; and the same with one MLP member
+  (``member_momenta=()``), the step the default's members multiply;
 * *deep-river*: ``StandardScaler | deep_river.classification.Classifier`` with an MLP of the
   same widths (Linear, ReLU; no norm), same optimizer and learning rate, in its own environment
   (:mod:`bench.envs`) as a long-lived worker (:mod:`bench.deep_river_job`);
@@ -57,6 +58,7 @@ PLOT = DOCS / "bench_throughput.png"
 SOURCE = (str(ROOT.parent / "shared" / "data" / "weather.csv"), "target")
 
 OURS = "ours"
+OURS_ONE = "ours, one member (`--member-momenta none`)"
 DEEP_RIVER = "deep-river"
 PLAIN = "plain nn.Sequential loop, no norm"
 PLAIN_LAYER_NORM = "plain nn.Sequential loop, LayerNorm"
@@ -323,6 +325,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     steady: dict[tuple[str, int], Callable[[], float]] = {}
     for size in sizes:
         steady[OURS, size] = _ours(records, args.target, size, args.warmup, args.seed)
+        steady[OURS_ONE, size] = _ours(
+            records, args.target, size, args.warmup, args.seed, member_momenta=()
+        )
         for name, norm in ((PLAIN, False), (PLAIN_LAYER_NORM, True)):
             steady[name, size] = _plain(
                 records, args.target, size, args.warmup, args.seed, layer_norm=norm
@@ -408,6 +413,22 @@ TARGETS = (
     ),
     ("steady", OURS, PLAIN, 64, 1.5, "trainer ÷ plain loop without norm, samples/s at batch 64"),
     (
+        "steady",
+        OURS_ONE,
+        DEEP_RIVER,
+        1,
+        10.0,
+        "trainer with one member ÷ deep-river, samples/s at batch 1, steady",
+    ),
+    (
+        "steady",
+        OURS_ONE,
+        PLAIN,
+        64,
+        1.5,
+        "trainer with one member ÷ plain loop without norm, samples/s at batch 64",
+    ),
+    (
         "command",
         OURS_COMMAND,
         DEEP_RIVER_SCRIPT,
@@ -417,6 +438,20 @@ TARGETS = (
     ),
 )
 CONTENTION_TARGET = ("width 128 at batch 64: idle ÷ beside one busy process, samples/s", 1.3)
+# (size, goal): the default's members cost at most ``goal`` times the one-member step.
+MEMBER_COST_TARGETS = ((1, 1.5), (64, 2.0))
+
+
+def member_cost_checks(rows: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """``(what, measured, goal)`` per :data:`MEMBER_COST_TARGETS` size measured: one member's
+    samples/s over the default's (the default's step time in one-member steps)."""
+    out = []
+    for size, goal in MEMBER_COST_TARGETS:
+        value = ratio(rows, "steady", OURS_ONE, OURS, size)
+        if value is not None:
+            what = f"default (its members) ÷ one member, step time at batch {size}"
+            out.append((what, value, goal))
+    return out
 
 
 def contention_ratio(rows: list[dict[str, Any]]) -> float | None:
@@ -520,6 +555,9 @@ def render(data: dict[str, Any]) -> str:
     value = contention_ratio(rows)
     if value is not None:
         what, goal = CONTENTION_TARGET
+        verdict = "met" if value <= goal else "**not met**"
+        checks.append(f"- target {what} ≤ {goal:g}: measured {value:.2f}: {verdict}")
+    for what, value, goal in member_cost_checks(rows):
         verdict = "met" if value <= goal else "**not met**"
         checks.append(f"- target {what} ≤ {goal:g}: measured {value:.2f}: {verdict}")
     return "\n".join(lines + checks) + "\n"

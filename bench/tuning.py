@@ -5,7 +5,8 @@ Every (stream, seed, batching, contender) is one prequential run of
 :class:`~stream_trainer.training.TrainerConfig` overrides, merged with the stream's ``target`` and
 the run's ``seed`` (``TrainerConfig(**overrides, target=..., seed=...)``). The contenders are
 
-- the *grid* of fixed settings: ``ema_batch`` momentum over ``--grid`` (one member each);
+- the *grid* of fixed settings: ``ema_batch`` momentum over ``--grid`` (one member each,
+  ``member_momenta=()``);
 - the *candidates*: ``default`` (``TrainerConfig()`` as it is when the suite runs) and each
   ``--candidates NAME=JSON`` (JSON lists become tuples for tuple-typed settings);
 - river's ``LogisticRegression`` and ``ARF`` through the project's
@@ -264,7 +265,10 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         Contender(
             grid_name(m),
             "grid",
-            json.dumps({"norm_options": {"ema_batch": {"momentum": m}}}, sort_keys=True),
+            json.dumps(
+                {"norm_options": {"ema_batch": {"momentum": m}}, "member_momenta": []},
+                sort_keys=True,
+            ),
         )
         for m in (float(v) for v in csv_list(args.grid))
     ]

@@ -108,7 +108,7 @@ def test_throughput_quick_without_deep_river(tmp_results: Path) -> None:
     data = tp.run(_args(tp, argv), argv)
     rows = data["rows"]
     assert {(r["group"], r["contender"], r["size"]) for r in rows} == {
-        *(("steady", name, size) for name in (tp.OURS, tp.PLAIN, tp.PLAIN_LAYER_NORM)
+        *(("steady", name, size) for name in (tp.OURS, tp.OURS_ONE, tp.PLAIN, tp.PLAIN_LAYER_NORM)
           for size in (1, 64)),
         ("steady", tp.RIVER_LR, 1),
         ("command", tp.OURS_COMMAND, 1),
@@ -121,6 +121,7 @@ def test_throughput_quick_without_deep_river(tmp_results: Path) -> None:
     assert command["samples_per_second"] == pytest.approx(300 / command["seconds"])
     text = tp.render(data)
     assert "| plain nn.Sequential loop, LayerNorm |" in text and "idle ÷ busy" in text
+    assert "target default (its members) ÷ one member, step time at batch 1 ≤ 1.5" in text
     assert f"| {tp.DEEP_RIVER} |" not in text and f"| {tp.DEEP_RIVER_SCRIPT} |" not in text
 
 
@@ -256,6 +257,7 @@ def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
         {"group": "steady", "contender": tp.PLAIN, "size": 64, "samples_per_second": 1000.0},
         {"group": "contention", "contender": tp.IDLE, "size": 64, "samples_per_second": 500.0},
         {"group": "contention", "contender": tp.BUSY, "size": 64, "samples_per_second": 400.0},
+        {"group": "steady", "contender": tp.OURS_ONE, "size": 1, "samples_per_second": 420.0},
     ]
     (tmp_path / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     (tmp_path / "kafka.md").write_text(
@@ -273,6 +275,7 @@ def test_summary_computes_ratios_from_result_files(tmp_path: Path) -> None:
         "| width 128 at batch 64: idle ÷ beside one busy process, samples/s | 1.25 | ≤ 1.3 |"
         in text
     )
+    assert "| default (its members) ÷ one member, step time at batch 1 | 1.40 | ≤ 1.5 |" in text
     assert "LayerNorm" not in text  # not measured: no row
     assert "| 0.81 (0.79-0.85) | ≥ 0.8 | `python bench/bench_kafka.py --records 10` |" in text
 
@@ -393,3 +396,6 @@ def test_tuning_candidates_are_checked() -> None:
     assert names == ["m=0.01", "default", "w", "LogisticRegression", "ARF"]
     config = tuning.trainer_config(tuning.contenders(args)[2].overrides, "y", 3)
     assert config.hidden == (8, 8) and config.seed == 3 and config.target == "y"
+    # a grid setting is one member with that momentum, whatever the default members are
+    grid = tuning.trainer_config(tuning.contenders(args)[0].overrides, "y", 3)
+    assert grid.member_norm_options() == [{**grid.norm_options, "ema_batch": {"momentum": 0.01}}]

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stream_trainer.features import OTHER_CATEGORY, FeatureEncoder, RunningStandardizer
+from stream_trainer.features.encoder import _BATCH_SCREEN_ROWS
 from stream_trainer.features.standardizer import WARMUP
 from stream_trainer.records import RejectReason
 
@@ -166,6 +167,8 @@ def test_batch_screen_and_encode_answer_as_the_record_paths(
     numeric ``a`` and ``c`` (target ``y``); the accepted records encode as one at a time."""
     enc = FeatureEncoder(target="y", features=features)
     enc.fit_transform([{"a": 1.0, "c": 2.0, "y": 1}, {"a": 3.0, "c": -1.0, "y": 0}])
+    # repeated up to the batch path's size (a smaller batch is screened record by record)
+    values = values * -(-_BATCH_SCREEN_ROWS // len(values))
     outcomes = enc.screen(values)
     assert outcomes == [enc.screen_record(value) for value in values]
     accepted = [v for v, o in zip(values, outcomes, strict=True) if o is False]

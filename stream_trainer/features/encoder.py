@@ -55,6 +55,8 @@ _KIND_NAMES = {_NUM: "a number", _CAT: "a string"}
 # The types a known numeric feature's value may have on the batch path (FeatureEncoder.screen):
 # exactly those that np.array(..., float64) converts as float() does, None becoming NaN.
 _PLAIN_TYPES = frozenset({float, int, bool, type(None)})
+# Below this many records, screening record by record costs less than the batch path.
+_BATCH_SCREEN_ROWS = 8
 DEFAULT_MAX_FEATURES = 10_000
 
 
@@ -197,7 +199,10 @@ class FeatureEncoder:
         every record with a value of a :data:`_PLAIN_TYPES` type, is checked at once: a record
         whose values all lie strictly within ``max_abs_value`` (so finite, and none missing) is
         acceptable and adds nothing; any other record, and any other batch, goes through
-        :meth:`screen_record`."""
+        :meth:`screen_record`; so does a batch of fewer than :data:`_BATCH_SCREEN_ROWS` records,
+        for which the record path costs less than the batch's setup."""
+        if len(values) < _BATCH_SCREEN_ROWS:
+            return [self.screen_record(value) for value in values]
         inside = self._inside_limits(values)
         if inside is None:
             return [self.screen_record(value) for value in values]

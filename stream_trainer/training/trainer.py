@@ -142,17 +142,12 @@ def _optimizer(name: str, params: Any, config: TrainerConfig) -> torch.optim.Opt
         return cls(params, foreach=True, **kwargs)
 
 
-_ADAM_BETA1 = 0.9  # torch's default, which _optimizer keeps
-
-
-def _set_beta1(optimizer: torch.optim.Optimizer, steps: float) -> None:
-    """Adam's first moment counted in samples: a step that stands for ``steps`` reference batches
-    decays it by ``beta1 ** steps`` (``beta2`` is left alone). Adam only: its update is normalized
-    by the second moment, so a shorter average changes the direction's noise, not the step size;
-    SGD's momentum would also shrink the effective rate ``lr / (1 - momentum)``."""
-    beta1 = _ADAM_BETA1**steps
-    for group in optimizer.param_groups:
-        group["betas"] = (beta1, group["betas"][1])
+# torch's default, which _optimizer keeps. With momentum_in_samples, a step that stands for
+# ``s`` reference batches decays Adam's first moment by ``beta1 ** s`` (beta2 is left alone).
+# Adam only: its update is normalized by the second moment, so a shorter average changes the
+# direction's noise, not the step size; SGD's momentum would also shrink the effective rate
+# ``lr / (1 - momentum)``.
+_ADAM_BETA1 = 0.9
 
 
 def _clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> None:
@@ -663,8 +658,7 @@ class IncrementalTrainer:
         if engine is not None:
             regression = self.task == "regression"
             target = self.y_scaler.transform(y[:, None]).astype(x_np.dtype) if regression else y
-            for optimizer in self.optimizers:
-                self._schedule(optimizer, y.shape[0])
+            self._schedule(self.optimizers, y.shape[0])
             losses = engine.learn(x_np, target, regression=regression, max_norm=c.grad_clip)
         else:
             losses = np.array(
@@ -681,8 +675,8 @@ class IncrementalTrainer:
         """``values`` (one per member) averaged with the members' mixture weights."""
         if values.shape[0] == 1:
             return float(values[0])
-        w = self.mixture.weights_view()[: values.shape[0]]
-        return float(np.dot(w, values) / w.sum())
+        w = self.mixture.weights_view().tolist()[: values.shape[0]]
+        return sum(a * b for a, b in zip(w, values.tolist(), strict=True)) / sum(w)
 
     def _learn_member(
         self, k: int, x_np: np.ndarray, y: np.ndarray, graph: torch.Tensor | None
@@ -713,7 +707,7 @@ class IncrementalTrainer:
             rows = self.gradient_sync(params, rows)
         if c.grad_clip is not None:
             _clip_grad_norm_([p.grad for p in params if p.grad is not None], c.grad_clip)
-        self._schedule(optimizer, rows)
+        self._schedule([optimizer], rows)
         optimizer.step()
         return loss.item()
 
@@ -729,8 +723,8 @@ class IncrementalTrainer:
         else:
             expert.learn(x, y)
 
-    def _schedule(self, optimizer: torch.optim.Optimizer, rows: int) -> None:
-        """Set this step's learning rate and Adam's beta1 in the optimizer's groups, for ``rows``
+    def _schedule(self, optimizers: list[torch.optim.Optimizer], rows: int) -> None:
+        """Set this step's learning rate and Adam's beta1 in the optimizers' groups, for ``rows``
         labelled samples (see :meth:`learn_encoded`)."""
         c = self.config
         if c.lr_scaling != "none" or c.lr_decay_samples is not None:
@@ -741,10 +735,14 @@ class IncrementalTrainer:
             if c.lr_decay_samples is not None:
                 decay = 1.0 / math.sqrt(1.0 + self.samples_trained / c.lr_decay_samples)
                 lr *= max(c.lr_decay_floor, decay)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
         if c.momentum_in_samples and c.optimizer != "sgd":
-            _set_beta1(optimizer, max(1.0, rows / c.lr_reference_batch))
+            beta1 = _ADAM_BETA1 ** max(1.0, rows / c.lr_reference_batch)
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["betas"] = (beta1, group["betas"][1])
 
     def learn_delayed(
         self, x: np.ndarray, labels: Sequence[Any], served: Sequence[np.ndarray | None]

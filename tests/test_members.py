@@ -235,3 +235,24 @@ def test_a_momentum_asked_for_runs_alone() -> None:
     alone = MLPClassifier(norm_options={"ema_batch": {"momentum": 0.03}})
     assert alone.trainer.config.member_momenta == ()
     assert MLPClassifier().trainer.config.member_momenta == DEFAULT_MEMBER_MOMENTA
+
+
+def test_a_checkpoint_from_before_members_restores_one_member() -> None:
+    """A state written before ``member_momenta`` existed (no key) restores as the one member it
+    trained, and its fingerprint is that of ``member_momenta=()``: a service resumes it with
+    ``--member-momenta none`` and refuses the new default rather than change the model."""
+    trainer = IncrementalTrainer(_config(member_momenta=()))
+    for batch in _batches(_jumping(100, 2)):
+        trainer.step(batch)
+    tensors, state = trainer.state_tensors(), trainer.state_json()
+    old = {k: v for k, v in state["config"].items() if k != "member_momenta"}
+    state = {
+        **state,
+        "config": old,
+        "mixture": {"experts": ["mlp", "linear"], "losses": [1.0, 2.0]},
+    }
+    restored = restore_trainer(tensors, state)
+    assert len(restored.members) == 1 and restored.config.member_momenta == ()
+    assert restored.config.fingerprint() == trainer.config.fingerprint()
+    assert restored.config.fingerprint() != _config().fingerprint()
+    np.testing.assert_array_equal(restored.mixture.losses, [1.0, 2.0])

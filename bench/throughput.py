@@ -423,6 +423,14 @@ TARGETS = (
     (
         "steady",
         OURS_ONE,
+        PLAIN_LAYER_NORM,
+        1,
+        10.0,
+        "trainer with one member ÷ plain LayerNorm loop, samples/s at batch 1, steady",
+    ),
+    (
+        "steady",
+        OURS_ONE,
         PLAIN,
         64,
         1.5,

@@ -300,7 +300,9 @@ def test_per_layer_and_per_partition_series_exist(scraped):
             s["metric"]["layer"]
             for s in prometheus.query(f"stream_trainer_norm_running_stats_drift{sel}")
         }
-        assert len(layers) == len(HIDDEN), layers
+        # each member's norm layers, named mlp<k>/<layer>
+        assert layers == set(run.service.trainer.norm_snapshot()), layers
+        assert len(layers) == len(HIDDEN) * len(run.service.trainer.members), layers
         assert drift == layers
         partitions = {
             s["metric"]["partition"]
@@ -311,8 +313,13 @@ def test_per_layer_and_per_partition_series_exist(scraped):
             s["metric"]["expert"]: float(s["value"][1])
             for s in prometheus.query(f"stream_trainer_expert_weight{sel}")
         }
-        assert set(weights) == {"mlp", "linear"}, weights
+        assert set(weights) == {"mlp0", "mlp1", "mlp2", "linear"}, weights  # the default members
         assert math.isclose(sum(weights.values()), 1.0, rel_tol=1e-9), weights
+        losses = {
+            s["metric"]["expert"]
+            for s in prometheus.query(f"stream_trainer_expert_recent_loss{sel}")
+        }
+        assert losses == set(weights)
         assert prometheus.value(f"stream_trainer_checkpoint_size_bytes{sel}") > 0
         assert 0 <= prometheus.value(f"stream_trainer_checkpoint_age_seconds{sel}") < 60
         assert prometheus.value(f"stream_trainer_checkpoint_duration_seconds_count{sel}") >= 1

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "raw"
 DOCS = ROOT / "docs"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
 
 NORMS = ("batch", "ema_batch", "batch_renorm", "layer", "group", "rms", "online", "none")
 
@@ -28,7 +29,7 @@ STREAMS: dict[str, tuple[str, str, int]] = {
     "phishing": ("river:Phishing", "is_phishing", 1250),
     "bananas": ("river:Bananas", "label", 1500),
     "agrawal_drift": ("synth:agrawal_drift?n=1500&position=750&width=150", "class", 1500),
-    "weather": ("/work/shared/data/weather.csv", "target", 1500),
+    "weather": (str(SHARED_DATA / "weather.csv"), "target", 1500),
 }
 
 

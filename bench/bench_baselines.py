@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import RESULTS, md_table, write_script_result  # noqa: E402
+from bench._common import RESULTS, SHARED_DATA, md_table, write_script_result  # noqa: E402
 
 # (source, records read): the synthetic generators are endless.
 STREAMS: dict[str, tuple[str, int | None]] = {
     "Phishing": ("river:Phishing", None),
     "Bananas": ("river:Bananas", None),
     "ImageSegments": ("river:ImageSegments", None),
-    "weather": ("/work/shared/data/weather.csv", None),
+    "weather": (str(SHARED_DATA / "weather.csv"), None),
     "Agrawal f1": ("synth:agrawal?function=1", 5000),
     "Agrawal drift": ("synth:agrawal_drift?position=2500&width=500", 5000),
     "RBF drift": ("synth:rbf_drift", 5000),

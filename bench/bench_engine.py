@@ -38,12 +38,13 @@ if str(ROOT) not in sys.path:
 
 from bench._common import (  # noqa: E402
     RESULTS,
+    SHARED_DATA,
     md_table,
     set_single_thread,
     write_script_result,
 )
 
-SOURCE = ("/work/shared/data/weather.csv", "target")
+SOURCE = (str(SHARED_DATA / "weather.csv"), "target")
 _FIRST_STEP = """
 import time
 t0 = time.perf_counter()

@@ -49,13 +49,22 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench._common import DOCS, RESULTS, ROOT, md_table, meta_lines, run_meta, write_json
+from bench._common import (
+    DOCS,
+    RESULTS,
+    ROOT,
+    SHARED_DATA,
+    md_table,
+    meta_lines,
+    run_meta,
+    write_json,
+)
 
 __all__ = ["add_arguments", "render", "run"]
 
 OUT_JSON = RESULTS / "throughput.json"
 PLOT = DOCS / "bench_throughput.png"
-SOURCE = (str(ROOT.parent / "shared" / "data" / "weather.csv"), "target")
+SOURCE = (str(SHARED_DATA / "weather.csv"), "target")
 
 OURS = "ours"
 OURS_ONE = "ours, one member (`--member-momenta none`)"

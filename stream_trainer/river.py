@@ -7,7 +7,7 @@ the batch's mean loss, as the service learns a batch), and the ``predict_*`` ver
 trainer's read-only ``predict_many`` / ``predict_proba_many``. The constructor arguments are
 :class:`~stream_trainer.training.TrainerConfig`'s settings with the same defaults (``norm_options``
 ``None`` means :data:`~stream_trainer.training.config.DEFAULT_NORM_OPTIONS`, ``member_momenta``
-``None`` :data:`~stream_trainer.training.config.DEFAULT_MEMBER_MOMENTA`).
+``None`` as :func:`~stream_trainer.training.config.member_momenta_for` says).
 
 Conventions
 -----------
@@ -58,16 +58,17 @@ import safetensors.torch
 from river import base
 from river.base.typing import ClfTarget
 
+from stream_trainer.checkpoints.validation import MAX_STATE_DEPTH, load_json
 from stream_trainer.errors import CheckpointError
 from stream_trainer.records import DEFAULT_MAX_ABS_VALUE, DEFAULT_MAX_STRING_LENGTH, Record
 from stream_trainer.training.config import (
-    DEFAULT_MEMBER_MOMENTA,
     DEFAULT_NORM_OPTIONS,
     SCREENING_SETTINGS,
     TrainerConfig,
-    with_members_for_explicit_momentum,
+    member_momenta_for,
 )
 from stream_trainer.training.labels import canonical_class
+from stream_trainer.training.state_validation import restore_trainer
 from stream_trainer.training.trainer import IncrementalTrainer
 
 if TYPE_CHECKING:  # pandas is needed only by the *_many verbs, whose callers have it
@@ -248,15 +249,6 @@ class _TrainerAdapter:
         protocol there, e.g. :class:`~stream_trainer.training.river_baselines.RiverLearner`)."""
         return IncrementalTrainer(config)
 
-    def _member_momenta(self) -> tuple[float, ...]:
-        """``member_momenta``; ``None``: none when ``norm_options`` sets a momentum
-        (:func:`~stream_trainer.training.config.with_members_for_explicit_momentum`), else the
-        default members."""
-        if self.member_momenta is not None:
-            return tuple(self.member_momenta)
-        given = with_members_for_explicit_momentum({"norm_options": self.norm_options})
-        return tuple(given.get("member_momenta", DEFAULT_MEMBER_MOMENTA))
-
     def _config(self) -> TrainerConfig:
         options = DEFAULT_NORM_OPTIONS if self.norm_options is None else self.norm_options
         return TrainerConfig(
@@ -271,7 +263,7 @@ class _TrainerAdapter:
             weight_standardization=self.weight_standardization,
             skip=self.skip,
             linear_expert=self.linear_expert,
-            member_momenta=self._member_momenta(),
+            member_momenta=member_momenta_for(self.member_momenta, self.norm_options),
             optimizer=self.optimizer,
             lr=self.lr,
             weight_decay=self.weight_decay,
@@ -320,7 +312,7 @@ class _TrainerAdapter:
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k != "_trainer"}
         tensors = safetensors.torch.save(self._trainer.state_tensors())
-        document = json.dumps(self._trainer.state_json(), sort_keys=True)
+        document = json.dumps(self._trainer.state_json(), sort_keys=True).encode()
         state["_trainer_state"] = (_PICKLE_VERSION, tensors, document)
         return state
 
@@ -331,9 +323,15 @@ class _TrainerAdapter:
             msg = f"pickled estimator format {version!r} is not {_PICKLE_VERSION}"
             raise CheckpointError(msg)
         self.__dict__.update(state)
-        self._trainer = IncrementalTrainer.from_state(
-            safetensors.torch.load(tensors), json.loads(document)
-        )
+        # The trainer's state is checked as a checkpoint's is before it is applied; safetensors
+        # reads a header and raw bytes, JSON is parsed bounded: nothing stored is run.
+        try:
+            loaded = safetensors.torch.load(tensors)
+        except Exception as exc:  # the parser's own error types vary between versions
+            raise CheckpointError(f"pickled estimator: tensors unreadable ({exc})") from exc
+        if isinstance(document, str):  # as an estimator pickled before the bytes form holds it
+            document = document.encode()
+        self._trainer = restore_trainer(loaded, load_json(document, max_depth=MAX_STATE_DEPTH))
 
 
 class MLPClassifier(_TrainerAdapter, base.MiniBatchClassifier):

@@ -164,6 +164,31 @@ def test_an_unknown_pickle_format_is_refused() -> None:
         MLPRegressor.__new__(MLPRegressor).__setstate__(state)
 
 
+def test_a_tampered_pickled_state_is_refused_before_use() -> None:
+    """The trainer state inside a pickled estimator is validated as a checkpoint's is: a NaN
+    weight, or tensor bytes that are not safetensors, stop the unpickling with a reason."""
+    import safetensors.torch
+
+    model = MLPClassifier(hidden=(8,), seed=0)
+    for x, y in _phishing(20):
+        model.learn_one(x, y)
+    state = model.__getstate__()
+    version, tensors, document = state["_trainer_state"]
+    loaded = safetensors.torch.load(tensors)
+    loaded["model.head.weight"][0, 0] = float("nan")
+    bad = {**state, "_trainer_state": (version, safetensors.torch.save(loaded), document)}
+    with pytest.raises(CheckpointError, match="NaN"):
+        MLPClassifier.__new__(MLPClassifier).__setstate__(bad)
+    garbage = {**state, "_trainer_state": (version, b"not safetensors", document)}
+    with pytest.raises(CheckpointError, match="tensors unreadable"):
+        MLPClassifier.__new__(MLPClassifier).__setstate__(garbage)
+    # the string document of an estimator pickled before the bytes form still reads
+    old = {**state, "_trainer_state": (version, tensors, document.decode())}
+    restored = MLPClassifier.__new__(MLPClassifier)
+    restored.__setstate__(old)
+    assert restored.trainer.state_json() == model.trainer.state_json()
+
+
 def test_clone_is_a_fresh_model_with_the_same_settings() -> None:
     model = MLPClassifier(hidden=(8,), norm="layer", seed=4)
     for x, y in _phishing(50):

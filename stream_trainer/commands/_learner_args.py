@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stream_trainer.errors import ConfigError
 from stream_trainer.training.config import (
@@ -17,7 +17,7 @@ from stream_trainer.training.config import (
     RIVER_MODELS,
     TASKS,
     TrainerConfig,
-    with_members_for_explicit_momentum,
+    member_momenta_for,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ __all__ = [
     "add_threads_argument",
     "build_learner",
     "given_norm_options",
-    "member_momenta_from",
     "model_name",
     "norm_options_from",
     "trainer_config",
@@ -52,25 +51,22 @@ def _field_defaults(cls: type) -> SimpleNamespace:
 _DEFAULTS = _field_defaults(TrainerConfig)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _numbers(text: str, cast: type[int] | type[float], what: str) -> tuple[Any, ...]:
     try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
+        return tuple(cast(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return _numbers(text, int, "integers")
 
 
 def _momenta(text: str) -> tuple[float, ...]:
     """``0.002,0.01,...`` as a tuple of floats; ``none`` (or nothing) as ``()``."""
     if text.strip().lower() in ("", "none"):
         return ()
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers or 'none', got {text!r}"
-        ) from None
+    return _numbers(text, float, "numbers or 'none'")
 
 
 def _norm_option(text: str) -> tuple[str, str, object]:
@@ -104,18 +100,6 @@ def norm_options_from(items: list[tuple[str, str, object]] | None) -> dict[str, 
     for norm, values in given_norm_options(items).items():
         options.setdefault(norm, {}).update(values)
     return options
-
-
-def member_momenta_from(args: argparse.Namespace) -> tuple[float, ...]:
-    """``--member-momenta`` if given; else none when ``--norm-option`` sets a momentum (that one
-    runs, :func:`~stream_trainer.training.config.with_members_for_explicit_momentum`), else the
-    default members."""
-    if args.member_momenta is not None:
-        return tuple(args.member_momenta)
-    given = {"norm_options": given_norm_options(args.norm_options)}
-    return tuple(
-        with_members_for_explicit_momentum(given).get("member_momenta", _DEFAULTS.member_momenta)
-    )
 
 
 def _norm_list(text: str) -> str | tuple[str, ...]:
@@ -270,7 +254,9 @@ def trainer_config(args: argparse.Namespace, target: str | None) -> TrainerConfi
         weight_standardization=args.weight_standardization,
         skip=args.skip,
         linear_expert=args.linear_expert,
-        member_momenta=member_momenta_from(args),
+        member_momenta=member_momenta_for(
+            args.member_momenta, given_norm_options(args.norm_options)
+        ),
         lr_scale_min=args.lr_scale_min,
         optimizer=args.optimizer,
         lr=args.lr,

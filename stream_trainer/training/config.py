@@ -26,6 +26,7 @@ __all__ = [
     "SCREENING_SETTINGS",
     "TASKS",
     "TrainerConfig",
+    "member_momenta_for",
     "with_members_for_explicit_momentum",
 ]
 
@@ -54,16 +55,28 @@ DEFAULT_NORM_OPTIONS: Mapping[str, Mapping[str, Any]] = {
 DEFAULT_MEMBER_MOMENTA: tuple[float, ...] = (0.002, 0.012, 0.08)
 
 
+def member_momenta_for(
+    member_momenta: tuple[float, ...] | None, norm_options: Mapping[str, Any] | None
+) -> tuple[float, ...]:
+    """The members of a configuration a user gave: ``member_momenta`` when named; else none (one
+    member) when the given ``norm_options`` set a norm's ``momentum``, else
+    :data:`DEFAULT_MEMBER_MOMENTA`. A momentum asked for is the one the model runs with, not one
+    that the members' grid replaces."""
+    if member_momenta is not None:
+        return tuple(member_momenta)
+    if isinstance(norm_options, Mapping) and any(
+        isinstance(o, Mapping) and "momentum" in o for o in norm_options.values()
+    ):
+        return ()
+    return DEFAULT_MEMBER_MOMENTA
+
+
 def with_members_for_explicit_momentum(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a user gave (``TrainerConfig`` keyword values: flags, a TOML table, the
-    environment), with ``member_momenta=()`` added when they set a norm's ``momentum`` in
-    ``norm_options`` and say nothing of ``member_momenta``: a momentum asked for is the one the
-    model runs with, not one that the members' grid replaces."""
+    environment), with ``member_momenta=()`` added where :func:`member_momenta_for` says one
+    member (a momentum in ``norm_options``, no ``member_momenta``)."""
     values = dict(settings)
-    options = values.get("norm_options")
-    if "member_momenta" in values or not isinstance(options, Mapping):
-        return values
-    if any(isinstance(o, Mapping) and "momentum" in o for o in options.values()):
+    if "member_momenta" not in values and not member_momenta_for(None, values.get("norm_options")):
         values["member_momenta"] = ()
     return values
 

@@ -193,7 +193,7 @@ class IncrementalTrainer:
         # The online linear model served in a mixture with the members (config.linear_expert; see
         # stream_trainer.training.mixture); built with the model.
         self.expert: LinearExpert | None = None
-        self.mixture = ExpertMixture(self.expert_names)
+        self.mixture = ExpertMixture(expert_names(len(self._member_options), config.linear_expert))
         self.cls_metrics = ClassificationMetrics(config.rolling_window)
         self.reg_metrics = RegressionMetrics()
         self.samples_trained = 0
@@ -227,7 +227,7 @@ class IncrementalTrainer:
     @property
     def expert_names(self) -> tuple[str, ...]:
         """The experts of the served mixture, in the order of :class:`Served`'s outputs."""
-        return expert_names(len(self._member_options), self.config.linear_expert)
+        return self.mixture.names
 
     @contextmanager
     def _own_rng(self) -> Iterator[None]:
@@ -892,17 +892,17 @@ class IncrementalTrainer:
     def expert_weights(self) -> dict[str, float]:
         """The mixture weight of each expert (:attr:`expert_names`), or ``{}`` with a single
         expert (the one MLP alone is served)."""
-        if len(self.mixture.names) == 1:
-            return {}
-        return dict(zip(self.mixture.names, self.mixture.weights().tolist(), strict=True))
+        return self._per_expert(self.mixture.weights())
 
     def expert_losses(self) -> dict[str, float]:
         """Each expert's discounted recent loss :math:`L_k` (errors over about the last thousand
         labelled records, :mod:`~stream_trainer.training.mixture`), or ``{}`` with a single
         expert."""
-        if len(self.mixture.names) == 1:
-            return {}
-        return dict(zip(self.mixture.names, self.mixture.losses.tolist(), strict=True))
+        return self._per_expert(self.mixture.losses)
+
+    def _per_expert(self, values: np.ndarray) -> dict[str, float]:
+        names = self.mixture.names
+        return {} if len(names) == 1 else dict(zip(names, values.tolist(), strict=True))
 
     def _named_members(self) -> list[tuple[str, StreamMLP]]:
         """``(prefix, member)``: ``""`` for a single member, else ``"mlp0/"``, ``"mlp1/"``..."""
